@@ -1,0 +1,35 @@
+"""The error hierarchy. Each class carries the process exit code the CLI uses (DESIGN.md §6).
+
+Messages are one sentence that says what went wrong and what to do about it; the CLI prints
+them as they are (tracebacks only with MISHIELD_DEBUG=1).
+"""
+
+
+class MishieldError(Exception):
+    """Base class: an internal error (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(MishieldError):
+    """The command line asks for something impossible or contradictory (exit code 2)."""
+
+    exit_code = 2
+
+
+class BadInputError(MishieldError):
+    """A model, checkpoint or data file cannot be used as given (exit code 3)."""
+
+    exit_code = 3
+
+
+class PrivacyGateError(MishieldError):
+    """An audited model leaks more than `--max-attack-acc` allows (exit code 4)."""
+
+    exit_code = 4
+
+
+class ParityError(MishieldError):
+    """The exported ONNX model does not compute what the PyTorch model computes (exit code 5)."""
+
+    exit_code = 5
