@@ -1,0 +1,45 @@
+"""Option declarations shared by every command, so each flag means the same everywhere."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="Model file (.pt/.pth/.bin/.safetensors, a mishield file, TorchScript, .pt2) "
+        "or an architecture spec such as torchvision:resnet50 (random weights).",
+        show_default=False,
+    ),
+]
+ArchOpt = Annotated[
+    Optional[str],
+    typer.Option("--arch", help="Architecture: timm:NAME, torchvision:NAME or package.module:factory."),
+]
+NumClassesOpt = Annotated[
+    Optional[int],
+    typer.Option("--num-classes", min=1, help="Number of classes (default: inferred from the classifier weight)."),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="Allow unpickling a full Python object (runs code from the file; only for files you trust).",
+    ),
+]
+InputSizeOpt = Annotated[
+    Optional[int],
+    typer.Option("--input-size", min=8, help="Square input size in pixels (default: from the model)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
+StageOpt = Annotated[
+    Optional[int],
+    typer.Option("--stage", help="Resolution stage to rewrite (0-based; negative counts from the end; default -1)."),
+]
+SitesOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--sites", help="Glob over skip-site names (e.g. 'layer4.*'); repeatable; overrides --stage."),
+]
