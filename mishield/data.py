@@ -1,0 +1,305 @@
+"""Private training data: ImageFolder directories, the embedded Fashion-MNIST subset, transforms.
+
+A dataset is a list of `(path, label)` pairs; labels index the sorted class-folder names of the
+training set (torchvision's ImageFolder convention), so a validation folder is labelled by the
+training set's class list, never by its own.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms as T
+
+from mishield.errors import BadInputError, UsageError
+from mishield.preprocessing import Preprocessing
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+EMBEDDED_ASSET = "fashion_mnist_subset.npz"
+
+Item = tuple[Path, int]
+
+
+@dataclass
+class DataSplits:
+    """Training and validation items, labelled by index into `classes`."""
+
+    train: list[Item]
+    val: list[Item]
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded Fashion-MNIST subset (DESIGN.md §7)
+
+
+class FashionMNISTSubset(NamedTuple):
+    train_images: np.ndarray  # (N, 28, 28) uint8
+    train_labels: np.ndarray  # (N,) uint8, original Fashion-MNIST labels 0..9
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: list[str]  # folder-safe, prefixed with the label so sorting keeps label order
+
+
+def load_embedded_fashion_mnist() -> FashionMNISTSubset:
+    """The Fashion-MNIST subset shipped with mishield: 300 train + 100 test images per class.
+
+    Fashion-MNIST is (c) 2017 Zalando SE, MIT licence; see mishield/assets/FASHION_MNIST_LICENSE.txt.
+    """
+    resource = importlib.resources.files("mishield") / "assets" / EMBEDDED_ASSET
+    with importlib.resources.as_file(resource) as path, np.load(path) as npz:
+        return FashionMNISTSubset(
+            train_images=npz["train_images"],
+            train_labels=npz["train_labels"],
+            test_images=npz["test_images"],
+            test_labels=npz["test_labels"],
+            class_names=[str(n) for n in npz["class_names"]],
+        )
+
+
+def materialize_fashion_mnist(
+    dest: Path,
+    classes: Sequence[int] | None = None,
+    *,
+    train_per_class: int | None = None,
+    val_per_class: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the embedded subset as an ImageFolder: dest/train/<class>/*.png and dest/val/<class>/*.png.
+
+    `classes` picks original Fashion-MNIST labels (e.g. 0..4 as private data and 5..9 as the
+    attacker's public data: a class-disjoint split). `*_per_class` caps the images per class.
+    Returns `dest`.
+    """
+    subset = load_embedded_fashion_mnist()
+    wanted = list(range(len(subset.class_names))) if classes is None else [int(c) for c in classes]
+    bad = [c for c in wanted if not 0 <= c < len(subset.class_names)]
+    if bad or not wanted:
+        raise UsageError(f"Fashion-MNIST classes must be distinct labels in 0..9, got {list(classes or [])}.")
+    if len(set(wanted)) != len(wanted):
+        raise UsageError(f"Fashion-MNIST classes must be distinct, got {wanted}.")
+    dest = Path(dest)
+    for split in ("train", "val"):
+        target = dest / split
+        if target.exists() and any(target.iterdir()):
+            if not overwrite:
+                raise UsageError(f"{target} already holds files; choose an empty destination or pass --overwrite.")
+            shutil.rmtree(target)
+    for split, images, labels, cap in (
+        ("train", subset.train_images, subset.train_labels, train_per_class),
+        ("val", subset.test_images, subset.test_labels, val_per_class),
+    ):
+        for c in wanted:
+            folder = dest / split / subset.class_names[c]
+            folder.mkdir(parents=True, exist_ok=True)
+            idx = np.flatnonzero(labels == c)
+            if cap is not None:
+                idx = idx[:cap]
+            for n, i in enumerate(idx):
+                Image.fromarray(images[i], mode="L").save(folder / f"{n:04d}.png")
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder directories
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+    )
+
+
+def _check_image(path: Path) -> None:
+    # Opening reads only the header and verify() checks the container (PNG chunk CRCs, ...)
+    # without decoding pixels: cheap enough to run over every file before training starts, so a
+    # broken file fails in the first second rather than deep into epoch 3.
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BadInputError(
+            f"{path} is not a readable image ({err.__class__.__name__}); remove or replace that file."
+        ) from None
+
+
+def _scan(root: Path, role: str, classes: list[str] | None, verify: bool) -> tuple[list[Item], list[str]]:
+    if not root.exists():
+        raise BadInputError(f"{role} folder {root} does not exist; pass an ImageFolder directory (one sub-folder per class).")
+    if not root.is_dir():
+        raise BadInputError(f"{role} path {root} is not a directory; pass an ImageFolder directory (one sub-folder per class).")
+    folders = _class_folders(root)
+    if not folders:
+        raise BadInputError(
+            f"{role} folder {root} has no class sub-folders; it must hold one sub-folder of images per class."
+        )
+    names = [f.name for f in folders]
+    if classes is None:
+        classes = names
+    else:
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            raise BadInputError(
+                f"{role} folder {root} has classes the training data lacks ({', '.join(unknown[:5])}); "
+                "both must use the same class folder names."
+            )
+    index = {name: i for i, name in enumerate(classes)}
+    items: list[Item] = []
+    for folder in folders:
+        files = _image_files(folder)
+        if not files:
+            raise BadInputError(
+                f"class folder {folder} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                "add images or remove the folder."
+            )
+        if verify:
+            for f in files:
+                _check_image(f)
+        items.extend((f, index[folder.name]) for f in files)
+    return items, classes
+
+
+def _stratified_split(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    rng = random.Random(seed)
+    by_class: dict[int, list[Item]] = {}
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    train, val = [], []
+    for label in sorted(by_class):
+        group = list(by_class[label])
+        rng.shuffle(group)
+        n_val = int(round(len(group) * fraction))
+        n_val = min(max(n_val, 1), len(group) - 1) if len(group) > 1 else 0
+        val.extend(group[:n_val])
+        train.extend(group[n_val:])
+    return sorted(train), sorted(val)
+
+
+def load_image_folders(
+    data_dir: str | Path,
+    val_dir: str | Path | None = None,
+    val_fraction: float | None = None,
+    seed: int = 0,
+    *,
+    verify: bool = True,
+) -> DataSplits:
+    """Read an ImageFolder dataset.
+
+    Layouts: `data_dir/train/` + `data_dir/val/`; `data_dir` (or `data_dir/train/`) plus an explicit
+    `val_dir`; or a single training folder, split per class with `val_fraction` (seeded) or used
+    without validation data. Every image header is checked up front (`verify`).
+    """
+    data_dir = Path(data_dir)
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}.")
+    if val_fraction is not None and val_dir is not None:
+        raise UsageError("--val-data and --val-fraction both choose the validation set; pass only one.")
+    train_root = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
+    if val_dir is None and train_root != data_dir and (data_dir / "val").is_dir():
+        if val_fraction is not None:
+            raise UsageError(f"{data_dir} already has a val/ folder; drop --val-fraction or point --data at train/.")
+        val_dir = data_dir / "val"
+    train, classes = _scan(train_root, "training", None, verify)
+    val: list[Item] = []
+    if val_dir is not None:
+        val, _ = _scan(Path(val_dir), "validation", classes, verify)
+    elif val_fraction is not None:
+        train, val = _stratified_split(train, val_fraction, seed)
+    return DataSplits(train=train, val=val, classes=classes)
+
+
+def check_num_classes(splits: DataSplits, num_classes: int | None) -> None:
+    """The data's class folders must match the classifier's outputs (or the head is reset)."""
+    if num_classes is not None and splits.num_classes != num_classes:
+        raise BadInputError(
+            f"the data has {splits.num_classes} class folders but the model has {num_classes} outputs; "
+            "pass --reset-head to train a new classifier head for these classes, or fix the folders."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets and transforms
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """`(path, label)` items loaded with PIL; grayscale feeds 3-channel models and vice versa."""
+
+    def __init__(self, items: Sequence[Item], transform: Callable | None = None, channels: int = 3):
+        self.items = list(items)
+        self.transform = transform
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert(self.mode)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise BadInputError(
+                f"{path} could not be decoded ({err.__class__.__name__}); remove or replace that file."
+            ) from None
+        return (self.transform(img) if self.transform else img), label
+
+
+_INTERPOLATION = {
+    "nearest": T.InterpolationMode.NEAREST,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "lanczos": T.InterpolationMode.LANCZOS,
+    "box": T.InterpolationMode.BOX,
+    "hamming": T.InterpolationMode.HAMMING,
+}
+
+
+def _interpolation(pre: Preprocessing) -> T.InterpolationMode:
+    return _INTERPOLATION.get(pre.interpolation, T.InterpolationMode.BILINEAR)
+
+
+def _normalize(pre: Preprocessing) -> T.Normalize:
+    channels = pre.input_size[0]
+    mean, std = list(pre.mean), list(pre.std)
+    if len(mean) != channels:  # e.g. ImageNet statistics recorded for a 1-channel model
+        mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
+    return T.Normalize(mean, std)
+
+
+def train_transform(pre: Preprocessing) -> Callable:
+    """The paper's fine-tuning augmentation (after PPA's training recipe)."""
+    size = tuple(pre.input_size[1:])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.85, 1.0), ratio=(1.0, 1.0), interpolation=_interpolation(pre)),
+            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.1),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            _normalize(pre),
+        ]
+    )
+
+
+def eval_transform(pre: Preprocessing) -> Callable:
+    size = tuple(pre.input_size[1:])
+    return T.Compose([T.Resize(size, interpolation=_interpolation(pre)), T.ToTensor(), _normalize(pre)])
