@@ -195,16 +195,30 @@ def _leaves(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if name and not any(True for _ in m.children())}
 
 
-def _probe(model: nn.Module, example: Tensor, names: Iterable[str]) -> list[tuple[str, tuple[int, ...]]]:
-    """Call order (name, output shape) of the named modules during one forward pass."""
+@dataclass(frozen=True)
+class TapPoint:
+    """Where a hidden feature is read: a module's output, or (`input`) its first positional input."""
+
+    module: str
+    input: bool = False
+
+    def __str__(self) -> str:
+        return f"input of {self.module}" if self.input else self.module
+
+
+def _probe(model: nn.Module, example: Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """Call order (module path, output shape) of every submodule during one forward pass."""
     calls: list[tuple[str, tuple[int, ...]]] = []
-    modules = dict(model.named_modules())
     handles = []
-    for name in names:
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
         def hook(_m, _inp, out, name=name):
             if isinstance(out, Tensor):
                 calls.append((name, tuple(out.shape)))
-        handles.append(modules[name].register_forward_hook(hook))
+
+        handles.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
     try:
@@ -217,28 +231,46 @@ def _probe(model: nn.Module, example: Tensor, names: Iterable[str]) -> list[tupl
     return calls
 
 
-def find_feature_modules(model: nn.Module, example: Tensor) -> list[str]:
-    """Module paths whose outputs are BiDO's hidden features Z_j (stem, then each stage).
+def declared_feature_modules(model: nn.Module) -> list[str] | None:
+    """Stem and stage module paths a model declares (timm `feature_info`, torchvision `layer1..4`)."""
+    return _declared_feature_modules(model)
 
-    Declared stages (timm's `feature_info`, torchvision's `layer1..4`) come first. A declared
-    stage that never runs as a module (an fx-rewritten model calls only its leaves) is replaced by
-    the last leaf it runs. Without declarations, the features are the outputs of the last leaf
-    module at each spatial resolution, the generic notion of "stage" of DESIGN.md §3.
+
+def find_feature_modules(
+    model: nn.Module, example: Tensor, declared: Sequence[str] | None = None
+) -> list[TapPoint]:
+    """Where BiDO reads its hidden features Z_j (stem, then each stage output).
+
+    `declared` names the stem and stage modules (default: what `model` declares; pass the names
+    of the model *before* surgery, whose rewritten copy no longer carries timm's `feature_info`).
+    A declared module that runs as a module is tapped at its output. One that no longer runs
+    (an fx-rewritten model calls only leaf modules) is tapped at the input of the first leaf that
+    runs after it: the stage output itself for ResNets and DenseNets, even though their stages end
+    in a functional `add`; a few parameter-free ops later where traced-through code sits between
+    stages (ConvNeXt's LayerNorm2d). At the very end of the network: the output of its last leaf. Without declarations the
+    features are the outputs of the last leaf at each spatial resolution (DESIGN.md §3's notion
+    of a stage).
     """
     leaves = _leaves(model)
-    declared = _declared_feature_modules(model)
-    all_names = [n for n, _ in model.named_modules() if n]
-    calls = _probe(model, example, all_names)
+    if declared is None:
+        declared = _declared_feature_modules(model)
+    calls = _probe(model, example)
+    leaf_calls = [n for n, _ in calls if n in leaves]
     called = {n for n, _ in calls}
+    modules = dict(model.named_modules())
     if declared:
-        chosen = []
+        chosen: list[TapPoint] = []
         for name in declared:
             if name in called:
-                chosen.append(name)
+                chosen.append(TapPoint(name))
                 continue
-            inside = [n for n, _ in calls if n.startswith(name + ".") and n in leaves]
-            if inside:
-                chosen.append(inside[-1])
+            if name not in modules:
+                continue
+            inside = [i for i, n in enumerate(leaf_calls) if n == name or n.startswith(name + ".")]
+            if not inside:
+                continue
+            after = leaf_calls[inside[-1] + 1 :]
+            chosen.append(TapPoint(after[0], input=True) if after else TapPoint(leaf_calls[inside[-1]]))
         if chosen:
             return list(dict.fromkeys(chosen))
     last_by_resolution: dict[tuple[int, ...], str] = {}
@@ -246,33 +278,46 @@ def find_feature_modules(model: nn.Module, example: Tensor) -> list[str]:
         if name in leaves and len(shape) == 4:
             last_by_resolution.pop(shape[2:], None)  # keep insertion order = order of last call
             last_by_resolution[shape[2:]] = name
-    return list(last_by_resolution.values())
+    return [TapPoint(n) for n in last_by_resolution.values()]
 
 
 class FeatureTap:
-    """Forward hooks that keep the latest output of each named module, for the BiDO terms.
+    """Forward hooks that keep the latest value at each tap point, for the BiDO terms.
 
     A module that runs several times per forward pass (torchvision reuses one ReLU) keeps its last
     output, which is the block output.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str]):
+    def __init__(self, model: nn.Module, points: Sequence[TapPoint | str]):
         modules = dict(model.named_modules())
-        missing = [n for n in names if n not in modules]
+        self.points = [p if isinstance(p, TapPoint) else TapPoint(p) for p in points]
+        missing = [p.module for p in self.points if p.module not in modules]
         if missing:
             raise ValueError(f"no module named {missing[0]!r} in the model")
-        self.names = list(names)
-        self.outputs: dict[str, Tensor] = {}
-        self._handles = [modules[n].register_forward_hook(self._keep(n)) for n in self.names]
+        self.outputs: dict[TapPoint, Tensor] = {}
+        self._handles = []
+        for p in self.points:
+            if p.input:
+                self._handles.append(modules[p.module].register_forward_pre_hook(self._keep_input(p)))
+            else:
+                self._handles.append(modules[p.module].register_forward_hook(self._keep_output(p)))
 
-    def _keep(self, name: str):
+    def _keep_output(self, point: TapPoint):
         def hook(_m, _inp, out):
-            self.outputs[name] = out
+            self.outputs[point] = out
+
+        return hook
+
+    def _keep_input(self, point: TapPoint):
+        def hook(_m, inp):
+            if inp and isinstance(inp[0], Tensor):
+                self.outputs[point] = inp[0]
 
         return hook
 
     def features(self) -> list[Tensor]:
-        feats = [self.outputs[n] for n in self.names if n in self.outputs]
+        """The values captured by the last forward pass, in tap order (and forget them)."""
+        feats = [self.outputs[p] for p in self.points if p in self.outputs]
         self.outputs = {}
         return feats
 

@@ -153,21 +153,71 @@ def test_feature_modules_of_torchvision_and_timm_resnets():
 
     tv = torchvision.models.resnet18(num_classes=5)
     x = torch.randn(1, 3, 32, 32)
-    assert find_feature_modules(tv, x) == ["relu", "layer1", "layer2", "layer3", "layer4"]
+    assert [str(p) for p in find_feature_modules(tv, x)] == ["relu", "layer1", "layer2", "layer3", "layer4"]
     tm = timm.create_model("resnet18", num_classes=5, pretrained=False)
-    assert find_feature_modules(tm, x) == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    assert [str(p) for p in find_feature_modules(tm, x)] == ["act1", "layer1", "layer2", "layer3", "layer4"]
 
 
-def test_feature_modules_of_an_fx_rewritten_model_and_a_plain_cnn():
-    tv = torchvision.models.resnet18(num_classes=5)
+def _eager_stage_outputs(model, x, names):
+    out = {}
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o)) for n in names]
+    model(x)
+    for h in handles:
+        h.remove()
+    return [out[n] for n in names]
+
+
+def test_feature_taps_of_an_fx_rewritten_model_read_the_stage_outputs():
+    tv = torchvision.models.resnet18(num_classes=5).eval()
     gm = torch.fx.symbolic_trace(tv)  # stages no longer run as modules, only their leaves do
-    names = find_feature_modules(gm, torch.randn(1, 3, 32, 32))
-    assert names == ["relu", "layer1.1.relu", "layer2.1.relu", "layer3.1.relu", "layer4.1.relu"]
+    x = torch.randn(2, 3, 32, 32)
+    points = find_feature_modules(gm, x[:1])
+    assert [str(p) for p in points] == [
+        "relu", "input of layer2.0.conv1", "input of layer3.0.conv1", "input of layer4.0.conv1", "input of avgpool",
+    ]
+    tap = FeatureTap(gm, points)
+    gm(x)
+    names = ["relu", "layer1", "layer2", "layer3", "layer4"]
+    for got, want in zip(tap.features(), _eager_stage_outputs(tv, x, names), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_stage_names_from_the_original_model_carry_over_to_its_rewrite():
+    import timm
+
+    tm = timm.create_model("resnet10t", num_classes=3, pretrained=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    declared = [d["module"] for d in tm.feature_info]
+    gm = torch.fx.symbolic_trace(tm)  # no feature_info any more
+    assert not hasattr(gm, "feature_info")
+    points = find_feature_modules(gm, x[:1], declared=declared)
+    tap = FeatureTap(gm, points)
+    gm(x)
+    for got, want in zip(tap.features(), _eager_stage_outputs(tm, x, declared), strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_stages_followed_by_functional_ops_still_give_one_feature_per_stage():
+    import timm
+
+    # ConvNeXt's downsampling LayerNorm2d is traced through, so the tap sits a few
+    # parameter-free ops after the stage: same shape, one feature per declared stage
+    tm = timm.create_model("convnext_atto", num_classes=3, pretrained=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    declared = [d["module"] for d in tm.feature_info]
+    gm = torch.fx.symbolic_trace(tm)
+    tap = FeatureTap(gm, find_feature_modules(gm, x[:1], declared=declared))
+    gm(x)
+    got = [f.shape for f in tap.features()]
+    assert got == [f.shape for f in _eager_stage_outputs(tm, x, declared)]
+
+
+def test_feature_modules_of_a_plain_cnn_are_the_last_module_per_resolution():
     plain = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2),
     )
-    assert find_feature_modules(plain, torch.randn(1, 3, 16, 16)) == ["1", "4", "5"]
+    assert [str(p) for p in find_feature_modules(plain, torch.randn(1, 3, 16, 16))] == ["1", "4", "5"]
 
 
 def test_feature_tap_yields_block_outputs_with_gradients():
@@ -182,8 +232,9 @@ def test_feature_tap_yields_block_outputs_with_gradients():
     # layer4's output is what the pooled classifier sees
     pooled = feats[-1].flatten(1)
     assert torch.allclose(tv.fc(pooled), tv(x), atol=1e-5)
-    bido_loss(tap.features() or feats, x, torch.tensor([0, 1, 2, 0]), 3).backward()
+    bido_loss(feats, x, torch.tensor([0, 1, 2, 0]), 3).backward()
     assert tv.layer1[0].conv1.weight.grad is not None
+    tap.features()
     tap.remove()
     tv(x)
     assert tap.outputs == {}
