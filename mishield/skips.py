@@ -154,6 +154,12 @@ def trace(model: nn.Module, training: bool) -> fx.Graph:
     Modules that branch on `self.training` in Python (dropout, functional batch norm) are baked
     into the graph, which is why surgery keeps one graph per mode.
     """
+    from mishield.surgery import SkipRewiredModel
+
+    if isinstance(model, SkipRewiredModel):
+        # Re-tracing generated code would lose the module paths that name skip sites; reuse
+        # the stored graph instead (a second surgery on an already hardened model).
+        return model.graph_copy(training)
     was_training = model.training
     model.train(training)
     try:
@@ -193,8 +199,10 @@ def merge_nodes(graph: fx.Graph) -> dict[str, fx.Node]:
         op = "add" if kind == "add" else "cat"
         n = counts.get((owner, op), 0)
         counts[(owner, op)] = n + 1
-        leaf = op if n == 0 else f"{op}_{n}"
-        named[f"{owner}.{leaf}" if owner else leaf] = node
+        if "mishield_site" not in node.meta:  # names stick to nodes through later surgeries
+            leaf = op if n == 0 else f"{op}_{n}"
+            node.meta["mishield_site"] = f"{owner}.{leaf}" if owner else leaf
+        named[node.meta["mishield_site"]] = node
     return named
 
 

@@ -251,6 +251,13 @@ class SkipRewiredModel(fx.GraphModule):
         self._mishield_graphs = {True: train_graph, False: eval_graph}
         self._mishield_name = class_name
 
+    def graph_copy(self, training: bool) -> fx.Graph:
+        """A copy of the train- or eval-mode graph (node metadata, hence site names, included)."""
+        new = fx.Graph()
+        out = new.graph_copy(self._mishield_graphs[training], {})
+        new.output(out)
+        return new
+
     def train(self, mode: bool = True):
         graph = self._mishield_graphs[mode]
         if self.graph is not graph:
