@@ -1,0 +1,71 @@
+"""`mishield export MODEL --out model.onnx`: ONNX export, verified against onnxruntime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mishield.cli.options import ArchOpt, InputSizeOpt, JsonOpt, ModelArg, NumClassesOpt, OverwriteOpt, TrustOpt
+
+OutOpt = Annotated[
+    Path,
+    typer.Option("--out", help="Destination .onnx file (written only if the parity check passes).", show_default=False),
+]
+AtolOpt = Annotated[
+    float,
+    typer.Option("--atol", min=0.0, help="Largest absolute logit difference allowed between PyTorch and onnxruntime."),
+]
+
+
+def export(
+    model: ModelArg,
+    out: OutOpt,
+    arch: ArchOpt = None,
+    num_classes: NumClassesOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    input_size: InputSizeOpt = None,
+    atol: AtolOpt = 1e-4,
+    overwrite: OverwriteOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Export MODEL to a single ONNX file with a dynamic batch axis, checked against onnxruntime.
+
+    Exit code 5 when onnxruntime's logits differ from PyTorch's by more than --atol or pick a
+    different top-1 class on the probe batch; the file is then not written.
+    """
+    from rich.console import Console
+
+    from mishield.fileio import check_writable
+    from mishield.loading import load_model
+    from mishield.onnx_export import export_onnx, loaded_model_metadata
+
+    check_writable(out, overwrite)  # before loading and exporting, which take a while
+    console = Console(stderr=True, soft_wrap=True)  # whole lines in CI logs
+    with console.status(f"loading {model}"):
+        loaded = load_model(
+            model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint, input_size=input_size
+        )
+    with console.status(f"exporting to {out} and checking it with onnxruntime"):
+        report = export_onnx(
+            loaded.model,
+            out,
+            input_size=loaded.preprocessing.input_size,
+            metadata=loaded_model_metadata(loaded),
+            overwrite=overwrite,
+            atol=atol,
+        )
+
+    if json_output:
+        typer.echo(json.dumps(report.to_dict()))
+        return
+    batch = "dynamic batch" if report.dynamic_batch else f"fixed batch {report.probe_batch}, as the program was exported"
+    size = f"{report.file_bytes / 1e6:.1f} MB"
+    console.print(f"[bold green]exported[/] {report.path} ({size}, opset {report.opset}, {batch})")
+    console.print(
+        f"parity   max abs diff {report.max_abs_diff:.2g} <= {atol:.2g}, top-1 agreement "
+        f"{report.top1_agreement:.0%} ({report.probe_batch} probe images, onnxruntime CPU)"
+    )
+    console.print(f"time     {report.seconds:.1f} s, exporter: {report.exporter}")
