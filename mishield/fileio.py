@@ -37,6 +37,10 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         yield tmp_path
         if path.exists() and not overwrite:  # someone else wrote it meanwhile
             raise UsageError(f"{path} appeared while writing; pass --overwrite to replace it.")
+        # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

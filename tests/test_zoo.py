@@ -1,0 +1,112 @@
+"""The whole core path on a real model zoo: plan -> rolss and ssf -> save -> load -> ONNX parity.
+
+Small inputs keep it fast; the heavy architectures (and every ONNX export but a few) are marked
+slow: `pytest -m slow tests/test_zoo.py` runs them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mishield.loading import build_architecture, load_model
+from mishield.modelfile import save_model
+from mishield.preprocessing import Preprocessing
+from mishield.surgery import apply_plan, plan_surgery
+
+# (arch, input size, explicit selection or None, run in the default suite)
+ZOO = [
+    ("torchvision:resnet18", 64, None, True),
+    ("torchvision:resnet34", 64, None, False),
+    ("torchvision:resnet50", 64, None, False),
+    ("torchvision:resnet101", 64, None, False),
+    ("torchvision:resnet152", 64, None, False),
+    ("torchvision:resnext50_32x4d", 64, None, False),
+    ("torchvision:wide_resnet50_2", 64, None, False),
+    ("torchvision:densenet121", 64, None, True),
+    ("torchvision:densenet161", 64, None, False),
+    ("torchvision:densenet169", 64, None, False),
+    ("torchvision:densenet201", 64, None, False),
+    ("torchvision:mobilenet_v2", 64, None, True),
+    # its last module stage (features.7) has no skip: name the stage that has them
+    ("torchvision:efficientnet_b0", 64, ["features.6"], True),
+    ("torchvision:convnext_tiny", 64, None, False),
+    ("torchvision:vit_b_16", 224, None, False),
+    ("torchvision:swin_t", 224, None, False),
+    ("timm:resnet50", 64, None, False),
+    ("timm:densenet121", 64, None, False),
+    ("timm:efficientnet_b0", 64, ["blocks.5"], True),
+    ("timm:repvgg_a2", 64, None, False),
+    ("timm:vit_small_patch16_224", 224, None, False),
+    ("timm:convnext_tiny", 64, None, False),
+    ("tests.test_surgery:toy_factory", 32, None, True),
+]
+
+
+def _params():
+    for arch, size, sites, fast in ZOO:
+        marks = [] if fast else [pytest.mark.slow]
+        yield pytest.param(arch, size, sites, marks=marks, id=arch)
+
+
+def _build(arch: str, size: int) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_architecture(arch, 10).eval()
+    # Random BN statistics and a non-zero head (torchvision's ViT head starts at zero), so that
+    # "outputs are equal" compares something.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("arch,size,sites", list(_params()))
+def test_zoo_round_trip(arch, size, sites, tmp_path):
+    model = _build(arch, size)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        reference = model(x)
+    prep = Preprocessing(input_size=(3, size, size))
+
+    ssf = apply_plan(model, plan_surgery(model, "ssf", alpha=1.0, sites=sites, input_size=(3, size, size)))
+    with torch.no_grad():
+        assert torch.equal(ssf.model.eval()(x), reference)  # k = 1 is the original
+
+    plan = plan_surgery(model, "rolss", sites=sites, input_size=(3, size, size))
+    assert plan.selected
+    rolss = apply_plan(model, plan)
+    with torch.no_grad():
+        hardened = rolss.model.eval()(x)
+    assert hardened.shape == reference.shape and torch.isfinite(hardened).all()
+    assert not torch.allclose(hardened, reference)  # the skips really are gone
+    missing, unexpected = rolss.model.load_state_dict(model.state_dict(), strict=False)
+    assert missing == [] and sorted(unexpected) == rolss.dropped_parameters
+
+    # save -> load with no flags (the toy factory must be confirmed with --arch: it is code)
+    out = tmp_path / "hardened.pt"
+    save_model(out, rolss.model, arch=arch, num_classes=10, surgery=rolss.spec, preprocessing=prep)
+    loaded = load_model(out, arch=arch if arch.startswith("tests.") else None)
+    assert loaded.kind == "mishield" and loaded.recipe["surgery"][0]["sites"] == plan.selected
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), hardened)
+
+
+@pytest.mark.parametrize("arch,size,sites", [
+    pytest.param(a, s, sel, marks=[] if a in ("torchvision:resnet18", "tests.test_surgery:toy_factory")
+                 else [pytest.mark.slow], id=a)
+    for a, s, sel, _ in ZOO
+])
+def test_zoo_onnx_parity(arch, size, sites, tmp_path):
+    from mishield.onnx_export import export_onnx
+
+    model = _build(arch, size)
+    for method in ("rolss", "ssf"):
+        result = apply_plan(model, plan_surgery(model, method, sites=sites, input_size=(3, size, size)))
+        report = export_onnx(result.model, tmp_path / f"{method}.onnx", input_size=(3, size, size),
+                             metadata={"arch": arch})
+        assert report.max_abs_diff <= 1e-4 and report.top1_agreement == 1.0
