@@ -1,0 +1,3 @@
+from mishield.cli import main
+
+main()
