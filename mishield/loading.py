@@ -1,0 +1,840 @@
+"""One loader for every way a user can hand mishield a classifier.
+
+A MODEL argument is a checkpoint file (plain or nested state dict, timm training checkpoint,
+safetensors, a mishield output, TorchScript, a `torch.export` .pt2, or, with explicit trust,
+a pickled `nn.Module`) or a bare architecture spec (`timm:NAME`, `torchvision:NAME`,
+`package.module:factory`) that builds a randomly initialised model.
+
+Security: checkpoints are unpickled with `weights_only=True`, always. A file that needs more
+than tensors and plain containers is refused with the list of Python globals it would import,
+found by reading its pickle opcodes (nothing is executed); only `trust_checkpoint=True` loads
+it with the full unpickler. Input files are only ever read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import inspect
+import io
+import json
+import pickletools
+import re
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mishield.errors import BadInputError, UsageError
+from mishield.fileio import sha256_file
+from mishield.preprocessing import Preprocessing
+
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "build_architecture",
+    "default_preprocessing",
+    "is_arch_spec",
+    "scan_pickle_globals",
+]
+
+ARCH_HINT = "pass --arch timm:NAME, torchvision:NAME or package.module:factory"
+
+# Checked in this order. The raw training weights win over an EMA copy: they are what the
+# training run evaluated and exported unless the user chose otherwise, and an EMA taken early
+# in (or from a short) run lags far behind them (decay 0.9998 averages over ~5000 steps), so
+# silently preferring it could hand back a near-untrained model. EMA is used only when it is
+# the sole state dict in the file.
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module")
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+# Stripped only while every key carries them: DataParallel/DDP, torch.compile, Lightning-style wrappers.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+_SPEC_RE = re.compile(r"^(?:timm|torchvision):\S+$|^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
+_SCAN_LIMIT = 64 << 20  # the object graph of a legacy/raw pickle precedes its tensor bytes
+
+
+@dataclass
+class LoadedModel:
+    """A classifier ready to use (eval mode, CPU) and everything known about where it came from."""
+
+    model: nn.Module
+    arch: str | None
+    num_classes: int | None
+    preprocessing: Preprocessing
+    recipe: dict | None = None
+    source: Path | None = None
+    source_sha256: str | None = None
+    kind: str = "state_dict"  # "state_dict" | "mishield" | "pickled_module" | "torchscript" | "exported" | "spec"
+    supports_surgery: bool = True
+
+
+def is_arch_spec(text: str) -> bool:
+    """True when `text` has the shape of `timm:NAME`, `torchvision:NAME` or `package.module:factory`."""
+    return bool(_SPEC_RE.match(text))
+
+
+def load_model(
+    model: str | Path,
+    *,
+    arch: str | Callable | None = None,
+    num_classes: int | None = None,
+    trust_checkpoint: bool = False,
+    input_size: int | None = None,
+) -> LoadedModel:
+    """Load a classifier from a file or build one from an architecture spec.
+
+    `arch` overrides (or supplies) the architecture of a state dict; `num_classes` is inferred
+    from the classifier weight when absent; `input_size` overrides the square input size
+    recorded in the returned preprocessing. Every user mistake raises `BadInputError`.
+    """
+    path = Path(model)
+    if not path.exists():
+        if isinstance(model, str) and is_arch_spec(model):
+            if arch is not None and arch != model:
+                raise UsageError(f"MODEL {model} is already an architecture spec; drop --arch {_arch_label(arch)}.")
+            return _from_spec(model, num_classes, input_size)
+        raise BadInputError(f"No such file: {path}; pass a model file or an architecture spec such as timm:resnet50.")
+    if path.is_dir():
+        raise BadInputError(f"{path} is a directory; pass a model file (.pt, .pth, .bin, .safetensors or .pt2).")
+    try:
+        digest = sha256_file(path)
+    except OSError as e:
+        raise BadInputError(f"Cannot read {path} ({e.strerror or e}); check the path and its permissions.") from None
+    loaded = _load_file(path, arch, num_classes, trust_checkpoint, input_size)
+    return dataclasses.replace(loaded, source=path, source_sha256=digest)
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+def build_architecture(arch: str | Callable, num_classes: int | None) -> nn.Module:
+    """Instantiate `arch` with random weights (`num_classes=None`: the architecture's default)."""
+    if callable(arch) and not isinstance(arch, str):
+        return _check_module(_call_factory(arch, num_classes, _arch_label(arch)), _arch_label(arch))
+    if not isinstance(arch, str) or not is_arch_spec(arch):
+        raise BadInputError(f"{arch!r} is not an architecture spec; {ARCH_HINT}.")
+    family, _, name = arch.partition(":")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if family == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            raise BadInputError(
+                f"timm has no model named {name!r} ({arch}){_did_you_mean(name, timm.list_models())}; "
+                f"list candidates with timm.list_models('*{_name_stem(name)}*')."
+            )
+        return _check_module(_guarded(arch, lambda: timm.create_model(name, pretrained=False, **kwargs)), arch)
+    if family == "torchvision":
+        import torchvision
+
+        known = torchvision.models.list_models()
+        if name not in known:
+            raise BadInputError(
+                f"torchvision has no model named {name!r} ({arch}){_did_you_mean(name, known)}; "
+                "list candidates with torchvision.models.list_models()."
+            )
+        return _check_module(
+            _guarded(arch, lambda: torchvision.models.get_model(name, weights=None, **kwargs)), arch
+        )
+    return _check_module(_call_factory(_import_factory(arch), num_classes, arch), arch)
+
+
+def _import_factory(spec: str) -> Callable:
+    module_name, _, attr_path = spec.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise BadInputError(
+            f"Cannot import module {module_name!r} for --arch {spec} ({e});"
+            " check the spec and PYTHONPATH."
+        ) from None
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise BadInputError(
+                f"Module {module_name!r} has no attribute {attr_path!r} (--arch {spec});"
+                " check the spec."
+            )
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise BadInputError(f"{spec} is not callable; --arch package.module:factory must name a function or class.")
+    return obj
+
+
+def _call_factory(factory: Callable, num_classes: int | None, label: str) -> nn.Module:
+    if num_classes is None:
+        return _guarded(label, factory)
+    try:
+        params = inspect.signature(factory).parameters.values()
+        takes = any(p.name == "num_classes" or p.kind is p.VAR_KEYWORD for p in params)
+    except (TypeError, ValueError):  # builtins / C extensions without a signature
+        takes = True
+    if takes:
+        return _guarded(label, lambda: factory(num_classes=num_classes))
+    return _guarded(label, factory)
+
+
+def _guarded(label: str, build: Callable[[], object]):
+    try:
+        return build()
+    except BadInputError:
+        raise
+    except Exception as e:
+        raise BadInputError(
+            f"Building {label} failed ({type(e).__name__}: {_first_line(e)});"
+            " check the architecture spec."
+        ) from None
+
+
+def _check_module(obj: object, label: str) -> nn.Module:
+    if not isinstance(obj, nn.Module):
+        raise BadInputError(
+            f"{label} returned a {type(obj).__name__}, not a torch.nn.Module;"
+            " point --arch at a model factory."
+        )
+    return obj
+
+
+def _arch_label(arch: str | Callable | None) -> str:
+    if arch is None or isinstance(arch, str):
+        return str(arch)
+    return _callable_spec(arch) or getattr(arch, "__qualname__", repr(arch))
+
+
+def _callable_spec(fn: Callable) -> str | None:
+    """`module:qualname` when that string imports back to `fn` (so a recipe can rebuild it)."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        return None
+    try:
+        obj = importlib.import_module(module)
+        for attr in qualname.split("."):
+            obj = getattr(obj, attr)
+    except (ImportError, AttributeError):
+        return None
+    return f"{module}:{qualname}" if obj is fn else None
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _name_stem(name: str) -> str:
+    stem = re.match(r"[A-Za-z]+", name)
+    return stem.group(0)[:6] if stem else name
+
+
+# --------------------------------------------------------------------------- classifier & preprocessing
+
+
+def _is_layer(m: nn.Module, kinds: tuple[str, ...]) -> bool:
+    # TorchScript modules are RecursiveScriptModule instances that only remember the class name.
+    return type(m).__name__ in kinds or getattr(m, "original_name", None) in kinds
+
+
+def _classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The final classification layer and its dotted name: timm's get_classifier(), else the last Linear."""
+    names = {id(m): n for n, m in model.named_modules()}
+    search: list[nn.Module] = []
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        try:
+            head = get_classifier()
+        except Exception:
+            head = None
+        if isinstance(head, nn.Module) and id(head) in names:
+            search.append(head)
+    search.append(model)
+    for root in search:
+        for kinds in (("Linear",), ("Conv2d",)):  # squeezenet-style heads are 1x1 convolutions
+            layers = [m for m in root.modules() if _is_layer(m, kinds)]
+            if layers:
+                return names[id(layers[-1])], layers[-1]
+    return None
+
+
+def _count_classes(model: nn.Module) -> int | None:
+    found = _classifier(model)
+    weight = getattr(found[1], "weight", None) if found else None
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() >= 1 else None
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    cfg = getattr(model, "pretrained_cfg", None)
+    first = cfg.get("first_conv") if isinstance(cfg, dict) else None
+    if isinstance(first, str):
+        try:
+            return int(model.get_submodule(first).in_channels)
+        except (AttributeError, TypeError):
+            pass
+    for m in model.modules():
+        if _is_layer(m, ("Conv2d",)) and hasattr(m, "in_channels"):
+            return int(m.in_channels)
+    return None
+
+
+def default_preprocessing(model: nn.Module, arch: str | Callable | None) -> Preprocessing:
+    """The input contract `model` was most likely trained with.
+
+    timm models (by spec or by their `pretrained_cfg`) answer for themselves via
+    `resolve_data_config`; everything else gets the ImageNet convention at 224 px, or the
+    model's own `image_size` (torchvision ViTs). The channel count follows the first conv, so a
+    grayscale model gets one channel with the average of the ImageNet statistics.
+    """
+    pre = Preprocessing()
+    is_timm = isinstance(arch, str) and arch.startswith("timm:")
+    is_timm = is_timm or isinstance(getattr(model, "pretrained_cfg", None), dict)
+    if is_timm:
+        try:
+            from timm.data import resolve_data_config
+
+            cfg = resolve_data_config({}, model=model)
+            pre = Preprocessing(
+                input_size=tuple(int(v) for v in cfg["input_size"]),
+                mean=tuple(float(v) for v in cfg["mean"]),
+                std=tuple(float(v) for v in cfg["std"]),
+                interpolation=str(cfg.get("interpolation", "bicubic")),
+            )
+        except Exception:  # a model that only looks like timm
+            is_timm = False
+    if not is_timm:
+        size = getattr(model, "image_size", None)
+        if isinstance(size, int):
+            pre = Preprocessing(input_size=(3, size, size))
+        elif isinstance(size, (tuple, list)) and len(size) == 2:
+            pre = Preprocessing(input_size=(3, int(size[0]), int(size[1])))
+    channels = _first_conv_channels(model)
+    if channels and channels != pre.input_size[0]:
+        if channels == 1 and len(pre.mean) == 3:
+            mean, std = (sum(pre.mean) / 3,), (sum(pre.std) / 3,)
+        else:
+            mean, std = (0.5,) * channels, (0.5,) * channels
+        pre = Preprocessing((channels, *pre.input_size[1:]), mean, std, pre.interpolation)
+    return pre
+
+
+# --------------------------------------------------------------------------- file formats
+
+
+def _from_spec(spec: str, num_classes: int | None, input_size: int | None) -> LoadedModel:
+    model = build_architecture(spec, num_classes).eval()
+    return LoadedModel(
+        model=model,
+        arch=spec,
+        num_classes=_count_classes(model) or num_classes,
+        preprocessing=default_preprocessing(model, spec).with_input_size(input_size),
+        kind="spec",
+    )
+
+
+def _load_file(path: Path, arch, num_classes, trust: bool, input_size) -> LoadedModel:
+    name = path.name
+    size = path.stat().st_size
+    if size == 0:
+        raise BadInputError(f"{name} is empty (0 bytes); re-save or re-download the model file.")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                entries = zf.namelist()
+        except (zipfile.BadZipFile, OSError):
+            raise BadInputError(
+                f"{name} is truncated or damaged (its zip directory is missing);"
+                " re-download or re-save it."
+            ) from None
+        if any(re.match(r"^[^/]+/(archive_format|models/[^/]+\.json)$", e) for e in entries):
+            return _load_exported(path, num_classes, input_size)
+        if any(re.match(r"^[^/]+/(code/|constants\.pkl$)", e) for e in entries):
+            return _load_torchscript(path, num_classes, input_size)
+        if not any(re.match(r"^([^/]+/)?data\.pkl$", e) for e in entries):
+            raise BadInputError(
+                f"{name} is a zip archive but not a PyTorch model file (no data.pkl inside);"
+                " pass a model saved with torch.save."
+            )
+        return _load_torch(path, arch, num_classes, trust, input_size)
+    if path.suffix == ".safetensors" or _looks_like_safetensors(head, size):
+        return _load_safetensors(path, arch, num_classes, input_size)
+    return _load_torch(path, arch, num_classes, trust, input_size)
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 9:
+        return False
+    header_len = int.from_bytes(head[:8], "little")
+    return 2 <= header_len <= size - 8 and head[8:9] == b"{"
+
+
+def _load_safetensors(path: Path, arch, num_classes, input_size) -> LoadedModel:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        if "incomplete" in str(e) or "not fully covered" in str(e) or _safetensors_truncated(path):
+            raise BadInputError(f"{path.name} is a truncated safetensors file; re-download or re-save it.") from None
+        raise BadInputError(f"{path.name} is not a PyTorch/safetensors model file ({_first_line(e)}).") from None
+    if "mishield" in metadata:
+        try:
+            recipe = json.loads(metadata["mishield"])
+        except json.JSONDecodeError:
+            raise BadInputError(
+                f"{path.name} has a damaged mishield recipe in its metadata;"
+                " re-create the file."
+            ) from None
+        return _from_mishield({"mishield": recipe, "state_dict": tensors}, path, arch, num_classes, input_size)
+    file_arch = metadata.get("arch")
+    return _from_state_dict(tensors, path.name, arch or _normalise_file_arch(file_arch), num_classes, input_size)
+
+
+def _safetensors_truncated(path: Path) -> bool:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if 8 + header_len > size:
+                return True
+            header = json.loads(f.read(header_len))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return 8 + header_len + max(ends, default=0) > size
+    except Exception:
+        return False
+
+
+def _torch_load_safe(path: Path):
+    # timm's train.py stores its argparse Namespace under "args"; it holds only plain values.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_torch(path: Path, arch, num_classes, trust: bool, input_size) -> LoadedModel:
+    try:
+        obj = _torch_load_safe(path)
+    except Exception as e:
+        obj = _after_safe_load_failed(path, e, trust)
+    if isinstance(obj, nn.Module) or _nested_module(obj) is not None:
+        return _from_pickled_module(obj, path, num_classes, input_size)
+    if _is_mishield(obj):
+        return _from_mishield(obj, path, arch, num_classes, input_size)
+    state_dict, file_arch = _find_state_dict(obj, path.name)
+    return _from_state_dict(state_dict, path.name, arch or _normalise_file_arch(file_arch), num_classes, input_size)
+
+
+def _after_safe_load_failed(path: Path, error: Exception, trust: bool):
+    """Explain why a weights-only load failed; with trust, unpickle a file that needs code."""
+    name = path.name
+    imports, state = _pickle_imports(path)
+    needs_code = bool(imports) or "Unsupported global" in str(error)
+    if needs_code and not trust:
+        if not imports:
+            imports = re.findall(r"GLOBAL (\S+) was not an allowed global", str(error)) or ["unknown globals"]
+        shown = ", ".join(imports[:3]) + (f" (+{len(imports) - 3} more)" if len(imports) > 3 else "")
+        raise BadInputError(
+            f"{name} is a pickled Python object that would import {shown} when loaded; loading it runs code "
+            "from the file — pass --trust-checkpoint only if you trust its source, or save a state_dict instead."
+        )
+    if needs_code:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except ImportError as e:
+            raise BadInputError(
+                f"{name} needs the Python module {e.name or e} to load;"
+                " install it, or save a state_dict instead."
+            ) from None
+        except Exception as e:
+            raise BadInputError(
+                f"{name} could not be unpickled even with --trust-checkpoint "
+                f"({type(e).__name__}: {_first_line(e)}); re-save it as a state_dict."
+            ) from None
+    if isinstance(error, EOFError) or state == "truncated":
+        raise BadInputError(f"{name} is truncated or damaged; re-download or re-save it.")
+    if state == "complete":
+        raise BadInputError(
+            f"{name} is damaged or not a checkpoint PyTorch can read ({_torch_reason(error)});"
+            " re-save it with torch.save."
+        )
+    raise BadInputError(
+        f"{name} is not a PyTorch/safetensors model file;"
+        " pass a .pt/.pth/.bin/.safetensors/.pt2 checkpoint."
+    )
+
+
+def _torch_reason(error: Exception) -> str:
+    """The informative part of a torch.load error (its weights-only preamble is about code execution)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    inner = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    return (inner.group(1).strip() if inner else _first_line(error))[:200]
+
+
+def _from_pickled_module(obj, path: Path, num_classes, input_size) -> LoadedModel:
+    model = obj if isinstance(obj, nn.Module) else _nested_module(obj)
+    model = model.to("cpu").eval()
+    found = _count_classes(model)
+    _check_num_classes(path.name, found, num_classes)
+    return LoadedModel(
+        model=model,
+        arch=None,
+        num_classes=found or num_classes,
+        preprocessing=default_preprocessing(model, None).with_input_size(input_size),
+        kind="pickled_module",
+        supports_surgery=True,
+    )
+
+
+def _nested_module(obj) -> nn.Module | None:
+    """A trusted pickle shaped {'model': <nn.Module>, 'optimizer': ...}, as many training scripts save."""
+    if isinstance(obj, Mapping):
+        for key in _STATE_DICT_KEYS + _EMA_KEYS:
+            if isinstance(obj.get(key), nn.Module):
+                return obj[key]
+    return None
+
+
+def _load_torchscript(path: Path, num_classes, input_size) -> LoadedModel:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # jit deprecation notice: nothing the user can act on
+            model = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:
+        raise BadInputError(
+            f"{path.name} looks like a TorchScript archive but cannot be loaded ({_first_line(e)});"
+            " re-export it."
+        ) from None
+    model.eval()
+    found = _count_classes(model)
+    _check_num_classes(path.name, found, num_classes)
+    return LoadedModel(
+        model=model,
+        arch=None,
+        num_classes=found or num_classes,
+        preprocessing=Preprocessing().with_input_size(input_size),
+        kind="torchscript",
+        supports_surgery=False,
+    )
+
+
+def _load_exported(path: Path, num_classes, input_size) -> LoadedModel:
+    try:
+        program = torch.export.load(str(path))
+        model = program.module()
+    except Exception as e:
+        raise BadInputError(
+            f"{path.name} looks like a torch.export program but cannot be loaded ({_first_line(e)});"
+            " re-export it."
+        ) from None
+    # An exported program is frozen in the mode it was exported in; its module refuses train()/eval().
+    in_shape, out_shape = _exported_shapes(program)
+    pre = Preprocessing()
+    if in_shape is not None and len(in_shape) == 4:
+        pre = Preprocessing(input_size=tuple(in_shape[1:]))
+        if in_shape[1] != 3:
+            pre = Preprocessing(input_size=tuple(in_shape[1:]), mean=(0.5,) * in_shape[1], std=(0.5,) * in_shape[1])
+    found = out_shape[-1] if out_shape else None
+    _check_num_classes(path.name, found, num_classes)
+    return LoadedModel(
+        model=model,
+        arch=None,
+        num_classes=found or num_classes,
+        preprocessing=pre.with_input_size(input_size),
+        kind="exported",
+        supports_surgery=False,
+    )
+
+
+def _exported_shapes(program) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """Static (input, output) shapes recorded in the program's graph; symbolic dims become -1."""
+
+    def shape(node) -> tuple[int, ...] | None:
+        val = getattr(node, "meta", {}).get("val")
+        if not isinstance(val, torch.Tensor):
+            return None
+        return tuple(int(d) if isinstance(d, int) else -1 for d in val.shape)
+
+    try:
+        user_inputs = set(program.graph_signature.user_inputs)
+        inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+        outputs = [n for n in program.graph.nodes if n.op == "output"]
+        in_shape = shape(inputs[0]) if len(inputs) == 1 else None
+        out_args = outputs[0].args[0] if outputs else ()
+        out_shape = shape(out_args[0]) if isinstance(out_args, (tuple, list)) and len(out_args) == 1 else None
+    except Exception:
+        return None, None
+    if in_shape and -1 in in_shape[1:]:
+        in_shape = None
+    if out_shape and out_shape[-1] == -1:
+        out_shape = None
+    return in_shape, out_shape
+
+
+def _check_num_classes(name: str, found: int | None, requested: int | None) -> None:
+    if requested is not None and found is not None and requested != found:
+        raise BadInputError(
+            f"{name} has {found} classes but --num-classes {requested} was given;"
+            " drop --num-classes or fix it."
+        )
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def _is_mishield(obj) -> bool:
+    if not isinstance(obj, Mapping):
+        return False
+    try:
+        from mishield import modelfile  # imports LoadedModel from here, hence the late import
+    except ImportError as e:
+        if "modelfile" not in str(e):
+            raise
+        return False  # a build without the model-file module cannot have written one
+    return bool(modelfile.is_mishield_payload(obj))
+
+
+def _from_mishield(payload, path: Path, arch, num_classes, input_size) -> LoadedModel:
+    from mishield import modelfile
+
+    loaded = modelfile.model_from_payload(payload, source=path, arch_override=arch)
+    _check_num_classes(path.name, loaded.num_classes, num_classes)
+    if input_size is not None:
+        loaded = dataclasses.replace(loaded, preprocessing=loaded.preprocessing.with_input_size(input_size))
+    return loaded
+
+
+def _is_state_dict(node: Mapping) -> bool:
+    values = list(node.values())
+    return any(isinstance(v, torch.Tensor) for v in values) and not any(isinstance(v, Mapping) for v in values)
+
+
+def _find_state_dict(obj, name: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Unwrap checkpoint nesting down to the tensors; also return an `arch` recorded on the way."""
+    if not isinstance(obj, Mapping):
+        raise BadInputError(f"{name} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead.")
+    file_arch, node = None, obj
+    for _ in range(8):
+        if file_arch is None and isinstance(node.get("arch"), str):
+            file_arch = node["arch"]
+        if _is_state_dict(node):
+            return {k: v for k, v in node.items() if isinstance(v, torch.Tensor)}, file_arch
+        key = next((k for k in _STATE_DICT_KEYS if isinstance(node.get(k), Mapping)), None)
+        key = key or next((k for k in _EMA_KEYS if isinstance(node.get(k), Mapping)), None)
+        if key is None:
+            keys = ", ".join(map(str, list(node)[:6])) or "none"
+            raise BadInputError(
+                f"{name} holds no state dict (keys: {keys}); "
+                "expected tensors at the top level or under 'state_dict' or 'model'."
+            )
+        node = node[key]
+    raise BadInputError(f"{name} nests its state dict too deeply to find; save model.state_dict() directly.")
+
+
+def _normalise_file_arch(arch: str | None) -> str | None:
+    # timm's train.py writes the bare model name; other tools may already write a full spec.
+    if not arch:
+        return None
+    return arch if ":" in arch else f"timm:{arch}"
+
+
+def _prefix_variants(state_dict: dict) -> list[dict]:
+    """The state dict with wrapper prefixes peeled off one at a time (original first)."""
+    variants = [state_dict]
+    while True:
+        cur = variants[-1]
+        prefix = next((p for p in _WRAPPER_PREFIXES if cur and all(k.startswith(p) for k in cur)), None)
+        if prefix is None:
+            return variants
+        variants.append({k[len(prefix):]: v for k, v in cur.items()})
+
+
+def _infer_num_classes(arch, variants: list[dict]) -> int | None:
+    # The meta device builds the module tree without allocating or initialising any weights.
+    with torch.device("meta"):
+        try:
+            skeleton = build_architecture(arch, None)
+        except BadInputError:  # a factory that insists on num_classes: any count names the same head
+            skeleton = build_architecture(arch, 1)
+    found = _classifier(skeleton)
+    if found is None:
+        return None
+    key = f"{found[0]}.weight" if found[0] else "weight"
+    for sd in reversed(variants):
+        if key in sd and sd[key].dim() >= 1:
+            return int(sd[key].shape[0])
+    return None
+
+
+def _from_state_dict(state_dict: dict, name: str, arch, num_classes, input_size) -> LoadedModel:
+    if arch is None:
+        raise BadInputError(f"{name} does not say which architecture it is; {ARCH_HINT}.")
+    label = _arch_label(arch)
+    variants = _prefix_variants(state_dict)
+    if num_classes is None:
+        num_classes = _infer_num_classes(arch, variants)
+    model = build_architecture(arch, num_classes)
+    own = model.state_dict()
+    # Most overlap with the model's own keys wins; on a tie the more stripped variant, so a model
+    # whose real top-level child is called `model` keeps its prefix.
+    _, _, sd = max((len(own.keys() & v.keys()), i, v) for i, v in enumerate(variants))
+    _load_into(model, sd, name, label)
+    model.eval()
+    spec = arch if isinstance(arch, str) else _callable_spec(arch)
+    return LoadedModel(
+        model=model,
+        arch=spec,
+        num_classes=_count_classes(model) or num_classes,
+        preprocessing=default_preprocessing(model, spec).with_input_size(input_size),
+        kind="state_dict",
+    )
+
+
+def _load_into(model: nn.Module, sd: dict, name: str, label: str) -> None:
+    own = model.state_dict()
+    mismatched = [
+        (k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape
+    ]
+    if mismatched:
+        key, theirs, ours = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more mismatched shapes)" if len(mismatched) > 1 else ""
+        raise BadInputError(
+            f"{name} does not fit {label}: {key} has shape {theirs} in the file but {ours} in the model{more}; "
+            "check --arch and --num-classes."
+        )
+    # strict=False: torch itself forgives old BatchNorm files without num_batches_tracked
+    result = model.load_state_dict(sd, strict=False)
+    missing, unexpected = result.missing_keys, result.unexpected_keys
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} keys missing ({_first3(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_first3(unexpected)})")
+        raise BadInputError(f"{name} does not fit {label}: {' and '.join(parts)}; check --arch.")
+
+
+def _first3(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+# --------------------------------------------------------------------------- pickle scanning
+
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
+_MEMO_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_MEMO_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+_NON_PUSHING_OPS = {"MEMOIZE", "FRAME", "PROTO"} | _MEMO_PUT_OPS
+# Shown first: these are how a malicious pickle reaches a shell or the interpreter.
+_RISKY_MODULES = {"os", "posix", "nt", "subprocess", "builtins", "__builtin__", "sys", "shutil", "socket",
+                  "importlib", "runpy", "pty", "code", "codeop", "pickle", "marshal", "ctypes", "webbrowser"}
+
+
+def scan_pickle_globals(data: bytes) -> tuple[list[str], str]:
+    """Globals (`module.name`) that unpickling `data` would import, read from opcodes only.
+
+    Handles protocol 0-5 (GLOBAL, INST, and STACK_GLOBAL resolved through the strings pushed or
+    fetched from the memo just before it) and several pickles back to back (torch's legacy
+    format). Returns the globals in first-seen order and how parsing ended: "complete" (a whole
+    pickle parsed), "truncated" (data ended inside a pickle), or "invalid" (not a pickle).
+    """
+    stream = io.BytesIO(data)
+    found: list[str] = []
+    state = "invalid"
+    while stream.tell() < len(data):
+        memo: dict = {}
+        pushed: list = []
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                kind = op.name
+                if kind in ("GLOBAL", "INST"):
+                    module, _, attr = str(arg).partition(" ")
+                    found.append(f"{module}.{attr}")
+                    pushed.append(None)
+                elif kind == "STACK_GLOBAL":
+                    module, attr = ([None, None] + pushed[-2:])[-2:]
+                    ok = isinstance(module, str) and isinstance(attr, str)
+                    found.append(f"{module}.{attr}" if ok else "<an obfuscated global>")
+                    del pushed[-2:]
+                    pushed.append(None)
+                elif kind in _STRING_OPS:
+                    pushed.append(arg.decode("latin-1") if isinstance(arg, bytes) else arg)
+                elif kind in _MEMO_GET_OPS:
+                    pushed.append(memo.get(arg))
+                elif kind == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif kind in _MEMO_PUT_OPS:
+                    memo[arg] = pushed[-1] if pushed else None
+                elif kind not in _NON_PUSHING_OPS:
+                    pushed.append(None)
+                if len(pushed) > 256:
+                    del pushed[:-8]
+        except Exception as e:
+            # Only claim truncation for something that started like a pickle (PROTO opcode).
+            ran_out = any(s in str(e) for s in ("exhausted", "remain", "not enough data"))
+            if data[:1] == b"\x80" and ran_out and state == "invalid":
+                state = "truncated"
+            break
+        state = "complete"
+    return list(dict.fromkeys(found)), state
+
+
+def _allowed_globals() -> set[str]:
+    allowed = {"argparse.Namespace", "collections.OrderedDict"}
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed |= set(_get_allowed_globals())
+    except Exception:  # private API; fall back to the tensor-rebuilding functions
+        pass
+    for obj in torch.serialization.get_safe_globals():
+        if not isinstance(obj, tuple):
+            allowed.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
+    return allowed
+
+
+def _is_allowed(name: str, allowed: set[str]) -> bool:
+    return name in allowed or name.startswith(("torch._utils._rebuild", "torch._tensor._rebuild")) or bool(
+        re.fullmatch(r"torch\.(cuda\.)?[A-Za-z0-9]*Storage", name)
+    )
+
+
+def _python3_name(name: str) -> str:
+    """Apply the renames Python 3's unpickler applies to protocol 0-2 pickles (`__builtin__.set`)."""
+    import _compat_pickle
+
+    module, _, attr = name.rpartition(".")
+    if (module, attr) in _compat_pickle.NAME_MAPPING:
+        module, attr = _compat_pickle.NAME_MAPPING[(module, attr)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{attr}"
+
+
+def _pickle_imports(path: Path) -> tuple[list[str], str]:
+    """The non-tensor globals the file's pickle would import, riskiest first, and the parse state."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                pkl = next(n for n in zf.namelist() if re.match(r"^([^/]+/)?data\.pkl$", n))
+                with zf.open(pkl) as f:
+                    data = f.read(_SCAN_LIMIT)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(_SCAN_LIMIT)
+    except (OSError, StopIteration, zipfile.BadZipFile):
+        return [], "invalid"
+    names, state = scan_pickle_globals(data)
+    names = list(dict.fromkeys(_python3_name(n) for n in names))
+    allowed = _allowed_globals()
+    unsafe = [n for n in names if not _is_allowed(n, allowed)]
+    unsafe.sort(key=lambda n: n.split(".")[0] not in _RISKY_MODULES)  # stable: keeps first-seen order otherwise
+    return unsafe, state
