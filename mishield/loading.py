@@ -42,6 +42,7 @@ __all__ = [
     "default_preprocessing",
     "is_arch_spec",
     "scan_pickle_globals",
+    "find_classifier",
 ]
 
 ARCH_HINT = "pass --arch timm:NAME, torchvision:NAME or package.module:factory"
@@ -239,7 +240,7 @@ def _is_layer(m: nn.Module, kinds: tuple[str, ...]) -> bool:
     return type(m).__name__ in kinds or getattr(m, "original_name", None) in kinds
 
 
-def _classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
+def find_classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
     """The final classification layer and its dotted name: timm's get_classifier(), else the last Linear."""
     names = {id(m): n for n, m in model.named_modules()}
     search: list[nn.Module] = []
@@ -260,8 +261,11 @@ def _classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
+_classifier = find_classifier  # the name mishield.attack.evalmodel imports
+
+
 def _count_classes(model: nn.Module) -> int | None:
-    found = _classifier(model)
+    found = find_classifier(model)
     weight = getattr(found[1], "weight", None) if found else None
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() >= 1 else None
 
@@ -361,7 +365,7 @@ def _load_file(path: Path, arch, num_classes, trust: bool, input_size) -> Loaded
             )
         return _load_torch(path, arch, num_classes, trust, input_size)
     if path.suffix == ".safetensors" or _looks_like_safetensors(head, size):
-        return _load_safetensors(path, arch, num_classes, input_size)
+        return _load_safetensors(path, arch, num_classes, trust, input_size)
     return _load_torch(path, arch, num_classes, trust, input_size)
 
 
@@ -372,7 +376,7 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return 2 <= header_len <= size - 8 and head[8:9] == b"{"
 
 
-def _load_safetensors(path: Path, arch, num_classes, input_size) -> LoadedModel:
+def _load_safetensors(path: Path, arch, num_classes, trust: bool, input_size) -> LoadedModel:
     from safetensors import safe_open
 
     try:
@@ -391,7 +395,8 @@ def _load_safetensors(path: Path, arch, num_classes, input_size) -> LoadedModel:
                 f"{path.name} has a damaged mishield recipe in its metadata;"
                 " re-create the file."
             ) from None
-        return _from_mishield({"mishield": recipe, "state_dict": tensors}, path, arch, num_classes, input_size)
+        payload = {"mishield": recipe, "state_dict": tensors}
+        return _from_mishield(payload, path, arch, num_classes, input_size, trust)
     file_arch = metadata.get("arch")
     return _from_state_dict(tensors, path.name, arch or _normalise_file_arch(file_arch), num_classes, input_size)
 
@@ -424,7 +429,7 @@ def _load_torch(path: Path, arch, num_classes, trust: bool, input_size) -> Loade
     if isinstance(obj, nn.Module) or _nested_module(obj) is not None:
         return _from_pickled_module(obj, path, num_classes, input_size)
     if _is_mishield(obj):
-        return _from_mishield(obj, path, arch, num_classes, input_size)
+        return _from_mishield(obj, path, arch, num_classes, input_size, trust)
     state_dict, file_arch = _find_state_dict(obj, path.name)
     return _from_state_dict(state_dict, path.name, arch or _normalise_file_arch(file_arch), num_classes, input_size)
 
@@ -598,10 +603,11 @@ def _is_mishield(obj) -> bool:
     return bool(modelfile.is_mishield_payload(obj))
 
 
-def _from_mishield(payload, path: Path, arch, num_classes, input_size) -> LoadedModel:
+def _from_mishield(payload, path: Path, arch, num_classes, input_size, trust: bool) -> LoadedModel:
     from mishield import modelfile
 
-    loaded = modelfile.model_from_payload(payload, source=path, arch_override=arch)
+    # trust is forwarded because a recipe naming a package.module:factory imports that module.
+    loaded = modelfile.model_from_payload(payload, source=path, arch_override=arch, trust_checkpoint=trust)
     _check_num_classes(path.name, loaded.num_classes, num_classes)
     if input_size is not None:
         loaded = dataclasses.replace(loaded, preprocessing=loaded.preprocessing.with_input_size(input_size))
@@ -660,7 +666,7 @@ def _infer_num_classes(arch, variants: list[dict]) -> int | None:
             skeleton = build_architecture(arch, None)
         except BadInputError:  # a factory that insists on num_classes: any count names the same head
             skeleton = build_architecture(arch, 1)
-    found = _classifier(skeleton)
+    found = find_classifier(skeleton)
     if found is None:
         return None
     key = f"{found[0]}.weight" if found[0] else "weight"

@@ -27,6 +27,7 @@ from mishield.loading import (
     LoadedModel,
     build_architecture,
     default_preprocessing,
+    find_classifier,
     is_arch_spec,
     load_model,
     scan_pickle_globals,
@@ -453,6 +454,13 @@ def test_is_arch_spec(text, expected):
     assert is_arch_spec(text) is expected
 
 
+def test_find_classifier():
+    assert find_classifier(torchvision.models.resnet18(num_classes=4))[0] == "fc"
+    assert find_classifier(torchvision.models.squeezenet1_1(num_classes=4))[0] == "classifier.1"  # a 1x1 conv head
+    name, layer = find_classifier(timm.create_model("test_vit", num_classes=3))
+    assert name == "head" and layer.out_features == 3
+
+
 def test_default_preprocessing_uses_vit_image_size():
     vit = torchvision.models.VisionTransformer(
         image_size=64, patch_size=16, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=4
@@ -469,8 +477,8 @@ def fake_modelfile(monkeypatch):
     calls = []
     fake = types.ModuleType("mishield.modelfile")
     fake.is_mishield_payload = lambda obj: isinstance(obj, dict) and "mishield" in obj
-    def model_from_payload(payload, *, source, arch_override):
-        calls.append((payload, source, arch_override))
+    def model_from_payload(payload, *, source, arch_override, trust_checkpoint):
+        calls.append((payload, source, arch_override, trust_checkpoint))
         return LoadedModel(
             model=nn.Linear(2, 3).eval(), arch="timm:x", num_classes=3, preprocessing=Preprocessing(),
             recipe=payload["mishield"], source=source, kind="mishield",
@@ -485,8 +493,8 @@ def test_mishield_pickle_goes_to_modelfile(tmp_path, fake_modelfile):
     path = tmp_path / "hardened.pt"
     torch.save({"mishield": {"arch": "timm:x"}, "state_dict": {"w": torch.zeros(1)}}, path)
     loaded = load_model(path, input_size=96)
-    (payload, source, override), = fake_modelfile
-    assert source == path and override is None and payload["mishield"] == {"arch": "timm:x"}
+    (payload, source, override, trust), = fake_modelfile
+    assert source == path and override is None and not trust and payload["mishield"] == {"arch": "timm:x"}
     assert loaded.kind == "mishield" and loaded.source_sha256 == _sha(path)
     assert loaded.preprocessing.input_size == (3, 96, 96)
 
@@ -494,10 +502,28 @@ def test_mishield_pickle_goes_to_modelfile(tmp_path, fake_modelfile):
 def test_mishield_safetensors_goes_to_modelfile(tmp_path, fake_modelfile):
     path = tmp_path / "hardened.safetensors"
     save_file({"w": torch.ones(2)}, str(path), metadata={"mishield": '{"arch": "timm:x", "surgery": null}'})
-    load_model(path, arch="timm:y")
-    (payload, source, override), = fake_modelfile
+    load_model(path, arch="timm:y", trust_checkpoint=True)
+    (payload, source, override, trust), = fake_modelfile
     assert payload["mishield"] == {"arch": "timm:x", "surgery": None}
-    assert torch.equal(payload["state_dict"]["w"], torch.ones(2)) and override == "timm:y"
+    assert torch.equal(payload["state_dict"]["w"], torch.ones(2)) and override == "timm:y" and trust
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_mishield_file_round_trip(tmp_path, small_model, x, suffix):
+    """With the real model-file module: an output loads back with no flags and no trust."""
+    from mishield.modelfile import save_model
+
+    pre = Preprocessing(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    path = save_model(
+        tmp_path / f"out{suffix}", small_model, arch=SMALL, num_classes=10, surgery=None, preprocessing=pre
+    )
+    before = _sha(path)
+    loaded = load_model(path)
+    assert loaded.kind == "mishield" and loaded.arch == SMALL and loaded.num_classes == 10
+    assert loaded.preprocessing == pre and loaded.recipe["arch"] == SMALL
+    assert loaded.source == path and loaded.source_sha256 == before == _sha(path)
+    _same_outputs(loaded.model, small_model, x)
+    assert load_model(path, input_size=64).preprocessing.input_size == (3, 64, 64)
 
 
 # --------------------------------------------------------------------------- bad input
