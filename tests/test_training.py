@@ -1,0 +1,291 @@
+"""Fine-tuning on real images (the embedded Fashion-MNIST subset): TTS, BiDO, resume, divergence, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mishield.bido import BiDOConfig
+from mishield.data import DataSplits, ImageDataset, eval_transform, load_image_folders
+from mishield.errors import UsageError
+from mishield.loading import load_model
+from mishield.modelfile import save_model
+from mishield.preprocessing import Preprocessing
+from mishield.surgery import plan_surgery
+from mishield.training import (
+    TrainingDiverged,
+    TrainingInterrupted,
+    TrainingRecipe,
+    evaluate_accuracy,
+    fit,
+    load_state,
+    reset_head,
+    run_schedule,
+)
+
+ARCH = "timm:test_resnet"  # timm's own tiny ResNet (0.37 M parameters): real skips, real stages
+CLASSES = 3
+
+
+def _subset(fmnist_dir: Path, per_class_train: int, per_class_val: int) -> DataSplits:
+    """A few classes of the shared ImageFolder fixture, without copying files."""
+    full = load_image_folders(fmnist_dir)
+    keep = {0: 0, 1: 1, 7: 2}  # t-shirt, trouser, sneaker
+
+    def take(items, n):
+        out, count = [], {}
+        for path, label in items:
+            if label in keep and count.get(label, 0) < n:
+                count[label] = count.get(label, 0) + 1
+                out.append((path, keep[label]))
+        return out
+
+    return DataSplits(take(full.train, per_class_train), take(full.val, per_class_val),
+                      [full.classes[c] for c in keep])
+
+
+@pytest.fixture(scope="module")
+def small(fmnist_dir) -> DataSplits:
+    return _subset(fmnist_dir, 48, 16)
+
+
+def _model():
+    loaded = load_model(ARCH, num_classes=CLASSES, input_size=48)
+    return loaded
+
+
+def _ce_on(model: nn.Module, items, pre: Preprocessing) -> float:
+    ds = ImageDataset(items, eval_transform(pre))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([label for _, label in items])
+    model.eval()
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y).item()
+
+
+@pytest.mark.parametrize("bido", [False, True], ids=["plain", "bido"])
+def test_tts_lowers_the_loss_and_writes_a_model_that_loads(small, tmp_path, bido):
+    torch.manual_seed(0)
+    loaded = _model()
+    pre = loaded.preprocessing
+    plan = plan_surgery(loaded.model, "rolss", input_size=pre.input_size)
+    before = _ce_on(loaded.model, small.train, pre)
+    recipe = TrainingRecipe("tts", epochs=3, stage1_epochs=1, batch_size=24, lr=3e-3,
+                            bido=BiDOConfig() if bido else None)
+    log = tmp_path / "train.jsonl"
+    result = run_schedule(loaded.model, plan, small, pre, recipe, device="cpu", workers=0,
+                          state_path=tmp_path / "state", log_path=log)
+    after = _ce_on(result.model, small.train, pre)
+    assert after < before - 0.1, (before, after)
+    assert [h["stage"] for h in result.history] == ["stage1", "stage2", "stage2", "stage2"]
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    # the LR schedule decays at 75 % and 90 % of all 4 epochs (epochs 3 and 4)
+    assert [h["lr"] for h in result.history] == pytest.approx([3e-3, 3e-3, 3e-3, 3e-4])
+    m = result.metrics
+    assert set(m) == {"natural_acc_before", "natural_acc_after_surgery", "natural_acc_after"}
+    assert all(0.0 <= v <= 1.0 for v in m.values())
+    assert m["natural_acc_after"] > 1 / CLASSES  # better than chance on held-out images
+    if bido:
+        assert result.history[-1]["hsic_x"] > 0 and result.history[-1]["hsic_y"] > 0
+        assert len(result.bido_features) == 5  # stem + 4 stages
+    else:
+        assert result.history[-1]["hsic_x"] is None
+    # the surgery really happened: no shortcut projection left in the last stage
+    assert not any(k.startswith("layer4.0.downsample") for k in result.model.state_dict())
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert events[0] == "start" and events[-1] == "end" and events.count("epoch") == 4 and "surgery" in events
+
+    out = tmp_path / "hardened.pt"
+    save_model(out, result.model, arch=loaded.arch, num_classes=CLASSES, surgery=result.surgery.spec,
+               preprocessing=pre, extra={"training": result.training_record(), "metrics": m})
+    back = load_model(out)
+    assert back.recipe["metrics"] == m and back.recipe["training"]["schedule"] == "tts"
+    x = torch.randn(4, *pre.input_size)
+    with torch.no_grad():
+        assert torch.allclose(back.model(x), result.model(x), atol=1e-5)
+    acc = evaluate_accuracy(back.model, small.val, pre, device="cpu", workers=0)
+    assert acc == pytest.approx(m["natural_acc_after"])
+    if not bido:
+        from mishield.onnx_export import export_onnx
+
+        report = export_onnx(back.model, tmp_path / "hardened.onnx", input_size=pre.input_size)
+        assert report.top1_agreement == 1.0
+
+
+def _final_weights(result) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in result.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("stop_after", [1, 2], ids=["after-stage1", "inside-stage2"])
+def test_resume_after_an_interruption_replays_the_uninterrupted_run(fmnist_dir, tmp_path, stop_after):
+    data = _subset(fmnist_dir, 16, 4)
+    recipe = TrainingRecipe("tts", epochs=2, stage1_epochs=1, batch_size=16, seed=3)
+
+    def run(state, **kw):
+        torch.manual_seed(0)  # same initial weights in every run
+        loaded = _model()
+        plan = plan_surgery(loaded.model, "rolss", input_size=loaded.preprocessing.input_size)
+        return run_schedule(loaded.model, plan, data, loaded.preprocessing, recipe, device="cpu", workers=0,
+                            state_path=state, log_path=state.with_suffix(".jsonl"), **kw)
+
+    reference = run(tmp_path / "ref")
+    state = tmp_path / "state"
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        run(state, stop_after=stop_after)
+    saved = load_state(state)
+    assert saved["epoch"] == stop_after and saved["stage"] == ("stage1" if stop_after == 1 else "stage2")
+    resumed = run(state, resume=True)
+    assert resumed.resumed_from == {"stage": saved["stage"], "epoch": stop_after}
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    ref_w, res_w = _final_weights(reference), _final_weights(resumed)
+    assert ref_w.keys() == res_w.keys()
+    for k in ref_w:
+        assert torch.equal(ref_w[k], res_w[k]), k
+    log = [json.loads(line) for line in state.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["event"] for r in log].count("resume") == 1
+    epochs = [r["epoch"] for r in log if r["event"] == "epoch"]
+    assert epochs == [1, 2, 3][: stop_after] + [e for e in [1, 2, 3] if e > stop_after]
+
+
+def test_resume_refuses_a_state_from_a_different_run(fmnist_dir, tmp_path):
+    data = _subset(fmnist_dir, 8, 2)
+    loaded = _model()
+    plan = plan_surgery(loaded.model, "rolss", input_size=loaded.preprocessing.input_size)
+    state = tmp_path / "state"
+    with pytest.raises(TrainingInterrupted):
+        run_schedule(loaded.model, plan, data, loaded.preprocessing, TrainingRecipe("finetune", epochs=2, batch_size=8),
+                     device="cpu", workers=0, state_path=state, stop_after=1)
+    loaded = _model()
+    with pytest.raises(UsageError, match="different run"):
+        run_schedule(loaded.model, plan, data, loaded.preprocessing, TrainingRecipe("finetune", epochs=5, batch_size=8),
+                     device="cpu", workers=0, state_path=state, resume=True)
+
+
+class _Explodes(nn.Module):
+    """A tiny classifier whose logits turn NaN after `after` forward passes in train mode."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=4)
+        self.fc = nn.Linear(4, CLASSES)
+        self.after, self.calls = after, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        logits = self.fc(self.conv(x).mean((2, 3)))
+        return logits * float("nan") if self.calls > self.after else logits
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(fmnist_dir, tmp_path):
+    data = _subset(fmnist_dir, 8, 2)  # 24 images, batch 8: 3 steps per epoch
+    pre = Preprocessing((3, 32, 32), (0.5,) * 3, (0.5,) * 3)
+    model = _Explodes(after=4)  # epoch 1 fine, NaN in epoch 2
+    state = tmp_path / "state"
+    with pytest.raises(TrainingDiverged, match="nan.*epoch 2.*lower --lr") as info:
+        fit(model, data, pre, epochs=3, batch_size=8, device="cpu", workers=0, state_path=state)
+    assert "\n" not in str(info.value)
+    saved = load_state(state)
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_fit_is_repeatable_on_cpu_with_a_seed(fmnist_dir):
+    data = _subset(fmnist_dir, 8, 2)
+    pre = Preprocessing((3, 32, 32), (0.5,) * 3, (0.5,) * 3)
+
+    def once(seed):
+        torch.manual_seed(0)
+        model = _Explodes(after=10**9)
+        return fit(model, data, pre, epochs=2, batch_size=8, device="cpu", workers=0, seed=seed).model
+
+    a, b, c = once(1), once(1), once(2)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert not torch.equal(a.fc.weight, c.fc.weight)
+
+
+def test_reset_head_replaces_the_classifier():
+    import torchvision
+
+    tv = torchvision.models.resnet18(num_classes=10)
+    reset_head(tv, 3)
+    assert tv.fc.out_features == 3
+    loaded = load_model(ARCH, num_classes=10, input_size=48)
+    reset_head(loaded.model, 4)
+    assert loaded.model(torch.randn(2, 3, 48, 48)).shape == (2, 4)
+
+
+def test_recipe_validation():
+    with pytest.raises(UsageError):
+        TrainingRecipe("two-stage")
+    with pytest.raises(UsageError):
+        TrainingRecipe(lr=0)
+    assert TrainingRecipe("tts", epochs=95, stage1_epochs=5).milestone_epochs() == [75, 90]
+    assert TrainingRecipe("finetune", epochs=10).stages == [("finetune", 0, 10)]
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    from pathlib import Path
+    from mishield.data import load_image_folders, DataSplits
+    from mishield.loading import load_model
+    from mishield.surgery import plan_surgery
+    from mishield.training import TrainingRecipe, run_schedule
+    from mishield.bido import BiDOConfig
+
+    out = Path(sys.argv[1])
+    full = load_image_folders(sys.argv[2])
+    keep = {0: 0, 1: 1, 7: 2}
+    pick = lambda items, n: [(p, keep[l]) for p, l in items if l in keep][: n]
+    data = DataSplits(pick(full.train, 10**9)[:0] + [it for c in keep for it in
+                      [(p, keep[l]) for p, l in full.train if l == c][:16]],
+                      [it for c in keep for it in [(p, keep[l]) for p, l in full.val if l == c][:4]],
+                      [full.classes[c] for c in keep])
+    torch.manual_seed(0)
+    loaded = load_model("timm:test_resnet", num_classes=3, input_size=48)
+    plan = plan_surgery(loaded.model, "rolss", input_size=loaded.preprocessing.input_size)
+    r = run_schedule(loaded.model, plan, data, loaded.preprocessing,
+                     TrainingRecipe("tts", epochs=1, stage1_epochs=1, batch_size=8, bido=BiDOConfig()),
+                     device="cpu", workers=0, state_path=out / "state", log_path=out / "log.jsonl")
+    rank = int(os.environ["RANK"])
+    torch.save({k: v for k, v in r.model.state_dict().items()}, out / f"weights{rank}.pt")
+    (out / f"metrics{rank}.json").write_text(json.dumps({"metrics": r.metrics, "history": r.history}))
+    """
+)
+
+
+def test_ddp_with_two_cpu_processes(fmnist_dir, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), str(tmp_path), str(fmnist_dir)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0 = torch.load(tmp_path / "weights0.pt")
+    w1 = torch.load(tmp_path / "weights1.pt")
+    for k in w0:  # DDP keeps the replicas identical
+        assert torch.equal(w0[k], w1[k]), k
+    m0 = json.loads((tmp_path / "metrics0.json").read_text())
+    m1 = json.loads((tmp_path / "metrics1.json").read_text())
+    untimed = lambda hist: [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in hist]  # noqa: E731
+    # losses and accuracies are reduced over both ranks' shards, so every rank reports the same
+    assert m0["metrics"] == m1["metrics"] and untimed(m0["history"]) == untimed(m1["history"])
+    # 48 images, 2 ranks, batch 8 per rank: 3 steps per epoch on each rank
+    assert [h["stage"] for h in m0["history"]] == ["stage1", "stage2"]
+    # rank 0 alone writes: one start record, one record per epoch
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in log].count("epoch") == 2 and log[0]["world"] == 2
+    assert load_state(tmp_path / "state")["epoch"] == 2
