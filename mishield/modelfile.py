@@ -120,7 +120,6 @@ def model_from_payload(payload: dict, *, source: Path | None = None, arch_overri
         preprocessing=preprocessing,
         recipe=recipe,
         source=Path(source) if source else None,
-        source_sha256=sha256_file(source) if source and Path(source).is_file() else None,
-        kind="mishield",
+        kind="mishield",  # load_model fills in source_sha256 (hashing once)
         supports_surgery=True,
     )
