@@ -244,3 +244,42 @@ def test_deepcopy_keeps_both_graphs(toy):
     clone(x)  # the train graph updates the clone's statistics, not the original's
     assert not torch.equal(clone.state_dict()["stage1.0.norm1.running_mean"],
                            rewired.state_dict()["stage1.0.norm1.running_mean"])
+
+
+class SpelledBlock(nn.Module):
+    """One residual block whose merge is written in a given spelling."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x)))
+        if self.spelling == "operator":
+            return y + x
+        if self.spelling == "iadd":
+            y += x
+            return y
+        if self.spelling == "torch.add":
+            return torch.add(x, y)
+        if self.spelling == "method":
+            return y.add(x)
+        if self.spelling == "inplace":
+            return y.add_(x)
+        return self.conv2(torch.cat([x, y], dim=1)[:, :4])  # concat: x skips ahead of y
+
+
+@pytest.mark.parametrize("spelling", ["operator", "iadd", "torch.add", "method", "inplace", "cat"])
+def test_every_spelling_of_a_skip_is_found_and_removed(spelling):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), SpelledBlock(spelling), SpelledBlock(spelling)).eval()
+    plan = plan_surgery(model, "rolss", input_size=(3, 8, 8))
+    assert [s.name.rsplit(".", 1)[0] for s in plan.analysis.sites] == ["1", "2"]
+    assert {s.kind for s in plan.analysis.sites} == {"concat" if spelling == "cat" else "add"}
+    x = torch.randn(2, 3, 8, 8)
+    ssf = apply_plan(model, plan_surgery(model, "ssf", alpha=1.0, input_size=(3, 8, 8))).model.eval()
+    with torch.no_grad():
+        assert torch.equal(ssf(x), model(x))
+        assert not torch.allclose(apply_plan(model, plan).model.eval()(x), model(x))
