@@ -1,0 +1,599 @@
+"""Image priors the attacker optimises through (DESIGN.md §5).
+
+A prior turns latents into images in [-1, 1]. Four kinds plug into the same attack:
+
+* `GeneratorPrior`: any generator mapping z ~ N(0, I) to images, mishield's own DCGAN-like
+  generator (trained on public data by `train_prior`) being the default;
+* `StyleGANPrior`: generators with `mapping` and `synthesis` (StyleGAN2-ADA's layout); the
+  attack optimises w, drawn with truncation psi = 0.5 at initial selection as PPA does;
+* `PixelPrior` (`--prior none`): the latents are the pixels, regularised DeepInversion-style by
+  matching the target's BatchNorm statistics and by total variation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mishield.errors import BadInputError, UsageError
+
+PRIOR_FORMAT = "mishield.prior/dcgan"
+PRIOR_FORMAT_VERSION = 1
+LATENT_ATTRS = ("z_dim", "latent_dim", "nz")
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# mishield's own generator
+
+
+def _check_resolution(resolution: int) -> int:
+    if resolution not in (32, 64, 128, 256):
+        raise UsageError(f"--resolution must be 32, 64, 128 or 256, got {resolution}.")
+    return resolution
+
+
+class DCGANGenerator(nn.Module):
+    """DCGAN (Radford et al., 2016): a 4x4 seed doubled by strided transposed convolutions."""
+
+    def __init__(self, latent_dim: int = 128, resolution: int = 64, channels: int = 3, width: int = 64):
+        super().__init__()
+        _check_resolution(resolution)
+        self.latent_dim, self.resolution, self.channels, self.width = latent_dim, resolution, channels, width
+        ups = int(math.log2(resolution)) - 2
+        widths = [min(width * 2 ** (ups - 1 - i), 512) for i in range(ups)]
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(latent_dim, widths[0], 4, 1, 0, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        ]
+        for cin, cout in zip(widths[:-1], widths[1:]):
+            layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    @property
+    def z_dim(self) -> int:
+        return self.latent_dim
+
+    def config(self) -> dict:
+        return {"latent_dim": self.latent_dim, "resolution": self.resolution, "channels": self.channels, "width": self.width}
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.view(z.shape[0], -1, 1, 1))
+
+
+class DCGANDiscriminator(nn.Module):
+    def __init__(self, resolution: int = 64, channels: int = 3, width: int = 64):
+        super().__init__()
+        downs = int(math.log2(resolution)) - 2
+        widths = [min(width * 2**i, 512) for i in range(downs)]
+        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+        for cin, cout in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True)]
+        layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten()
+
+
+def save_generator(path: Path, generator: DCGANGenerator, training: dict, overwrite: bool = False) -> Path:
+    """A self-describing safetensors file: weights plus the config that rebuilds the generator."""
+    from safetensors.torch import save_file
+
+    from mishield.fileio import atomic_output
+
+    meta = {"format": PRIOR_FORMAT, "version": PRIOR_FORMAT_VERSION, "config": generator.config(), "training": training}
+    state = {k: v.detach().float().contiguous().cpu() for k, v in generator.state_dict().items()}
+    with atomic_output(path, overwrite) as tmp:
+        save_file(state, str(tmp), metadata={"mishield": json.dumps(meta)})
+    return Path(path)
+
+
+def load_generator_file(path: Path) -> tuple[DCGANGenerator, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("mishield", "{}"))
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise BadInputError(f"{path} is not a readable safetensors file ({err}); pass a prior made by `mishield prior train`.") from None
+    if meta.get("format") != PRIOR_FORMAT:
+        raise BadInputError(
+            f"{path} is a safetensors file without mishield prior metadata; pass a prior made by `mishield prior train` "
+            "or a generator factory as package.module:factory."
+        )
+    if int(meta.get("version", 0)) > PRIOR_FORMAT_VERSION:
+        raise BadInputError(f"{path} was written by a newer mishield (prior format {meta['version']}); upgrade mishield.")
+    generator = DCGANGenerator(**meta["config"])
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as err:
+        raise BadInputError(f"{path} holds weights that do not fit its own config ({str(err)[:120]}...); the file is damaged.") from None
+    return generator.eval(), meta
+
+
+# ---------------------------------------------------------------------------------------------
+# The priors
+
+
+class Prior:
+    """Latents -> images in [-1, 1]; `sample` draws the initial-selection pool."""
+
+    kind = "prior"
+    default_lr = 0.005  # PPA's Adam learning rate on latents
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_shape: tuple[int, ...], description: dict):
+        self.image_shape = image_shape
+        self.latent_shape = latent_shape
+        self.description = description
+
+    def modules(self) -> list[nn.Module]:
+        return []
+
+    def to(self, device: torch.device, channels_last: bool = False) -> "Prior":
+        for m in self.modules():
+            m.to(device)
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
+        return self
+
+    def sample(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+        return torch.randn(n, *self.latent_shape, generator=rng).to(device)
+
+    def generate(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # Hooks for priors that regularise through the target (the BatchNorm-statistics prior).
+    def attach(self, target: nn.Module) -> None:
+        pass
+
+    def detach(self) -> None:
+        pass
+
+    def regularizer(self, images: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "image_shape": list(self.image_shape), "latent_shape": list(self.latent_shape), **self.description}
+
+
+class GeneratorPrior(Prior):
+    kind = "generator"
+
+    def __init__(self, generator: nn.Module, latent_dim: int, description: dict):
+        self.generator = generator.eval().requires_grad_(False)
+        shape = _probe_output(lambda z: self.generator(z), torch.randn(2, latent_dim), description.get("source", "the prior"))
+        super().__init__(shape, (latent_dim,), description)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.generator]
+
+    def generate(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.generator(latents)
+
+
+class StyleGANPrior(Prior):
+    """Optimises one w per image (broadcast to all synthesis layers), as PPA does."""
+
+    kind = "stylegan"
+
+    def __init__(self, generator: nn.Module, truncation: float, description: dict):
+        self.generator = generator.eval().requires_grad_(False)
+        self.truncation = truncation
+        self.z_dim = _latent_dim(generator, description.get("source", "the prior"))
+        self.c_dim = int(getattr(generator, "c_dim", 0) or 0)
+        self._w_avg: torch.Tensor | None = None
+        with torch.no_grad():
+            w = self._map(torch.randn(2, self.z_dim))
+        self.num_ws = w.shape[1] if w.dim() == 3 else None
+        w_dim = w.shape[-1]
+        shape = _probe_output(self.generate, self._first_w(w), description.get("source", "the prior"))
+        super().__init__(shape, (w_dim,), {**description, "truncation": truncation})
+
+    def modules(self) -> list[nn.Module]:
+        return [self.generator]
+
+    def _map(self, z: torch.Tensor, psi: float = 1.0) -> torch.Tensor:
+        mapping = self.generator.mapping
+        c = torch.zeros(z.shape[0], self.c_dim, device=z.device) if self.c_dim else None
+        params = inspect.signature(mapping.forward).parameters
+        if "truncation_psi" in params:
+            return mapping(z, c, truncation_psi=psi) if "c" in params else mapping(z, truncation_psi=psi)
+        w = mapping(z, c) if "c" in params else mapping(z)
+        if psi != 1.0:
+            w_avg = getattr(mapping, "w_avg", None)
+            if w_avg is None:
+                if self._w_avg is None:  # estimate the centre of W once, from 4096 samples
+                    gen = torch.Generator().manual_seed(0)
+                    zs = torch.randn(4096, self.z_dim, generator=gen).to(z.device)
+                    self._w_avg = (mapping(zs, c[:1].expand(4096, -1)) if "c" in params else mapping(zs)).mean(0)
+                w_avg = self._w_avg
+            w = w_avg + psi * (w - w_avg)
+        return w
+
+    @staticmethod
+    def _first_w(w: torch.Tensor) -> torch.Tensor:
+        return w[:, 0] if w.dim() == 3 else w
+
+    def sample(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+        z = torch.randn(n, self.z_dim, generator=rng).to(device)
+        with torch.no_grad():
+            return self._first_w(self._map(z, self.truncation)).float()
+
+    def generate(self, latents: torch.Tensor) -> torch.Tensor:
+        synthesis = self.generator.synthesis
+        ws = latents[:, None, :].expand(-1, self.num_ws, -1) if self.num_ws else latents
+        params = inspect.signature(synthesis.forward).parameters
+        if "noise_mode" in params:  # StyleGAN2-ADA: fixed noise keeps the image a function of w alone
+            return synthesis(ws, noise_mode="const")
+        return synthesis(ws)
+
+
+class PixelPrior(Prior):
+    """Generator-free: optimise pixels (through tanh, so they stay in [-1, 1]).
+
+    DeepInversion (Yin et al., CVPR 2020) makes such images natural for the target by matching
+    the batch statistics entering each BatchNorm layer to the layer's running statistics, plus a
+    total-variation smoothness term.
+    """
+
+    kind = "pixels"
+    default_lr = 0.05  # pixels move far less per unit step than generator latents
+    bn_weight = 0.05
+    tv_weight = 0.5
+
+    def __init__(self, input_size: tuple[int, int, int]):
+        super().__init__(tuple(input_size), tuple(input_size), {"source": "none", "bn_weight": self.bn_weight, "tv_weight": self.tv_weight})
+        self._handles: list = []
+        self._bn_terms: list[torch.Tensor] = []
+        self.bn_layers = 0
+
+    def sample(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+        return (0.5 * torch.randn(n, *self.latent_shape, generator=rng)).to(device)
+
+    def generate(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(latents)
+
+    def attach(self, target: nn.Module) -> None:
+        self.detach()
+        for module in target.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                self._handles.append(module.register_forward_hook(self._bn_hook))
+        self.bn_layers = len(self._handles)
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._bn_terms = [], []
+
+    def _bn_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not torch.is_grad_enabled():
+            return
+        x = inputs[0].float()
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+        self._bn_terms.append(torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var))
+
+    def regularizer(self, images: torch.Tensor) -> torch.Tensor | None:
+        dh = (images[:, :, 1:, :] - images[:, :, :-1, :]).pow(2).mean(dim=(1, 2, 3))
+        dw = (images[:, :, :, 1:] - images[:, :, :, :-1]).pow(2).mean(dim=(1, 2, 3))
+        loss = self.tv_weight * (dh + dw).sum()
+        if self._bn_terms:
+            # Batch statistics are one term per batch; scaling by the batch size keeps its weight
+            # per image the same as the per-image losses, whatever --batch-size is.
+            loss = loss + self.bn_weight * images.shape[0] * torch.stack(self._bn_terms).sum()
+            self._bn_terms = []
+        return loss
+
+    def describe(self) -> dict:
+        return {**super().describe(), "bn_layers": self.bn_layers}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a prior from the command line's --prior
+
+
+def _latent_dim(generator: nn.Module, source: str) -> int:
+    for holder in (generator, getattr(generator, "mapping", None)):
+        for attr in LATENT_ATTRS:
+            value = getattr(holder, attr, None) if holder is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    raise BadInputError(
+        f"{source} does not say its latent size; give the generator an integer attribute `z_dim` (or `latent_dim`)."
+    )
+
+
+def _probe_output(fn: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, source: str) -> tuple[int, int, int]:
+    """Run two latents through the prior once and reject outputs that are not images in [-1, 1]."""
+    try:
+        with torch.no_grad():
+            out = fn(latents)
+    except Exception as err:
+        raise BadInputError(f"{source} failed on a latent batch of shape {tuple(latents.shape)} ({type(err).__name__}: {err}).") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != latents.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise BadInputError(f"{source} must return images shaped (N, C, H, W) for N latents, got {shape}.")
+    if out.shape[1] not in (1, 3) or min(out.shape[2:]) < 8:
+        raise BadInputError(f"{source} must return 1- or 3-channel images of at least 8x8 pixels, got shape {tuple(out.shape)}.")
+    lo, hi = float(out.min()), float(out.max())
+    # StyleGAN outputs overshoot [-1, 1] a little; a generator for [0, 255] or unbounded values does not fit.
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1.5 or hi > 1.5:
+        raise BadInputError(f"{source} must return images in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; rescale its output.")
+    return (int(out.shape[1]), int(out.shape[2]), int(out.shape[3]))
+
+
+def _load_factory(spec: str) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise BadInputError(f"cannot import {module_name} for --prior {spec} ({err}); check the name and PYTHONPATH.") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise BadInputError(f"{module_name} has no callable `{attr}` for --prior {spec}.")
+    generator = factory()
+    if not isinstance(generator, nn.Module):
+        raise BadInputError(f"--prior {spec} returned {type(generator).__name__}, not a torch.nn.Module generator.")
+    return generator
+
+
+class _StyleGANUnpickler(pickle.Unpickler):
+    """StyleGAN2-ADA pickles embed their own source; they load only where that code is importable."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError) as err:
+            raise BadInputError(
+                f"this StyleGAN pickle needs NVIDIA's code ({module}.{name}) importable; put the stylegan2-ada-pytorch "
+                f"checkout on PYTHONPATH ({err})."
+            ) from None
+
+
+def _load_stylegan_pickle(path: Path, trust: bool) -> nn.Module:
+    if not trust:
+        raise UsageError(
+            f"{path} is a pickle that runs code when loaded; pass --trust-checkpoint if you trust its source."
+        )
+    with open(path, "rb") as f:
+        data = _StyleGANUnpickler(f).load()
+    generator = data.get("G_ema") if isinstance(data, dict) else data
+    if not isinstance(generator, nn.Module):
+        raise BadInputError(f"{path} holds no generator module (expected a StyleGAN2-ADA pickle with `G_ema`).")
+    return generator.float()
+
+
+def _wrap(generator: nn.Module, truncation: float, description: dict) -> Prior:
+    if hasattr(generator, "mapping") and hasattr(generator, "synthesis"):
+        return StyleGANPrior(generator, truncation, description)
+    return GeneratorPrior(generator, _latent_dim(generator, description["source"]), description)
+
+
+def load_prior(
+    spec: str,
+    *,
+    target_input_size: tuple[int, int, int] = (3, 224, 224),
+    trust_checkpoint: bool = False,
+    truncation: float = 0.5,
+) -> Prior:
+    """`--prior`: FILE (a mishield prior, a StyleGAN2-ADA .pkl, a TorchScript or pickled module),
+    `package.module:factory`, or `none` (pixels at the target's input size)."""
+    if spec.strip().lower() == "none":
+        return PixelPrior(target_input_size)
+    path = Path(spec)
+    if path.exists():
+        description = {"source": str(path)}
+        if path.is_dir():
+            raise BadInputError(f"--prior {spec} is a directory; pass a generator file, package.module:factory or none.")
+        if path.suffix == ".safetensors":
+            generator, meta = load_generator_file(path)
+            return GeneratorPrior(generator, generator.latent_dim, {**description, "format": meta["format"], "config": meta["config"], "training": meta.get("training", {})})
+        if path.suffix == ".pkl":
+            return _wrap(_load_stylegan_pickle(path, trust_checkpoint), truncation, {**description, "format": "stylegan2-ada-pickle"})
+        try:
+            return _wrap(torch.jit.load(str(path), map_location="cpu"), truncation, {**description, "format": "torchscript"})
+        except RuntimeError:
+            pass
+        if not trust_checkpoint:
+            raise UsageError(f"{path} is not a mishield prior or TorchScript file; loading it as a pickled module runs its code, pass --trust-checkpoint if you trust it.")
+        try:
+            module = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise BadInputError(f"{path} could not be loaded as a generator ({type(err).__name__}: {err}).") from None
+        if not isinstance(module, nn.Module):
+            raise BadInputError(f"{path} holds a {type(module).__name__}, not a generator module.")
+        return _wrap(module, truncation, {**description, "format": "pickled-module"})
+    if ":" in spec and not spec.startswith(("/", ".")) and "/" not in spec.split(":")[0]:
+        return _wrap(_load_factory(spec), truncation, {"source": spec, "format": "factory"})
+    raise BadInputError(f"--prior {spec} is neither an existing file, a package.module:factory, nor `none`.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training mishield's own prior on public data
+
+
+@dataclass(frozen=True)
+class PriorTrainingConfig:
+    resolution: int = 64
+    channels: int | None = None  # None: 1 if every sampled image is greyscale, else 3
+    latent_dim: int = 128
+    width: int = 64
+    epochs: int = 25
+    batch_size: int = 64
+    lr: float = 2e-4
+    seed: int = 0
+
+
+def _infer_channels(items: list, probe: int = 64) -> int:
+    from PIL import Image
+
+    step = max(1, len(items) // probe)
+    for path, _ in items[::step]:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "LA", "I", "I;16", "1"):
+                return 3
+    return 1
+
+
+def _checkpoint_path(out: Path) -> Path:
+    return out.with_name(out.name + ".ckpt")
+
+
+def _recalibrate_bn(generator: DCGANGenerator, device: torch.device, rng: torch.Generator, batches: int = 32, batch: int = 256) -> None:
+    """Replace BatchNorm running statistics by exact averages over fresh latents.
+
+    The attack runs the generator in eval mode (so every image depends on its own latent only);
+    the exponential running averages from GAN training lag the generator and wash its images out.
+    """
+    bns = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    generator.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            generator(torch.randn(batch, generator.latent_dim, generator=rng).to(device))
+    for m in bns:
+        m.momentum = 0.1
+    generator.eval()
+
+
+def train_prior(
+    data_dir: str | Path,
+    out: str | Path,
+    config: PriorTrainingConfig = PriorTrainingConfig(),
+    *,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> Path:
+    """Train a DCGAN on the public images in `data_dir` (an ImageFolder; labels are ignored).
+
+    A checkpoint beside `out` (`<out>.ckpt`) is written after every epoch, so an interrupted run
+    continues with `resume=True`; it is removed once `out` is written.
+    """
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+
+    from mishield.data import ImageDataset, load_image_folders
+    from mishield.fileio import check_writable
+
+    out = Path(out)
+    check_writable(out, overwrite)
+    _check_resolution(config.resolution)
+    ckpt_path = _checkpoint_path(out)
+    if ckpt_path.exists() and not resume:
+        raise UsageError(f"{ckpt_path} holds an interrupted run; pass --resume to continue it or delete the file to start over.")
+    if resume and not ckpt_path.exists():
+        raise UsageError(f"--resume found no checkpoint at {ckpt_path}; run without --resume to start training.")
+
+    splits = load_image_folders(data_dir)
+    items = splits.train + splits.val
+    channels = config.channels or _infer_channels(items)
+    config = PriorTrainingConfig(**{**config.__dict__, "channels": channels})
+    device = torch.device(device)
+
+    torch.manual_seed(config.seed)
+    generator = DCGANGenerator(config.latent_dim, config.resolution, channels, config.width).to(device)
+    discriminator = DCGANDiscriminator(config.resolution, channels, config.width).to(device)
+    for m in list(generator.modules()) + list(discriminator.modules()):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(0.5, 0.999))
+    start_epoch = 0
+    if resume:
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if state.get("config") != config.__dict__:
+            raise UsageError(f"{ckpt_path} was written with other settings ({state.get('config')}); rerun with those or delete it.")
+        generator.load_state_dict(state["generator"])
+        discriminator.load_state_dict(state["discriminator"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        start_epoch = int(state["epoch"])
+
+    transform = T.Compose(
+        [
+            T.Resize(config.resolution),
+            T.CenterCrop(config.resolution),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize([0.5] * channels, [0.5] * channels),
+        ]
+    )
+    dataset = ImageDataset(items, transform, channels=channels)
+    workers = min(8, (torch.get_num_threads() or 1)) if device.type == "cuda" else 0
+    loss_fn = nn.BCEWithLogitsLoss()
+    steps_per_epoch = max(1, len(dataset) // config.batch_size)
+    total = config.epochs * steps_per_epoch
+    for epoch in range(start_epoch, config.epochs):
+        # Reseeded per epoch so a resumed run sees the same batches and noise as an uninterrupted one.
+        epoch_seed = config.seed * 1000003 + epoch
+        rng = torch.Generator().manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed)  # the random flips draw from the global generator
+        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=rng, num_workers=workers)
+        generator.train()
+        discriminator.train()
+        for step, (real, _) in enumerate(loader):
+            real = real.to(device, non_blocking=True)
+            n = real.shape[0]
+            z = torch.randn(n, config.latent_dim, generator=rng).to(device)
+            fake = generator(z)
+            ones = torch.ones(n, device=device)
+            zeros = torch.zeros(n, device=device)
+            opt_d.zero_grad(set_to_none=True)
+            loss_d = loss_fn(discriminator(real), ones) + loss_fn(discriminator(fake.detach()), zeros)
+            loss_d.backward()
+            opt_d.step()
+            opt_g.zero_grad(set_to_none=True)
+            loss_g = loss_fn(discriminator(fake), ones)  # non-saturating generator loss
+            loss_g.backward()
+            opt_g.step()
+            if progress is not None:
+                progress("training prior", epoch * steps_per_epoch + step + 1, total)
+        state = {
+            "config": config.__dict__,
+            "epoch": epoch + 1,
+            "generator": generator.state_dict(),
+            "discriminator": discriminator.state_dict(),
+            "opt_g": opt_g.state_dict(),
+            "opt_d": opt_d.state_dict(),
+        }
+        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(ckpt_path)
+
+    _recalibrate_bn(generator, device, torch.Generator().manual_seed(config.seed + 7))
+    training = {
+        "data": str(Path(data_dir)),
+        "classes": splits.classes,
+        "images": len(dataset),
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "seed": config.seed,
+    }
+    save_generator(out, generator.cpu(), training, overwrite=overwrite)
+    ckpt_path.unlink(missing_ok=True)
+    return out

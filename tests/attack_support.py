@@ -1,0 +1,114 @@
+"""Small networks and generators for the attack tests, importable as `attack_support:NAME` specs.
+
+pytest puts tests/ on sys.path (rootdir conftest, no __init__.py); subprocesses get it through
+PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.downsample(x))
+
+
+def tiny_resnet(num_classes: int = 10, width: int = 16) -> nn.Module:
+    """A CIFAR-style ResNet (4 stages of one block) small enough to train in seconds on a CPU."""
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+        _Block(w, w, 1), _Block(w, 2 * w, 2), _Block(2 * w, 4 * w, 2), _Block(4 * w, 8 * w, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, num_classes),
+    )  # fmt: skip
+
+
+def small_plain_cnn(num_classes: int = 10) -> nn.Module:
+    """The default evaluation architecture at a test-sized width (skip-free, unlike the target)."""
+    from mishield.attack.evalmodel import plain_cnn
+
+    return plain_cnn(num_classes, width=16)
+
+
+class TinyGenerator(nn.Module):
+    """z (8) -> 1x16x16 images through tanh: a generator factory a user might pass."""
+
+    z_dim = 8
+
+    def __init__(self, scale: float = 1.0, flat: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 16 * 16)
+        self.scale, self.flat = scale, flat
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.fc(z)) * self.scale
+        return x if self.flat else x.view(-1, 1, 16, 16)
+
+
+def tiny_generator() -> nn.Module:
+    return TinyGenerator()
+
+
+def generator_0_255() -> nn.Module:
+    """Wrong range: images in [0, 255]."""
+    return TinyGenerator(scale=255.0)
+
+
+def generator_flat() -> nn.Module:
+    """Wrong shape: vectors instead of images."""
+    return TinyGenerator(flat=True)
+
+
+class _Mapping(nn.Module):
+    z_dim = 8
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 6)
+        self.register_buffer("w_avg", torch.full((6,), 0.25))
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return self.fc(z)[:, None, :].expand(-1, 3, -1)  # (N, num_ws, w_dim), as StyleGAN2-ADA
+
+
+class _Synthesis(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3 * 16 * 16)
+        self.calls: list[torch.Size] = []
+
+    def forward(self, ws: torch.Tensor) -> torch.Tensor:
+        self.calls.append(ws.shape)
+        return torch.tanh(self.fc(ws.mean(dim=1))).view(-1, 3, 16, 16)
+
+
+class StyleGANLike(nn.Module):
+    """The StyleGAN2-ADA layout: `mapping` (z, c) -> ws and `synthesis` ws -> images."""
+
+    z_dim, c_dim = 8, 0
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mapping = _Mapping()
+        self.synthesis = _Synthesis()
+
+
+def stylegan_like() -> nn.Module:
+    return StyleGANLike()
