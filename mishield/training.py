@@ -536,6 +536,7 @@ def _train_stage(
 
     train_tf = train_transform(ctx.preprocessing)
     epoch = start
+    task = None
     try:
         with _progress(ctx.progress and rt.is_main) as bar:
             for epoch in range(start, end):
@@ -544,7 +545,9 @@ def _train_stage(
                     ctx.data.train, train_tf, channels, batch_size=recipe.batch_size, runtime=rt,
                     workers=ctx.workers, train=True, seed=recipe.seed, epoch=epoch,
                 )
-                record = _run_epoch(ctx, net, step, loader, stage, epoch, end, optimizer, bar)
+                if bar is not None and task is None:
+                    task = bar.add_task(stage, total=(end - start) * len(loader), status="")
+                record = _run_epoch(ctx, net, step, loader, stage, epoch, end, optimizer, bar, task)
                 scheduler.step()
                 _sync_buffers(model, rt)
                 if ctx.data.val:
@@ -575,16 +578,15 @@ def _train_stage(
     return model
 
 
-def _run_epoch(ctx, net, step: TrainStep, loader, stage: str, epoch: int, end: int, optimizer, bar) -> EpochRecord:
+def _run_epoch(ctx, net, step: TrainStep, loader, stage: str, epoch: int, end: int, optimizer, bar, task) -> EpochRecord:
     rt = ctx.runtime
     net.train()
     dev = rt.device
     sums = {k: torch.zeros((), device=dev) for k in ("loss", "ce", "hsic_x", "hsic_y", "correct")}
     seen = 0
     steps = len(loader)
-    task = None
     if bar is not None:
-        task = bar.add_task(f"{stage} epoch {epoch + 1}/{end}", total=steps, status="")
+        bar.update(task, description=f"{stage} epoch {epoch + 1}/{end}")
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(loader):
         out = step(x, y)
@@ -594,15 +596,17 @@ def _run_epoch(ctx, net, step: TrainStep, loader, stage: str, epoch: int, end: i
         if (i + 1) % ctx.sync_every == 0 or i + 1 == steps:
             # The only host sync of the loop: check the running loss and show it.
             running = sums["loss"].item() / seen
+            running_ce = sums["ce"].item() / seen
             if not math.isfinite(running):
                 raise TrainingDiverged(
                     f"the training loss became {running} in {stage} epoch {epoch + 1} (by step {i + 1}); "
                     "the last good state is kept — lower --lr and rerun (--resume continues from it)."
                 )
             if bar is not None:
-                bar.update(task, completed=i + 1, status=f"loss {running:.4f}")
+                status = f"loss {running:.4f}" + (f" (ce {running_ce:.4f})" if step.bido is not None else "")
+                bar.update(task, advance=1, status=status)
         elif bar is not None:
-            bar.update(task, completed=i + 1)
+            bar.update(task, advance=1)
     if seen == 0:
         raise BadInputError("the training set has no images to train on; check --data.")
     totals = torch.stack([sums[k] for k in ("loss", "ce", "hsic_x", "hsic_y", "correct")]).double()
@@ -947,17 +951,21 @@ def reset_head(model: nn.Module, num_classes: int) -> nn.Module:
     if callable(reset):  # timm
         reset(num_classes)
         return model
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = name
-    if last is None:
+    from mishield.loading import find_classifier
+
+    found = find_classifier(model)
+    old = found[1] if found else None
+    if isinstance(old, nn.Linear):
+        new: nn.Module = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    elif isinstance(old, nn.Conv2d):  # squeezenet-style 1x1 conv heads
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding,
+                        bias=old.bias is not None)
+    else:
         raise BadInputError(
-            f"cannot find the classifier layer (a final nn.Linear) of {type(model).__name__} to reset; "
+            f"cannot find the classifier layer of {type(model).__name__} to reset; "
             "prepare a model with the right number of classes yourself."
         )
-    old = model.get_submodule(last)
-    parent_name, _, leaf = last.rpartition(".")
+    parent_name, _, leaf = found[0].rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+    setattr(parent, leaf, new)
     return model

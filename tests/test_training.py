@@ -289,3 +289,108 @@ def test_ddp_with_two_cpu_processes(fmnist_dir, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["event"] for r in log].count("epoch") == 2 and log[0]["world"] == 2
     assert load_state(tmp_path / "state")["epoch"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def _cli(argv, capsys):
+    from mishield.cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def small_dir(fmnist_dir, tmp_path_factory) -> Path:
+    """3 classes x (16 train + 4 val) as its own ImageFolder, for CLI runs."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("small")
+    for split, n in (("train", 16), ("val", 4)):
+        for cls in ("0_tshirt_top", "1_trouser", "7_sneaker"):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((fmnist_dir / split / cls).iterdir())[:n]:
+                shutil.copy(f, root / split / cls / f.name)
+    return root
+
+
+def test_cli_harden_trains_and_records_recipe_and_accuracies(small_dir, tmp_path, capsys):
+    out = tmp_path / "hard.pt"
+    code, stdout, err = _cli(["harden", ARCH, "--num-classes", 3, "--input-size", 48, "--out", out,
+                              "--data", small_dir, "--epochs", 1, "--stage1-epochs", 1, "--batch-size", 16,
+                              "--bido", "--device", "cpu", "--workers", 0, "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["schedule"] == "tts"  # an untrained architecture spec gets the paper's TTS
+    assert doc["recipe"]["lr"] == 1e-3 and doc["recipe"]["bido"]["lx"] == 0.05
+    assert [e["stage"] for e in doc["epochs"]] == ["stage1", "stage2"]
+    assert set(doc["metrics"]) == {"natural_acc_before", "natural_acc_after_surgery", "natural_acc_after"}
+    back = load_model(out)
+    assert back.recipe["metrics"] == doc["metrics"]
+    assert back.recipe["training"]["classes"] == ["0_tshirt_top", "1_trouser", "7_sneaker"]
+    assert back.recipe["training"]["bido"]["ly"] == 0.5
+    assert not (tmp_path / "hard.pt.train-state").exists()  # superseded by the finished model
+    log = [json.loads(line) for line in (tmp_path / "hard.pt.train.jsonl").read_text().splitlines()]
+    assert log[0]["event"] == "start" and log[-1]["event"] == "end"
+
+    # a trained checkpoint is fine-tuned (not TTS) at the lower default lr; table on stderr
+    out2 = tmp_path / "again.pt"
+    code, stdout, err = _cli(["harden", out, "--out", out2, "--data", small_dir, "--epochs", 1,
+                              "--batch-size", 16, "--device", "cpu", "--workers", 0, "--method", "ssf"], capsys)
+    assert code == 0, err
+    assert stdout == ""
+    assert "finetune" in err and "natural accuracy" in err and "after fine-tuning" in err
+    again = load_model(out2)
+    assert again.recipe["training"]["lr"] == 1e-4 and again.recipe["training"]["schedule"] == "finetune"
+    assert len(again.recipe["surgery"]) == 2  # rolss then ssf, both replayed on load
+
+
+def test_cli_bad_data_is_one_sentence_and_exit_3(small_dir, tmp_path, capsys):
+    base = ["harden", ARCH, "--input-size", 48, "--out", tmp_path / "x.pt", "--device", "cpu", "--workers", 0]
+    code, _, err = _cli(base + ["--num-classes", 5, "--data", small_dir], capsys)
+    assert code == 3 and "3 class folders but the model has 5 outputs" in err and "--reset-head" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = _cli(base + ["--num-classes", 3, "--data", tmp_path / "nope"], capsys)
+    assert code == 3 and "does not exist" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _cli(base + ["--num-classes", 3, "--data", empty], capsys)
+    assert code == 3 and "no class sub-folders" in err
+    code, _, err = _cli(base + ["--num-classes", 3, "--epochs", 2], capsys)
+    assert code == 2 and "--data" in err
+
+
+def test_cli_corrupt_image_is_named(small_dir, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(small_dir, data)
+    (data / "train" / "1_trouser" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    code, _, err = _cli(["harden", ARCH, "--num-classes", 3, "--input-size", 48, "--out", tmp_path / "x.pt",
+                         "--data", data, "--device", "cpu"], capsys)
+    assert code == 3 and "broken.png" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_reset_head_and_resume_guard(small_dir, tmp_path, capsys):
+    out = tmp_path / "h.pt"
+    code, stdout, err = _cli(["harden", ARCH, "--num-classes", 10, "--input-size", 48, "--out", out,
+                              "--data", small_dir / "train", "--val-fraction", 0.25, "--reset-head",
+                              "--schedule", "finetune", "--epochs", 1, "--batch-size", 16,
+                              "--device", "cpu", "--workers", 0, "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["val_images"] == 12 and doc["train_images"] == 36
+    assert load_model(out).num_classes == 3
+    # a leftover state from an interrupted run is never silently discarded
+    state = tmp_path / "h2.pt.train-state"
+    state.write_bytes(b"x")
+    code, _, err = _cli(["harden", ARCH, "--num-classes", 3, "--input-size", 48, "--out", tmp_path / "h2.pt",
+                         "--data", small_dir, "--device", "cpu"], capsys)
+    assert code == 2 and "--resume" in err and "--overwrite" in err
