@@ -394,3 +394,29 @@ def test_cli_reset_head_and_resume_guard(small_dir, tmp_path, capsys):
     code, _, err = _cli(["harden", ARCH, "--num-classes", 3, "--input-size", 48, "--out", tmp_path / "h2.pt",
                          "--data", small_dir, "--device", "cpu"], capsys)
     assert code == 2 and "--resume" in err and "--overwrite" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (run with -m gpu on a machine with a GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
+def test_cuda_tts_with_bido_bf16_channels_last(small, tmp_path, compile_model):
+    torch.manual_seed(0)
+    loaded = load_model("torchvision:resnet18", num_classes=CLASSES, input_size=64)
+    pre = loaded.preprocessing
+    plan = plan_surgery(loaded.model, "rolss", input_size=pre.input_size)
+    before = _ce_on(loaded.model, small.train, pre)
+    recipe = TrainingRecipe("tts", epochs=3, stage1_epochs=1, batch_size=32, lr=1e-3, bido=BiDOConfig())
+    result = run_schedule(loaded.model, plan, small, pre, recipe, device="cuda", workers=2,
+                          compile=compile_model, state_path=tmp_path / "state", log_path=tmp_path / "log.jsonl")
+    assert all(torch.isfinite(torch.tensor([h["train_loss"], h["hsic_x"], h["hsic_y"]])).all() for h in result.history)
+    assert all(p.device.type == "cpu" for p in result.model.parameters())
+    assert _ce_on(result.model, small.train, pre) < before
+    assert result.metrics["natural_acc_after"] > 0.5
+    out = tmp_path / "m.pt"
+    save_model(out, result.model, arch=loaded.arch, num_classes=CLASSES, surgery=result.surgery.spec,
+               preprocessing=pre, extra={"metrics": result.metrics})
+    assert load_model(out).recipe["metrics"] == result.metrics
