@@ -169,6 +169,10 @@ def main() -> None:
         "warmup_seconds": compile_s,
         "goal": {"mishield_vs_bare_at_least": 0.9, "bido_overhead_at_most": 0.25},
     }
+    from mishield.bido import _MM_TO_FLOAT32
+
+    result["bido_gram"] = ("bf16 operands, float32 output (tensor cores)"
+                           if cuda and rt.amp_dtype is not None and _MM_TO_FLOAT32.get("cuda", True) else "float32")
     if cuda:
         result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 2)
     print(json.dumps(result, indent=2))

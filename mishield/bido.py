@@ -60,23 +60,68 @@ class BiDOConfig:
 
 
 def _flat(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1).float()
+    """(m, dim) view of a batch, in memory order where possible.
+
+    A Gram matrix does not depend on the order of the feature dimensions, so a channels_last
+    activation is flattened as N, H, W, C (a view) instead of being copied into N, C, H, W order.
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], -1)
+
+
+_MM_TO_FLOAT32: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=float32) works
+
+
+class _Gram(torch.autograd.Function):
+    """G = X X^T, at least in float32, for an (m, dim) X of any floating dtype.
+
+    Under bf16 autocast the features are bf16, and their exact products summed in float32 are
+    what a float32 Gram matrix of the same values would be; on CUDA the tensor cores do that
+    directly (`mm` with a float32 output), about ten times faster than a float32 matmul over
+    features with up to a million dimensions, and with no float32 copy of the activations.
+    The gradient (dG + dG^T) X comes back in X's own dtype, as any bf16 matmul's would.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        if x.dtype in (torch.bfloat16, torch.float16) and _MM_TO_FLOAT32.get(x.device.type, x.is_cuda):
+            try:
+                return torch.mm(x, x.T, out_dtype=torch.float32)
+            except (RuntimeError, NotImplementedError, TypeError):
+                _MM_TO_FLOAT32[x.device.type] = False
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        return xf @ xf.T
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        sym = grad + grad.T
+        return sym.to(x.dtype) @ x
+
+
+def gram(x: Tensor) -> Tensor:
+    """Float32 Gram matrix of the rows of `x` (any shape, batch first; see `_Gram`)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _Gram.apply(_flat(x))
 
 
 def gaussian_kernel(x: Tensor, sigma: float = SIGMA) -> Tensor:
     """`exp(-||a - b||^2 / (2 sigma^2 dim))` between the rows of `x` (any shape, batch first)."""
     with torch.autocast(x.device.type, enabled=False):
-        x = _flat(x)
-        sq = x.pow(2).sum(dim=1)
-        # ||a||^2 + ||b||^2 - 2 a.b: one matmul instead of an (m, m, dim) difference tensor;
-        # clamping removes the small negatives that cancellation leaves on the diagonal.
-        dist = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)
-        return torch.exp(-dist / (2.0 * sigma * sigma * x.shape[1]))
+        g = gram(x)
+        sq = g.diagonal()
+        dim = x[0].numel()
+        # ||a||^2 + ||b||^2 - 2 a.b from one Gram matrix instead of an (m, m, dim) difference
+        # tensor; clamping removes the small negatives that cancellation leaves on the diagonal.
+        dist = (sq[:, None] + sq[None, :] - 2.0 * g).clamp_min(0.0)
+        return torch.exp(-dist / (2.0 * sigma * sigma * dim))
 
 
 def linear_kernel(x: Tensor) -> Tensor:
     with torch.autocast(x.device.type, enabled=False):
-        x = _flat(x)
+        x = _flat(x).float()
         return x @ x.T
 
 
@@ -87,40 +132,47 @@ def label_kernel(labels: Tensor, num_classes: int) -> Tensor:
 
 def _right_centre(k: Tensor) -> Tensor:
     # K H = K - (K 1) 1^T / m: subtract each row's mean, without building H.
-    return k - k.mean(dim=1, keepdim=True)
+    return k - k.mean(dim=-1, keepdim=True)
 
 
 def hsic_biased(k_x: Tensor, k_y: Tensor) -> Tensor:
-    """tr(K H L H) / (m - 1)^2 (Gretton et al., 2005)."""
+    """tr(K H L H) / (m - 1)^2 (Gretton et al., 2005). Batched over leading dimensions."""
     with torch.autocast(k_x.device.type, enabled=False):
         k_x, k_y = k_x.float(), k_y.float()
-        m = k_x.shape[0]
+        m = k_x.shape[-1]
         kc = _right_centre(k_x)  # K H
         lc = _right_centre(k_y)  # L H
         # tr(KH LH) = sum_ij (KH)_ij (LH)_ji
-        return (kc * lc.T).sum() / float((m - 1) ** 2)
+        return (kc * lc.transpose(-1, -2)).sum((-2, -1)) / float((m - 1) ** 2)
 
 
 def _normalised_operator(k: Tensor, eps: float) -> Tensor:
-    m = k.shape[0]
+    """R = K H (K H + eps m I)^-1 for one (m, m) kernel or a batch of them, in float64.
+
+    float64 because with sigma = 5 the centred Gaussian kernel has many eigenvalues near the
+    eps * m ridge: the solve's condition number is ~ 1 / eps, and in float32 the count of shared
+    directions came out several percent wrong (and not permutation-invariant). The matrices are
+    only (m, m) and are solved as one batch, so this costs little even on GPUs with slow float64.
+    """
+    k = k.double()
+    m = k.shape[-1]
     kc = _right_centre(k)
     reg = kc + (eps * m) * torch.eye(m, device=k.device, dtype=k.dtype)
-    # R = K~ (K~ + eps m I)^-1, i.e. solve R A = K~. solve_ex skips the error check that would
-    # force a GPU->CPU sync every step; A is well conditioned because of the ridge term.
+    # solve R A = K~ for R; solve_ex skips the error check that would force a GPU->CPU sync
+    # every step (A is well conditioned thanks to the ridge).
     r, _ = torch.linalg.solve_ex(reg, kc, left=False)
     return r
+
+
+def _pair_trace(r_a: Tensor, r_b: Tensor) -> Tensor:
+    # sum(R_A * R_B^T) = tr(R_A R_B), batched over leading dimensions
+    return (r_a * r_b.transpose(-1, -2)).sum((-2, -1))
 
 
 def hsic_normalized(k_x: Tensor, k_y: Tensor, eps: float = NHSIC_EPS) -> Tensor:
     """BiDO's normalised HSIC: sum(R_X * R_Y^T) with R = K H (K H + eps m I)^-1."""
     with torch.autocast(k_x.device.type, enabled=False):
-        # float64 here: with sigma = 5 the centred Gaussian kernel has many eigenvalues near the
-        # eps * m ridge, so the solve has a condition number ~ 1 / eps and float32 gets the
-        # count of shared directions wrong by several percent (and not permutation-invariant).
-        # The matrices are only (m, m), so this costs microseconds even on consumer GPUs.
-        r_x = _normalised_operator(k_x.double(), eps)
-        r_y = _normalised_operator(k_y.double(), eps)
-        return (r_x * r_y.T).sum().float()
+        return _pair_trace(_normalised_operator(k_x, eps), _normalised_operator(k_y, eps)).float()
 
 
 def hsic(k_x: Tensor, k_y: Tensor, estimator: str = "nhsic") -> Tensor:
@@ -143,15 +195,27 @@ def bido_terms(
     sigma: float = SIGMA,
     estimator: str = "nhsic",
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """(HSIC(X, Z_j) for each j, HSIC(Y, Z_j) for each j)."""
-    k_x = gaussian_kernel(inputs.detach(), sigma)
-    k_y = label_kernel(labels, num_classes)
-    hx, hy = [], []
-    for z in features:
-        k_z = gaussian_kernel(z, sigma)
-        hx.append(hsic(k_x, k_z, estimator))
-        hy.append(hsic(k_y, k_z, estimator))
-    return hx, hy
+    """(HSIC(X, Z_j) for each j, HSIC(Y, Z_j) for each j).
+
+    Equal to calling `hsic` per pair, but each kernel and each normalised operator is computed
+    once per step (X's and Y's are shared by every feature) and the small solves run as one batch.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown HSIC estimator {estimator!r}; choose one of {ESTIMATORS}")
+    if not features:
+        return [], []
+    with torch.autocast(inputs.device.type, enabled=False):
+        k_x = gaussian_kernel(inputs.detach(), sigma)
+        k_y = label_kernel(labels, num_classes)
+        k_z = torch.stack([gaussian_kernel(z, sigma) for z in features])
+        if estimator == "nhsic":
+            with torch.no_grad():
+                r_x, r_y = _normalised_operator(torch.stack([k_x, k_y]), NHSIC_EPS).unbind()
+            r_z = _normalised_operator(k_z, NHSIC_EPS)
+            hx, hy = _pair_trace(r_x, r_z).float(), _pair_trace(r_y, r_z).float()
+        else:
+            hx, hy = hsic_biased(k_x, k_z), hsic_biased(k_y, k_z)
+    return list(hx.unbind()), list(hy.unbind())
 
 
 def bido_loss(

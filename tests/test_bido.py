@@ -249,3 +249,46 @@ def test_kernels_stay_on_the_gpu():
     assert loss.device.type == "cuda"
     loss.backward()
     assert z.grad.device.type == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_gram_on_cuda_sums_exact_products_in_float32():
+    from mishield.bido import gram
+
+    zb = torch.randn(32, 200_000, device="cuda").bfloat16().requires_grad_()
+    g = gram(zb)
+    exact = zb.detach().double() @ zb.detach().double().T
+    assert g.dtype == torch.float32
+    assert torch.allclose(g.double(), exact, rtol=1e-5, atol=1e-2)
+    w = torch.randn(32, 32, device="cuda")
+    (g * w).sum().backward()
+    want = (w + w.T).double() @ zb.detach().double()
+    assert zb.grad.dtype == torch.bfloat16
+    assert torch.allclose(zb.grad.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("estimator", ["nhsic", "biased"])
+def test_batched_terms_equal_pairwise_hsic(estimator):
+    g = torch.Generator().manual_seed(4)
+    inputs = torch.randn(20, 3, 6, 6, generator=g)
+    labels = torch.arange(20) % 4
+    feats = [torch.randn(20, 8, 3, 3, generator=g), inputs[:, :2] * 2 + 0.1 * torch.randn(20, 2, 6, 6, generator=g)]
+    hx, hy = bido_terms(feats, inputs, labels, 4, estimator=estimator)
+    for z, a, b in zip(feats, hx, hy):
+        kz = gaussian_kernel(z)
+        assert a.item() == pytest.approx(hsic(gaussian_kernel(inputs), kz, estimator).item(), rel=1e-4)
+        assert b.item() == pytest.approx(hsic(label_kernel(labels, 4), kz, estimator).item(), rel=1e-4)
+
+
+def test_gram_gradient_and_channels_last_flattening():
+    z = torch.randn(6, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: gaussian_kernel(t), (z,))
+    cl = z.detach().float().contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(gaussian_kernel(cl), gaussian_kernel(z.detach().float()), atol=1e-6)
+    # bf16 features: products are exact, sums in float32 (no bf16 rounding of the Gram matrix)
+    zb = torch.randn(6, 300).bfloat16()
+    from mishield.bido import gram
+
+    assert gram(zb).dtype == torch.float32
+    assert torch.allclose(gram(zb).double(), zb.double() @ zb.double().T, rtol=1e-5, atol=1e-4)
