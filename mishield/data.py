@@ -8,6 +8,7 @@ training set's class list, never by its own.
 from __future__ import annotations
 
 import importlib.resources
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -143,6 +144,19 @@ def _check_image(path: Path) -> None:
         ) from None
 
 
+def _check_images(files: list[Path]) -> None:
+    if len(files) < 256:
+        for f in files:
+            _check_image(f)
+        return
+    # Header checks are file-system bound; threads overlap the reads (ImageNet-sized folders).
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
+        for _ in pool.map(_check_image, files):
+            pass
+
+
 def _scan(root: Path, role: str, classes: list[str] | None, verify: bool) -> tuple[list[Item], list[str]]:
     if not root.exists():
         raise BadInputError(f"{role} folder {root} does not exist; pass an ImageFolder directory (one sub-folder per class).")
@@ -173,8 +187,7 @@ def _scan(root: Path, role: str, classes: list[str] | None, verify: bool) -> tup
                 "add images or remove the folder."
             )
         if verify:
-            for f in files:
-                _check_image(f)
+            _check_images(files)
         items.extend((f, index[folder.name]) for f in files)
     return items, classes
 

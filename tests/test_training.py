@@ -420,3 +420,22 @@ def test_cuda_tts_with_bido_bf16_channels_last(small, tmp_path, compile_model):
     save_model(out, result.model, arch=loaded.arch, num_classes=CLASSES, surgery=result.surgery.spec,
                preprocessing=pre, extra={"metrics": result.metrics})
     assert load_model(out).recipe["metrics"] == result.metrics
+
+
+def test_resume_with_a_lower_lr_continues_at_that_lr(fmnist_dir, tmp_path):
+    data = _subset(fmnist_dir, 8, 2)
+    state = tmp_path / "state"
+
+    def run(lr, **kw):
+        torch.manual_seed(0)
+        loaded = _model()
+        plan = plan_surgery(loaded.model, "rolss", input_size=loaded.preprocessing.input_size)
+        return run_schedule(loaded.model, plan, data, loaded.preprocessing,
+                            TrainingRecipe("finetune", epochs=3, batch_size=8, lr=lr),
+                            device="cpu", workers=0, state_path=state, **kw)
+
+    with pytest.raises(TrainingInterrupted):
+        run(1e-3, stop_after=1)
+    resumed = run(2e-4, resume=True)
+    # the new rate takes over where the old one was, and the schedule still decays at 75 % (epoch 3)
+    assert [h["lr"] for h in resumed.history] == pytest.approx([1e-3, 2e-4, 2e-5])
