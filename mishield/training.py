@@ -562,11 +562,14 @@ def _train_stage(
                 if stop_after is not None and epoch + 1 >= stop_after:
                     raise KeyboardInterrupt  # tests: an interruption right after an epoch's checkpoint
     except KeyboardInterrupt:
-        where = f"{ctx.state_path}" if ctx.state_path else "nowhere (no state file was asked for)"
-        raise TrainingInterrupted(
-            f"training interrupted in {stage} epoch {epoch + 1}; the state after the last completed epoch is "
-            f"saved in {where} — rerun the same command with --resume to continue."
-        ) from None
+        if ctx.state_path is not None and Path(ctx.state_path).exists():
+            advice = (f"the state after the last completed epoch is in {ctx.state_path} — rerun the same "
+                      "command with --resume to continue")
+        elif ctx.state_path is not None:
+            advice = "no epoch had finished, so nothing was saved — rerun the same command to start again"
+        else:
+            advice = "no state file was asked for, so the run cannot be resumed"
+        raise TrainingInterrupted(f"training interrupted in {stage} epoch {epoch + 1}; {advice}.") from None
     except Exception as err:
         cleaned = _clean_worker_error(err)
         if cleaned is not None and cleaned is not err:
