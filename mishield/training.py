@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mishield.bido import BiDOConfig, FeatureTap, TapPoint, bido_terms, declared_feature_modules, find_feature_modules
+from mishield.bido import BiDOConfig, FeatureTap, bido_terms, declared_feature_modules, find_feature_modules
 from mishield.data import DataSplits, ImageDataset, Item, eval_transform, train_transform
 from mishield.errors import BadInputError, MishieldError, UsageError
 from mishield.fileio import atomic_output
