@@ -242,6 +242,8 @@ def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> SkipAnalysis:
     graph = trace(model, training=False)
     gm = fx.GraphModule(model, graph)
     probe = torch.zeros(1, *input_size)
+    was_training = model.training
+    model.eval()  # leaf modules read their own mode: in train() the probe would update BN statistics
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(probe)
@@ -251,6 +253,8 @@ def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> SkipAnalysis:
             f"the model does not run on a {input_size[0]}x{input_size[1]}x{input_size[2]} input ({first[:200]}); "
             "pass the right --input-size."
         ) from err
+    finally:
+        model.train(was_training)
     for n in graph.nodes:
         n.meta["mishield_is_tensor"] = "tensor_meta" in n.meta
     sites = _find_sites(model, graph)

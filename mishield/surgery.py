@@ -250,6 +250,12 @@ class SkipRewiredModel(fx.GraphModule):
         _restore_buffer_persistence(root, self)
         self._mishield_graphs = {True: train_graph, False: eval_graph}
         self._mishield_name = class_name
+        # Generate both forwards once; train()/eval() then swap them without regenerating code,
+        # so torch.compile sees two stable functions instead of a new one at every switch.
+        self._mishield_forwards = {}
+        for mode in (False, True):
+            self.graph = self._mishield_graphs[mode]  # the setter generates forward()
+            self._mishield_forwards[mode] = (type(self).forward, self._code)
 
     def graph_copy(self, training: bool) -> fx.Graph:
         """A copy of the train- or eval-mode graph (node metadata, hence site names, included)."""
@@ -259,9 +265,8 @@ class SkipRewiredModel(fx.GraphModule):
         return new
 
     def train(self, mode: bool = True):
-        graph = self._mishield_graphs[mode]
-        if self.graph is not graph:
-            self.graph = graph  # the setter recompiles forward()
+        self._graph = self._mishield_graphs[mode]
+        type(self).forward, self._code = self._mishield_forwards[mode]
         return super().train(mode)
 
     def _deepcopy_init(self):

@@ -283,3 +283,23 @@ def test_every_spelling_of_a_skip_is_found_and_removed(spelling):
     with torch.no_grad():
         assert torch.equal(ssf(x), model(x))
         assert not torch.allclose(apply_plan(model, plan).model.eval()(x), model(x))
+
+
+def test_planning_a_train_mode_model_changes_nothing():
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=3).train()  # 32 px: the last stage is 1x1
+    before = copy.deepcopy(model.state_dict())
+    plan = plan_surgery(model, "rolss", input_size=(3, 32, 32))
+    assert plan.analysis.stages[-1].resolution == "1x1" and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no BN update
+
+
+def test_switching_modes_reuses_generated_forwards(toy):
+    rewired = apply_plan(toy, plan_surgery(toy, "rolss", input_size=(3, 16, 16))).model
+    rewired.train()
+    train_forward = type(rewired).forward
+    rewired.eval()
+    eval_forward = type(rewired).forward
+    rewired.train()
+    assert type(rewired).forward is train_forward and train_forward is not eval_forward
