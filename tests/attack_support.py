@@ -7,7 +7,7 @@ PYTHONPATH.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 class _Block(nn.Module):

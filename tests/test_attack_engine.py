@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
-from mishield.attack.augment import candidate_keys, crop_thetas, identity_thetas, uniforms, warp
 from mishield.attack.audit import parse_classes
+from mishield.attack.augment import (
+    candidate_keys,
+    crop_thetas,
+    identity_thetas,
+    uniforms,
+    warp,
+)
 from mishield.attack.inputs import ModelInput
-from mishield.attack.ppa import PPAAttack, chunks, make_config, out_of_memory_hint, select_top
+from mishield.attack.ppa import (
+    PPAAttack,
+    chunks,
+    make_config,
+    out_of_memory_hint,
+    select_top,
+)
 from mishield.attack.priors import DCGANGenerator, GeneratorPrior, Prior
 from mishield.errors import BadInputError, UsageError
 from mishield.preprocessing import Preprocessing

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from mishield.attack.metrics import deltas, knn_distances, summarize, topk_hits, wilson_interval
+from mishield.attack.metrics import (
+    deltas,
+    knn_distances,
+    summarize,
+    topk_hits,
+    wilson_interval,
+)
 
 
 def test_topk_hits():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -36,7 +37,7 @@ def test_shrinks_as_the_target_logit_dominates_and_stays_finite():
         logits = base.clone()
         logits[0, 2] += boost
         losses.append(float(poincare_loss(logits, torch.tensor([2]))))
-    assert all(a > b for a, b in zip(losses, losses[1:]))
+    assert all(a > b for a, b in itertools.pairwise(losses))
     one_hot = torch.tensor([[0.0, 0.0, 5.0, 0.0]])  # ||u||_2 = 1: the clamp keeps it finite
     assert torch.isfinite(poincare_loss(one_hot, torch.tensor([2]))).all()
 

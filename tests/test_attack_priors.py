@@ -7,11 +7,18 @@ import pickle
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from mishield.attack.priors import (
-    DCGANGenerator, GeneratorPrior, PixelPrior, PriorTrainingConfig, StyleGANPrior, load_generator_file, load_prior,
-    save_generator, train_prior,
+    DCGANGenerator,
+    GeneratorPrior,
+    PixelPrior,
+    PriorTrainingConfig,
+    StyleGANPrior,
+    load_generator_file,
+    load_prior,
+    save_generator,
+    train_prior,
 )  # fmt: skip
 from mishield.errors import BadInputError, UsageError
 

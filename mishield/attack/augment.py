@@ -36,9 +36,13 @@ def candidate_keys(seed: int, classes: torch.Tensor, indices: torch.Tensor) -> t
     return mix32(mix32(classes.long() ^ base) ^ (indices.long() * 0x2545F49 & _M32))
 
 
-def uniforms(keys: torch.Tensor, counter: int, count: int) -> torch.Tensor:
-    """`count` uniforms in [0, 1) per key for one counter value (step or augmentation index): (N, count)."""
-    salt = mix32(int(counter) * 0x632BE5AB & _M32)
+def uniforms(keys: torch.Tensor, counter: int | torch.Tensor, count: int) -> torch.Tensor:
+    """`count` uniforms in [0, 1) per key for one counter value (step or augmentation index): (N, count).
+
+    The counter may be a 0-d device tensor: a compiled step then sees one graph for every step
+    instead of specialising on each Python int.
+    """
+    salt = mix32(counter * 0x632BE5AB & _M32)
     lanes = torch.arange(count, device=keys.device, dtype=torch.long)
     h = mix32(mix32(keys[:, None] ^ salt) ^ (lanes[None, :] * 0x27D4EB2F & _M32))
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))

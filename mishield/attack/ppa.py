@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterator
 
 import torch
-import torch.nn as nn
+from torch import nn
 
-from mishield.attack.augment import candidate_keys, crop_thetas, identity_thetas, uniforms
+from mishield.attack.augment import (
+    candidate_keys,
+    crop_thetas,
+    identity_thetas,
+    uniforms,
+)
 from mishield.attack.inputs import ModelInput
 from mishield.attack.poincare import poincare_loss
 from mishield.attack.priors import Prior
@@ -52,7 +57,7 @@ class AttackConfig:
     final_ratio: tuple[float, float] = (0.8, 1.2)
     final_flip: float = 0.5
 
-    def validate(self) -> "AttackConfig":
+    def validate(self) -> AttackConfig:
         for name in ("samples", "candidates", "iterations", "keep", "final_augmentations", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
@@ -100,12 +105,12 @@ class InversionResult:
     seconds: float
     timings: dict = field(default_factory=dict)
 
-    def subset(self, classes: list[int]) -> "InversionResult":
+    def subset(self, classes: list[int]) -> InversionResult:
         rows = [self.classes.index(c) for c in classes]
         return replace(self, classes=list(classes), images=self.images[rows], final_scores=self.final_scores[rows], initial_scores=self.initial_scores[rows])
 
     @staticmethod
-    def merge(parts: list["InversionResult"], classes: list[int]) -> "InversionResult":
+    def merge(parts: list[InversionResult], classes: list[int]) -> InversionResult:
         """Reassemble the per-rank shards of a distributed run in the order of `classes`."""
         where = {c: (p, i) for p in parts for i, c in enumerate(p.classes)}
         rows = [where[c] for c in classes]
@@ -148,7 +153,7 @@ class InversionStep:
         self.model_input = ModelInput(preprocessing, runtime.device)
         self.forward = torch.compile(self._loss) if config.compile else self._loss
 
-    def _loss(self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, step: int) -> torch.Tensor:
+    def _loss(self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         with autocast(self.runtime):
             images = self.prior.generate(latents)
             theta = crop_thetas(uniforms(keys, step, 5), self.config.step_scale, self.config.step_ratio)
@@ -172,9 +177,10 @@ class InversionStep:
         """Adam on a copy of `latents` for `iterations` steps; `on_step(step)` only counts on the host."""
         latents = latents.detach().clone().requires_grad_(True)
         optimizer = self.make_optimizer(latents)
+        counters = torch.arange(iterations, device=latents.device)  # one upload, not one per step
         for step in range(iterations):
             optimizer.zero_grad(set_to_none=True)
-            self.forward(latents, labels, keys, step).backward()
+            self.forward(latents, labels, keys, counters[step]).backward()
             optimizer.step()
             if on_step is not None:
                 on_step(step)

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import json
 import math
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
 
 from mishield.errors import BadInputError, UsageError
 
@@ -58,7 +58,7 @@ class DCGANGenerator(nn.Module):
             nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True),
         ]
-        for cin, cout in zip(widths[:-1], widths[1:]):
+        for cin, cout in itertools.pairwise(widths):
             layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
         layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -80,7 +80,7 @@ class DCGANDiscriminator(nn.Module):
         downs = int(math.log2(resolution)) - 2
         widths = [min(width * 2**i, 512) for i in range(downs)]
         layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
-        for cin, cout in zip(widths[:-1], widths[1:]):
+        for cin, cout in itertools.pairwise(widths):
             layers += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True)]
         layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0)]
         self.net = nn.Sequential(*layers)
@@ -110,7 +110,7 @@ def load_generator_file(path: Path) -> tuple[DCGANGenerator, dict]:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("mishield", "{}"))
         state = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types are not importable by a stable name
         raise BadInputError(f"{path} is not a readable safetensors file ({err}); pass a prior made by `mishield prior train`.") from None
     if meta.get("format") != PRIOR_FORMAT:
         raise BadInputError(
@@ -145,7 +145,7 @@ class Prior:
     def modules(self) -> list[nn.Module]:
         return []
 
-    def to(self, device: torch.device, channels_last: bool = False) -> "Prior":
+    def to(self, device: torch.device, channels_last: bool = False) -> Prior:
         for m in self.modules():
             m.to(device)
             if channels_last:
@@ -177,7 +177,7 @@ class GeneratorPrior(Prior):
 
     def __init__(self, generator: nn.Module, latent_dim: int, description: dict):
         self.generator = generator.eval().requires_grad_(False)
-        shape = _probe_output(lambda z: self.generator(z), torch.randn(2, latent_dim), description.get("source", "the prior"))
+        shape = _probe_output(self.generator, torch.randn(2, latent_dim), description.get("source", "the prior"), _device_of(generator))
         super().__init__(shape, (latent_dim,), description)
 
     def modules(self) -> list[nn.Module]:
@@ -198,11 +198,12 @@ class StyleGANPrior(Prior):
         self.z_dim = _latent_dim(generator, description.get("source", "the prior"))
         self.c_dim = int(getattr(generator, "c_dim", 0) or 0)
         self._w_avg: torch.Tensor | None = None
+        device = _device_of(generator)
         with torch.no_grad():
-            w = self._map(torch.randn(2, self.z_dim))
+            w = self._map(torch.randn(2, self.z_dim, device=device))
         self.num_ws = w.shape[1] if w.dim() == 3 else None
         w_dim = w.shape[-1]
-        shape = _probe_output(self.generate, self._first_w(w), description.get("source", "the prior"))
+        shape = _probe_output(self.generate, self._first_w(w), description.get("source", "the prior"), device)
         super().__init__(shape, (w_dim,), {**description, "truncation": truncation})
 
     def modules(self) -> list[nn.Module]:
@@ -309,6 +310,13 @@ class PixelPrior(Prior):
 # Loading a prior from the command line's --prior
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 def _latent_dim(generator: nn.Module, source: str) -> int:
     for holder in (generator, getattr(generator, "mapping", None)):
         for attr in LATENT_ATTRS:
@@ -320,12 +328,14 @@ def _latent_dim(generator: nn.Module, source: str) -> int:
     )
 
 
-def _probe_output(fn: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, source: str) -> tuple[int, int, int]:
+def _probe_output(
+    fn: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, source: str, device: torch.device | str = "cpu"
+) -> tuple[int, int, int]:
     """Run two latents through the prior once and reject outputs that are not images in [-1, 1]."""
     try:
         with torch.no_grad():
-            out = fn(latents)
-    except Exception as err:
+            out = fn(latents.to(device))
+    except Exception as err:  # noqa: BLE001 - the user's generator may fail in any way; say so in one sentence
         raise BadInputError(f"{source} failed on a latent batch of shape {tuple(latents.shape)} ({type(err).__name__}: {err}).") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != latents.shape[0]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -415,7 +425,7 @@ def load_prior(
             raise UsageError(f"{path} is not a mishield prior or TorchScript file; loading it as a pickled module runs its code, pass --trust-checkpoint if you trust it.")
         try:
             module = torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - unpickling runs the file's own code
             raise BadInputError(f"{path} could not be loaded as a generator ({type(err).__name__}: {err}).") from None
         if not isinstance(module, nn.Module):
             raise BadInputError(f"{path} holds a {type(module).__name__}, not a generator module.")

@@ -30,6 +30,12 @@ def _register() -> None:
     app.command("harden")(harden_cmd.harden)
     app.command("export")(export_cmd.export)
 
+    from mishield.cli import audit_cmd, prior_cmd, train_eval_cmd
+
+    app.command("audit")(audit_cmd.audit)
+    app.command("train-eval")(train_eval_cmd.train_eval)
+    app.add_typer(prior_cmd.app, name="prior")
+
 
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("MISHIELD_DEBUG") == "1"

@@ -1,0 +1,274 @@
+"""`run_audit`: attack each model, judge the reconstructions, write one report (DESIGN.md §5).
+
+The library function behind `mishield audit`; the CLI only loads files and prints. Under
+`torchrun` every rank runs this with its own `Shard` of the classes and rank 0 writes the report.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mishield import __version__
+from mishield.attack.distributed import gather, shard_classes
+from mishield.attack.evalmodel import Evaluator, check_compatible
+from mishield.attack.metrics import deltas, knn_distances, summarize, topk_hits
+from mishield.attack.ppa import AttackConfig, PPAAttack, out_of_memory_hint
+from mishield.attack.priors import PixelPrior, Prior
+from mishield.attack.report import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    SHOW_RECONSTRUCTIONS,
+    class_row,
+    real_images,
+    write_report,
+)
+from mishield.errors import BadInputError, UsageError
+from mishield.preprocessing import Preprocessing
+from mishield.training import Runtime, evaluate_accuracy
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class AuditTarget:
+    """A classifier under audit (or the evaluation model) and what the report says about it."""
+
+    name: str
+    model: nn.Module
+    preprocessing: Preprocessing
+    num_classes: int
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_loaded(cls, loaded, name: str | None = None) -> AuditTarget:
+        """From `mishield.loading.LoadedModel`."""
+        source = loaded.source
+        label = name or (Path(source).name if source else str(loaded.arch))
+        num_classes = loaded.num_classes
+        if num_classes is None:
+            raise BadInputError(f"cannot tell how many classes {label} has; pass --num-classes.")
+        info = {
+            "source": str(source) if source else None,
+            "sha256": loaded.source_sha256,
+            "arch": loaded.arch,
+            "kind": loaded.kind,
+            "surgery": (loaded.recipe or {}).get("surgery"),
+        }
+        return cls(label, loaded.model, loaded.preprocessing, int(num_classes), info)
+
+
+def parse_classes(spec: str | None, num_classes: int) -> list[int]:
+    """`--classes "0-9,17"` -> [0, ..., 9, 17]; None -> every class."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return list(range(num_classes))
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not m:
+            raise UsageError(f"--classes takes ids and ranges like 0-9,17; cannot read {part!r}.")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise UsageError(f"--classes range {part} runs backwards; write it as {hi}-{lo}.")
+        out.extend(range(lo, hi + 1))
+    unknown = sorted({c for c in out if c >= num_classes})
+    if unknown:
+        shown = ", ".join(map(str, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
+        raise BadInputError(f"--classes names unknown class ids ({shown}); the model has classes 0-{num_classes - 1}.")
+    return sorted(set(out))
+
+
+def _finite(v):
+    """JSON has no NaN: missing numbers are null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
+def _unique_names(targets: list[AuditTarget]) -> list[str]:
+    names, seen = [], {}
+    for t in targets:
+        n = seen.get(t.name, 0)
+        seen[t.name] = n + 1
+        names.append(t.name if n == 0 else f"{t.name} ({n + 1})")
+    return names
+
+
+def _check_inputs(targets: list[AuditTarget], evaluation: AuditTarget, data, classes: list[int]) -> None:
+    if not targets:
+        raise UsageError("name at least one MODEL to audit.")
+    if not data.train:
+        raise BadInputError("the private data folder holds no training images; --data must be an ImageFolder of the private classes.")
+    for t in targets:
+        if t.num_classes != targets[0].num_classes:
+            raise BadInputError(
+                f"{t.name} has {t.num_classes} classes but {targets[0].name} has {targets[0].num_classes}; "
+                "models audited together must share their classes."
+            )
+        if data.num_classes != t.num_classes:
+            raise BadInputError(
+                f"the private data has {data.num_classes} class folders but {t.name} has {t.num_classes} classes; "
+                "--data must hold exactly the classes the model was trained on."
+            )
+        check_compatible(evaluation.num_classes, t.num_classes, evaluation.name, t.name)
+    present = {y for _, y in data.train}
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise BadInputError(f"the private data has no training images of class {missing[0]} ({data.classes[missing[0]]}); add some or leave it out of --classes.")
+
+
+def _attack_shard(
+    target: AuditTarget,
+    prior: Prior | None,
+    evaluator: Evaluator,
+    private: tuple[torch.Tensor, torch.Tensor],
+    classes: list[int],
+    config: AttackConfig,
+    runtime: Runtime,
+    progress: ProgressFn | None,
+) -> dict:
+    """This rank's classes of one target: per-image outcomes plus the best images to show."""
+    prior = prior if prior is not None else PixelPrior(target.preprocessing.input_size)
+    try:
+        result = PPAAttack(prior, target.model, target.preprocessing, config, runtime).run(classes, progress)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        hint = out_of_memory_hint(err, config.batch_size)
+        if hint is None:
+            raise
+        raise hint from None
+    k = config.keep
+    labels = torch.tensor(classes).repeat_interleave(k)
+    logits, features = evaluator.images(result.images.flatten(0, 1))
+    knn = knn_distances(features, labels, *private)
+    n = len(classes)
+    return {
+        "classes": classes,
+        "top1": topk_hits(logits, labels, 1).view(n, k),
+        "top5": topk_hits(logits, labels, 5).view(n, k),
+        "knn": knn.view(n, k),
+        "target_conf": result.final_scores,
+        "shown": result.images[:, :SHOW_RECONSTRUCTIONS].clone(),
+        "image_steps": result.image_steps,
+        "seconds": result.seconds,
+        "timings": result.timings,
+        "prior": prior.describe(),
+    }
+
+
+def run_audit(
+    targets: list[AuditTarget],
+    evaluation: AuditTarget,
+    data,
+    *,
+    prior: Prior | None,
+    config: AttackConfig,
+    out_dir: str | Path,
+    classes: list[int] | None = None,
+    runtime: Runtime | None = None,
+    max_attack_acc: float | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    provenance: dict | None = None,
+) -> dict | None:
+    """Audit `targets` (the first is the baseline of the Δ columns); returns the report on rank 0.
+
+    `data` is `mishield.data.DataSplits` of the private data; `prior=None` is the generator-free
+    (BatchNorm-statistics) mode; `runtime` (default CPU) is `mishield.training.make_runtime`'s, whose
+    rank and world size shard the classes under torchrun. Writes report.json, report.html and grids/ into `out_dir`.
+    """
+    if max_attack_acc is not None and not 0.0 <= max_attack_acc <= 1.0:
+        raise UsageError(f"--max-attack-acc is a fraction between 0 and 1, got {max_attack_acc}.")
+    classes = list(range(targets[0].num_classes)) if classes is None else list(classes)
+    _check_inputs(targets, evaluation, data, classes)
+    runtime = runtime or Runtime(torch.device("cpu"))
+    mine = shard_classes(classes, runtime)
+    evaluator = Evaluator(evaluation.model, evaluation.preprocessing, runtime, config.batch_size)
+    private_items = [item for item in data.train if item[1] in set(mine)]
+    private = evaluator.dataset(private_items, progress)
+
+    parts_per_model, natural_accs = [], []
+    for target in targets:
+        payload = _attack_shard(target, prior, evaluator, private, mine, config, runtime, progress)
+        parts_per_model.append(gather(payload, runtime))
+        # Every rank takes part: evaluate_accuracy shards the held-out images itself.
+        natural_accs.append(
+            evaluate_accuracy(target.model, data.val, target.preprocessing, batch_size=config.batch_size, runtime=runtime)
+            if data.val
+            else None
+        )
+    if not runtime.is_main:
+        return None
+
+    names = _unique_names(targets)
+    models, rows_per_model = [], {}
+    for mi, (target, parts) in enumerate(zip(targets, parts_per_model)):
+        where = {c: (p, i) for p in parts for i, c in enumerate(p["classes"])}
+        top1, top5, knn = (torch.cat([where[c][0][key][where[c][1]] for c in classes]) for key in ("top1", "top5", "knn"))
+        metrics = {"natural_acc": natural_accs[mi], "natural_acc_n": len(data.val), **summarize(top1, top5, knn)}
+        per_class, rows = [], {}
+        for c in classes:
+            p, i = where[c]
+            s = summarize(p["top1"][i], p["top5"][i], p["knn"][i])
+            per_class.append(
+                {"class": c, "name": data.classes[c], "n": s["n"], "attack_acc1": s["attack_acc1"], "attack_acc5": s["attack_acc5"],
+                 "knn_dist": s["knn_dist"], "target_confidence": float(p["target_conf"][i].mean())}
+            )  # fmt: skip
+            shown = p["shown"][i]
+            rows[c] = class_row(shown, real_images(data.train, c, tuple(shown.shape[1:])))
+        rows_per_model[mi] = rows
+        image_steps = sum(p["image_steps"] for p in parts)
+        seconds = max(p["seconds"] for p in parts)
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", names[mi])[:60]
+        models.append(
+            {
+                "name": names[mi],
+                **target.info,
+                "num_classes": target.num_classes,
+                "preprocessing": target.preprocessing.to_dict(),
+                "metrics": metrics,
+                "per_class": per_class,
+                "grid": f"grids/{mi}_{slug}.png",
+                "timing": {"image_steps": image_steps, "seconds": seconds, "image_steps_per_s": image_steps / seconds if seconds else None,
+                           **{k: max(p["timings"][k] for p in parts) for k in parts[0]["timings"]}},
+            }
+        )  # fmt: skip
+    for m in models:
+        m["delta"] = deltas(models[0]["metrics"], m["metrics"]) if m is not models[0] else None
+
+    warnings = []
+    for t in targets:
+        if t.info.get("arch") and t.info.get("arch") == evaluation.info.get("arch"):
+            warnings.append(f"the evaluation model shares the architecture of {t.name} ({t.info['arch']}); the protocol asks for a different one.")
+    failing = [m["name"] for m in models if max_attack_acc is not None and m["metrics"]["attack_acc1"] > max_attack_acc]
+    report = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "mishield_version": __version__,
+        "options": {**config.to_dict(), "device": str(runtime.device), "bf16": runtime.amp_dtype is not None,
+                    "channels_last": runtime.channels_last, "world_size": runtime.world, "max_attack_acc": max_attack_acc, **(provenance or {})},
+        "seed": config.seed,
+        "classes": classes,
+        "data": {"classes": data.classes, "train_images": len(data.train), "val_images": len(data.val)},
+        "prior": parts_per_model[0][0]["prior"],
+        "eval_model": {"name": evaluation.name, **evaluation.info, "preprocessing": evaluation.preprocessing.to_dict(),
+                       "features": evaluator.feature_source},
+        "models": models,
+        "gate": None if max_attack_acc is None else {"max_attack_acc": max_attack_acc, "passed": not failing, "failing": failing},
+        "warnings": warnings,
+    }  # fmt: skip
+    report = _finite(report)
+    report["files"] = {k: str(v) for k, v in write_report(Path(out_dir), report, rows_per_model, overwrite).items()}
+    return report

@@ -1,0 +1,155 @@
+"""The evaluation model: an independent classifier that judges the reconstructions (DESIGN.md §5).
+
+PPA's protocol trains it on the same private data with a *different* architecture, so a
+reconstruction counts only if it shows features of the class that another network recognises,
+not the target's own adversarial shortcuts. Its penultimate features also give the KNN distance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mishield.attack.inputs import ModelInput
+from mishield.attack.ppa import autocast, chunks
+from mishield.errors import BadInputError
+from mishield.loading import find_classifier
+from mishield.preprocessing import Preprocessing
+from mishield.training import Runtime
+
+DEFAULT_EVAL_ARCH = "mishield.attack.evalmodel:plain_cnn"
+
+
+def plain_cnn(num_classes: int = 10, in_chans: int = 3, width: int = 32) -> nn.Module:
+    """A VGG-style network without skip connections: the default evaluation architecture.
+
+    Being skip-free makes it as different as possible from the ResNet-like targets the audit
+    usually judges, which is what the protocol asks of an evaluation model.
+    """
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    w = width
+    return nn.Sequential(
+        *block(in_chans, w), *block(w, w), nn.MaxPool2d(2),
+        *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+        *block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.MaxPool2d(2),
+        *block(4 * w, 8 * w),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+        nn.Linear(8 * w, num_classes),
+    )  # fmt: skip
+
+
+class Evaluator:
+    """Logits and penultimate features (the classifier layer's input) of images in [-1, 1]."""
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing, runtime: Runtime, batch_size: int = 256):
+        self.model = model.eval().requires_grad_(False).to(runtime.device)
+        self.preprocessing, self.runtime, self.batch_size = preprocessing, runtime, batch_size
+        self.model_input = ModelInput(preprocessing, runtime.device)
+        self._features: torch.Tensor | None = None
+        found = find_classifier(self.model)
+        layer = found[1] if found else None
+        self.feature_source = "penultimate" if layer is not None else "logits"
+        if layer is not None:
+            layer.register_forward_pre_hook(self._keep_features)
+
+    def _keep_features(self, module: nn.Module, inputs: tuple) -> None:
+        self._features = inputs[0].flatten(1)
+
+    @torch.no_grad()
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._features = None
+        with autocast(self.runtime):
+            logits = self.model(x)
+        features = self._features if self._features is not None else logits
+        return logits.float().cpu(), features.float().cpu()
+
+    def images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images (N, C, H, W) as the prior produced them -> (logits, features), on the CPU."""
+        logits, feats = [], []
+        for part in chunks(images.shape[0], self.batch_size):
+            x = images[part].to(self.runtime.device).float() / 127.5 - 1.0
+            lo, fe = self._forward(self.model_input(x))
+            logits.append(lo)
+            feats.append(fe)
+        return torch.cat(logits), torch.cat(feats)
+
+    def dataset(self, items: list, progress: Callable[[str, int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Private `(path, label)` items, read the way the evaluation model was trained -> (features, labels)."""
+        from torch.utils.data import DataLoader
+
+        from mishield.data import ImageDataset, eval_transform
+
+        dataset = ImageDataset(items, eval_transform(self.preprocessing), channels=self.preprocessing.input_size[0])
+        feats, labels = [], []
+        for x, y in DataLoader(dataset, batch_size=self.batch_size, shuffle=False):
+            feats.append(self._forward(x.to(self.runtime.device))[1])
+            labels.append(y)
+            if progress is not None:
+                progress("private features", sum(len(t) for t in labels), len(dataset))
+        if not feats:
+            return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+        return torch.cat(feats), torch.cat(labels)
+
+
+def check_compatible(eval_classes: int | None, target_classes: int, eval_name: str, target_name: str) -> None:
+    if eval_classes is not None and eval_classes != target_classes:
+        raise BadInputError(
+            f"the evaluation model {eval_name} has {eval_classes} classes but the target {target_name} has {target_classes}; "
+            "train the evaluation model on the same private classes (mishield train-eval)."
+        )
+
+
+def train_eval_model(
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    arch: str = DEFAULT_EVAL_ARCH,
+    input_size: int = 224,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    val_fraction: float | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict:
+    """Train an evaluation model on the private data and save it as a self-describing mishield file.
+
+    Returns a summary (arch, classes, natural accuracy on the held-out split, output path).
+    """
+    from mishield.data import load_image_folders
+    from mishield.fileio import check_writable
+    from mishield.loading import build_architecture, default_preprocessing
+    from mishield.modelfile import save_model
+    from mishield.training import evaluate_accuracy, fit
+
+    out = Path(out)
+    check_writable(out, overwrite)
+    splits = load_image_folders(data_dir, val_fraction=val_fraction, seed=seed)
+    torch.manual_seed(seed)
+    model = build_architecture(arch, splits.num_classes)
+    preprocessing = default_preprocessing(model, arch).with_input_size(input_size)
+    fit(model, splits, preprocessing, epochs=epochs, lr=lr, batch_size=batch_size, device=device, seed=seed)
+    model = model.eval().cpu()
+    accuracy = (
+        evaluate_accuracy(model, splits.val, preprocessing, device=device, batch_size=batch_size) if splits.val else None
+    )
+    training = {"data": str(data_dir), "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "role": "evaluation"}
+    metrics = {"natural_acc": accuracy, "val_images": len(splits.val)}
+    save_model(
+        out,
+        model,
+        arch=arch,
+        num_classes=splits.num_classes,
+        surgery=None,
+        preprocessing=preprocessing,
+        extra={"training": training, "metrics": metrics, "classes": splits.classes},
+        overwrite=overwrite,
+    )
+    return {"out": str(out), "arch": arch, "classes": splits.classes, "natural_acc": accuracy, "epochs": epochs}

@@ -1,0 +1,115 @@
+"""`mishield audit MODEL [MODEL ...]`: a PPA-style inversion attack and a privacy report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mishield.cli import console
+from mishield.cli.options import (
+    ArchOpt,
+    InputSizeOpt,
+    JsonOpt,
+    NumClassesOpt,
+    OverwriteOpt,
+    TrustOpt,
+)
+
+NO_EVAL_MODEL = (
+    "the audit needs an evaluation model trained on the private data with a different architecture; "
+    "train one with `mishield train-eval --data PRIVATE_DIR --out eval.safetensors` and pass --eval-model eval.safetensors."
+)
+NO_PRIOR = (
+    "the audit needs an image prior; train mishield's with `mishield prior train --data PUBLIC_DIR --out prior.safetensors` "
+    "and pass --prior prior.safetensors, pass a generator as package.module:factory, or --prior none for the generator-free mode."
+)
+
+
+def audit(
+    models: Annotated[list[str], typer.Argument(help="Models to audit (files or arch specs); the first is the baseline for Δ.", show_default=False)],
+    data: Annotated[Path, typer.Option("--data", help="Private data: ImageFolder (train/ and val/ sub-folders, or one folder per class).")],
+    out: Annotated[Path, typer.Option("--out", help="Report directory (report.json, report.html, grids/).")] = Path("mishield-audit"),
+    prior: Annotated[str | None, typer.Option("--prior", help="FILE (mishield prior, StyleGAN2-ADA .pkl, TorchScript), package.module:factory, or none.")] = None,
+    eval_model: Annotated[str | None, typer.Option("--eval-model", help="Evaluation model trained on the private data (see `mishield train-eval`).")] = None,
+    classes: Annotated[str | None, typer.Option("--classes", help="Target classes, e.g. 0-9,17 (default: all).")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="quick (CI-sized) or paper (PPA's S=5000 C=200 I=70 K=50 A=100).")] = "quick",
+    samples: Annotated[int | None, typer.Option("--samples", "-S", min=1, help="Initial-selection pool size S.")] = None,
+    candidates: Annotated[int | None, typer.Option("--candidates", "-C", min=1, help="Candidates optimised per class C.")] = None,
+    iterations: Annotated[int | None, typer.Option("--iterations", "-I", min=1, help="Optimisation steps I.")] = None,
+    keep: Annotated[int | None, typer.Option("--keep", "-K", min=1, help="Reconstructions kept per class K.")] = None,
+    final_augmentations: Annotated[int | None, typer.Option("--final-augmentations", "-A", min=1, help="Augmentations scoring each candidate at final selection A.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per attack step (default 256).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the pool and of every crop.")] = 0,
+    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Adam learning rate (default 0.005; 0.05 for --prior none).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the attack step (pays off on long GPU runs).")] = False,
+    max_attack_acc: Annotated[float | None, typer.Option("--max-attack-acc", help="Privacy gate: exit 4 if any model's attack accuracy @1 exceeds this fraction.")] = None,
+    arch: ArchOpt = None,
+    eval_arch: Annotated[str | None, typer.Option("--eval-arch", help="Architecture of the evaluation model file, where the file records none or a factory.")] = None,
+    num_classes: NumClassesOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    input_size: InputSizeOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Attack each model with a Plug-and-Play-style inversion and report how much private data it gives away."""
+    from mishield.attack.audit import AuditTarget, parse_classes, run_audit
+    from mishield.attack.distributed import broadcast
+    from mishield.attack.ppa import make_config
+    from mishield.attack.priors import load_prior
+    from mishield.attack.progress import progress_bars
+    from mishield.attack.report import check_outputs, summary_table
+    from mishield.data import load_image_folders
+    from mishield.errors import PrivacyGateError, UsageError
+    from mishield.loading import load_model
+    from mishield.training import make_runtime
+
+    config = make_config(
+        preset, samples=samples, candidates=candidates, iterations=iterations, keep=keep,
+        final_augmentations=final_augmentations, batch_size=batch_size, seed=seed, lr=lr, compile=compile_,
+    )  # fmt: skip
+    if eval_model is None:
+        raise UsageError(NO_EVAL_MODEL)
+    if prior is None:
+        raise UsageError(NO_PRIOR)
+    if max_attack_acc is not None and not 0.0 <= max_attack_acc <= 1.0:
+        raise UsageError(f"--max-attack-acc is a fraction between 0 and 1 (0.4 means 40 %), got {max_attack_acc}.")
+    check_outputs(out, overwrite)
+
+    runtime = make_runtime(device)
+    try:
+        load = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "input_size": input_size}
+        targets = [AuditTarget.from_loaded(load_model(m, **load)) for m in models]
+        evaluation = AuditTarget.from_loaded(load_model(eval_model, arch=eval_arch, trust_checkpoint=trust_checkpoint))
+        splits = load_image_folders(data)
+        chosen = parse_classes(classes, targets[0].num_classes)
+        image_prior = None if prior.strip().lower() == "none" else load_prior(
+            prior, target_input_size=targets[0].preprocessing.input_size, trust_checkpoint=trust_checkpoint, truncation=config.truncation
+        )  # fmt: skip
+        provenance = {"preset": preset, "prior": prior, "eval_model": eval_model, "data": str(data), "models": list(models)}
+        with progress_bars(runtime.is_main) as progress:
+            report = run_audit(
+                targets, evaluation, splits, prior=image_prior, config=config, out_dir=out, classes=chosen, runtime=runtime,
+                max_attack_acc=max_attack_acc, overwrite=overwrite, progress=progress, provenance=provenance,
+            )  # fmt: skip
+        failing = broadcast(report["gate"]["failing"] if report and report["gate"] else [], runtime)
+    finally:
+        runtime.close()
+
+    if runtime.is_main:
+        if json_output:
+            console.emit_json(report)
+        else:
+            console.err.print(summary_table(report))
+            for warning in report["warnings"]:
+                console.err.print(f"[yellow]warning:[/] {warning}")
+            console.err.print(f"report: [bold]{report['files']['html']}[/]")
+    if failing:
+        if not runtime.is_main:
+            raise typer.Exit(PrivacyGateError.exit_code)  # rank 0 says why
+        raise PrivacyGateError(
+            f"attack accuracy @1 of {', '.join(failing)} exceeds --max-attack-acc {max_attack_acc}; "
+            f"harden the model (mishield harden) or review {out / 'report.html'}."
+        )

@@ -1,0 +1,42 @@
+"""`mishield train-eval`: train the independent evaluation model an audit needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mishield.attack.evalmodel import DEFAULT_EVAL_ARCH
+from mishield.cli import console
+from mishield.cli.options import JsonOpt, OverwriteOpt
+
+
+def train_eval(
+    data: Annotated[Path, typer.Option("--data", help="Private data the audited models were trained on (ImageFolder).")],
+    out: Annotated[Path, typer.Option("--out", help="Evaluation model file to write.")],
+    arch: Annotated[str, typer.Option("--arch", help="Architecture, different from the audited models' (timm:NAME, torchvision:NAME, package.module:factory).")] = DEFAULT_EVAL_ARCH,
+    input_size: Annotated[int, typer.Option("--input-size", min=8, help="Square input size in pixels.")] = 224,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
+    val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Hold out this fraction when --data has no val/ folder.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    overwrite: OverwriteOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Train an evaluation model (default: a skip-free VGG-style CNN) on the private data for `mishield audit`."""
+    from mishield.attack.evalmodel import train_eval_model
+    from mishield.training import resolve_device
+
+    summary = train_eval_model(
+        data, out, arch=arch, input_size=input_size, epochs=epochs, lr=lr, batch_size=batch_size,
+        val_fraction=val_fraction, device=resolve_device(device), seed=seed, overwrite=overwrite,
+    )  # fmt: skip
+    if json_output:
+        console.emit_json(summary)
+    else:
+        acc = summary["natural_acc"]
+        shown = "no held-out data" if acc is None else f"held-out accuracy {100 * acc:.1f} %"
+        console.err.print(f"evaluation model {summary['arch']}, {len(summary['classes'])} classes, {shown} -> [bold]{summary['out']}[/]")

@@ -1,0 +1,104 @@
+"""`mishield audit`, `prior train` and `train-eval` on the command line: exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mishield.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """Three classes of random 20x20 greyscale images (train/ and val/)."""
+    root = tmp_path_factory.mktemp("tiny")
+    gen = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for c in ("a", "b", "c"):
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(count):
+                arr = (torch.rand(20, 20, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr, mode="L").save(folder / f"{i}.png")
+    return root
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _audit(tiny_data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "audit", "attack_support:tiny_resnet", "--num-classes", "3", "--input-size", "16", "--data", str(tiny_data),
+        "--out", str(out), "--device", "cpu", "-S", "8", "-C", "2", "-I", "1", "-K", "1", "-A", "1", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "needle"),
+    [
+        ([], 2, "mishield train-eval"),
+        (["--eval-model", "attack_support:small_plain_cnn"], 2, "mishield prior train"),
+        (["--eval-model", "x", "--prior", "none", "--max-attack-acc", "40"], 2, "fraction"),
+        (["--eval-model", "attack_support:small_plain_cnn", "--prior", "none", "--classes", "0-9,17"], 3, "unknown class ids"),
+        (["--eval-model", "attack_support:small_plain_cnn", "--prior", "attack_support:generator_0_255"], 3, "[-1, 1]"),
+        (["--eval-model", "attack_support:small_plain_cnn", "--prior", "attack_support:generator_flat"], 3, "(N, C, H, W)"),
+        (["--eval-model", "attack_support:small_plain_cnn", "--prior", "none"], 3, "evaluation model"),  # 10 classes vs 3
+        (["--eval-model", "attack_support:small_plain_cnn", "--prior", "none", "-C", "9"], 2, "cannot exceed"),
+    ],
+)
+def test_bad_audit_input_is_one_sentence_and_an_exit_code(tiny_data, tmp_path, capsys, extra, code, needle):
+    got, out, err = _run(_audit(tiny_data, tmp_path / "out", *extra), capsys)
+    assert got == code, err
+    assert needle in err and "Traceback" not in err and out == ""
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_empty_or_mismatched_data_is_bad_input(tiny_data, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    args = ["--eval-model", "attack_support:small_plain_cnn", "--prior", "none"]
+    code, _, err = _run(_audit(tmp_path / "empty", tmp_path / "out", *args), capsys)
+    assert code == 3 and "class sub-folders" in err
+    code, _, err = _run(_audit(tiny_data / "train", tmp_path / "out", *args, "--num-classes", "4"), capsys)
+    assert code == 3 and "class folders" in err
+
+
+def test_an_existing_report_is_not_overwritten(tiny_data, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.json").write_text("{}")
+    code, _, err = _run(_audit(tiny_data, tmp_path / "out", "--eval-model", "e", "--prior", "none"), capsys)
+    assert code == 2 and "--overwrite" in err
+    assert (tmp_path / "out" / "report.json").read_text() == "{}"
+
+
+def test_prior_train_and_train_eval_write_loadable_files(tiny_data, tmp_path, capsys):
+    prior = tmp_path / "prior.safetensors"
+    code, out, _ = _run(
+        ["prior", "train", "--data", str(tiny_data), "--out", str(prior), "--resolution", "32", "--width", "4",
+         "--latent-dim", "8", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--json"], capsys,
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["resolution"] == 32 and summary["channels"] == 1 and summary["training"]["images"] == 24
+    eval_file = tmp_path / "eval.pt"
+    code, out, _ = _run(
+        ["train-eval", "--data", str(tiny_data), "--out", str(eval_file), "--arch", "attack_support:small_plain_cnn",
+         "--input-size", "16", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--json"], capsys,
+    )  # fmt: skip
+    assert code == 0
+    assert json.loads(out)["classes"] == ["a", "b", "c"]
+    from mishield.loading import load_model
+
+    loaded = load_model(eval_file, arch="attack_support:small_plain_cnn")
+    assert loaded.num_classes == 3 and loaded.preprocessing.input_size == (3, 16, 16)
+    assert loaded.recipe["training"]["role"] == "evaluation"

@@ -1,0 +1,144 @@
+"""The audit on real images (DESIGN.md §9 at test size): Fashion-MNIST at 32 px, class-disjoint.
+
+The target and the evaluation model learn classes 0-4; the attacker's prior is a DCGAN trained
+on classes 5-9, which the target never saw. Everything is trained once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mishield.attack.audit import AuditTarget, run_audit
+from mishield.attack.evalmodel import train_eval_model
+from mishield.attack.ppa import make_config
+from mishield.attack.priors import PriorTrainingConfig, load_prior, train_prior
+from mishield.cli import main
+from mishield.data import load_image_folders
+from mishield.loading import load_model
+from mishield.modelfile import save_model
+from mishield.preprocessing import Preprocessing
+from mishield.training import fit
+
+TESTS = Path(__file__).parent
+TARGET_ARCH = "attack_support:tiny_resnet"
+EVAL_ARCH = "attack_support:small_plain_cnn"
+PRE = Preprocessing((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+CLI_ATTACK = ["-S", "60", "-C", "4", "-I", "6", "-K", "3", "-A", "3", "--batch-size", "20", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def world(fmnist_dir, tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("attack")
+    names = sorted(p.name for p in (fmnist_dir / "train").iterdir())
+    for role, group in (("private", names[:5]), ("public", names[5:])):
+        for split in ("train", "val"):
+            (root / role / split).mkdir(parents=True)
+            for name in group:
+                (root / role / split / name).symlink_to(fmnist_dir / split / name, target_is_directory=True)
+    prior = train_prior(
+        root / "public", root / "prior.safetensors",
+        PriorTrainingConfig(resolution=32, latent_dim=64, width=32, epochs=20, batch_size=64, lr=3e-4, seed=0),
+    )  # fmt: skip
+    splits = load_image_folders(root / "private")
+    from attack_support import tiny_resnet
+
+    torch.manual_seed(0)
+    trained = tiny_resnet(5)
+    fit(trained, splits, PRE, epochs=4, lr=1e-3, batch_size=64, device="cpu", seed=0)
+    torch.manual_seed(1)
+    untrained = tiny_resnet(5).eval()
+    for path, model in ((root / "target.pt", trained), (root / "untrained.pt", untrained)):
+        save_model(path, model, arch=TARGET_ARCH, num_classes=5, surgery=None, preprocessing=PRE)
+    train_eval_model(root / "private", root / "eval.pt", arch=EVAL_ARCH, input_size=32, epochs=4, lr=1e-3, batch_size=64, device="cpu", seed=1)
+    return SimpleNamespace(root=root, prior=prior, splits=splits)
+
+
+def _target(path: Path, arch: str = TARGET_ARCH) -> AuditTarget:
+    return AuditTarget.from_loaded(load_model(path, arch=arch))
+
+
+def test_attack_recovers_private_classes_from_a_trained_target_only(world, tmp_path):
+    # lr 0.05 rather than PPA's 0.005: a DCGAN's z ~ N(0, I) needs longer steps than StyleGAN's w
+    config = make_config("quick", samples=300, candidates=32, iterations=30, keep=16, final_augmentations=8, batch_size=160, lr=0.05)
+    report = run_audit(
+        [_target(world.root / "target.pt"), _target(world.root / "untrained.pt")],
+        _target(world.root / "eval.pt", EVAL_ARCH), world.splits,
+        prior=load_prior(str(world.prior)), config=config, out_dir=tmp_path,
+    )  # fmt: skip
+    trained, untrained = (m["metrics"] for m in report["models"])
+    print(json.dumps({m["name"]: m["metrics"] for m in report["models"]}, indent=1))
+    assert trained["n"] == untrained["n"] == 5 * 16
+    assert trained["natural_acc"] > 0.8 and untrained["natural_acc"] < 0.5
+    # chance is 0.2 with five classes
+    assert trained["attack_acc1"] >= 0.4
+    assert trained["attack_acc1"] >= untrained["attack_acc1"] + 0.15
+    assert report["models"][1]["delta"]["attack_acc1"] < 0
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["schema"] == "mishield.audit-report" and saved["options"]["candidates"] == 32
+    assert (tmp_path / "report.html").stat().st_size > 0 and (tmp_path / report["models"][0]["grid"]).exists()
+
+
+def test_generator_free_mode_runs_on_batchnorm_statistics(world, tmp_path):
+    config = make_config("quick", samples=20, candidates=3, iterations=5, keep=2, final_augmentations=2, batch_size=15)
+    report = run_audit(
+        [_target(world.root / "target.pt")], _target(world.root / "eval.pt", EVAL_ARCH), world.splits,
+        prior=None, config=config, out_dir=tmp_path, classes=[0, 3],
+    )  # fmt: skip
+    assert report["prior"]["kind"] == "pixels" and report["prior"]["bn_layers"] > 0
+    assert report["models"][0]["metrics"]["n"] == 4 and report["classes"] == [0, 3]
+    assert json.loads((tmp_path / "report.json").read_text())["options"]["lr"] is None  # the prior's default
+
+
+def _cli_args(world, out: Path) -> list[str]:
+    return [
+        "audit", str(world.root / "target.pt"), "--arch", TARGET_ARCH, "--data", str(world.root / "private"),
+        "--prior", str(world.prior), "--eval-model", str(world.root / "eval.pt"), "--eval-arch", EVAL_ARCH,
+        "--out", str(out), "--device", "cpu", "--max-attack-acc", "0.0", "--json", *CLI_ATTACK,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single_process_run(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    with pytest.raises(SystemExit) as exit_info:
+        main(_cli_args(world, out))
+    return exit_info.value.code, out
+
+
+def test_gate_exits_4_after_writing_the_report(single_process_run, capsys):
+    code, out = single_process_run
+    assert code == 4
+    report = json.loads((out / "report.json").read_text())
+    assert report["gate"] == {"max_attack_acc": 0.0, "passed": False, "failing": ["target.pt"]}
+    assert report["options"]["samples"] == 60 and report["options"]["preset"] == "quick"
+
+
+def _comparable(report: dict) -> dict:
+    report = json.loads(json.dumps(report))
+    for key in ("created", "files"):
+        report.pop(key, None)
+    report["options"].pop("world_size")
+    for m in report["models"]:
+        m.pop("timing")
+    return report
+
+
+def test_two_processes_write_the_same_report_as_one(world, single_process_run, tmp_path):
+    _, single_out = single_process_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mishield", *_cli_args(world, tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0, proc.stderr[-2000:]  # the gate fails on every rank
+    assert "exceeds --max-attack-acc" in proc.stderr
+    sharded = json.loads((tmp_path / "report.json").read_text())
+    single = json.loads((single_out / "report.json").read_text())
+    assert sharded["options"]["world_size"] == 2
+    assert _comparable(sharded) == _comparable(single)

@@ -1,0 +1,81 @@
+"""The report files: versioned JSON, a self-contained HTML page, PNG grids; refusal to overwrite."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from mishield.attack.report import (
+    SCHEMA,
+    check_outputs,
+    class_row,
+    real_images,
+    render_html,
+    summary_table,
+    write_report,
+)
+from mishield.errors import UsageError
+
+
+def _report() -> dict:
+    per_class = [{"class": c, "name": f"c{c}", "n": 4, "attack_acc1": 0.25 * c, "attack_acc5": 1.0, "knn_dist": 1.5, "target_confidence": 0.9} for c in range(3)]
+    metrics = {"natural_acc": 0.9, "natural_acc_n": 30, "n": 12, "attack_acc1": 0.25, "attack_acc1_ci95": [0.1, 0.5], "attack_acc5": 1.0, "knn_dist": 1.5}
+    model = {"name": "base <b>", "metrics": metrics, "per_class": per_class, "grid": "grids/0_base.png", "delta": None}
+    other = {**model, "name": "hardened", "grid": "grids/1_hardened.png",
+             "delta": {"natural_acc": -0.01, "attack_acc1": -0.1, "attack_acc5": 0.0, "knn_dist": 0.2, "delta": 10.0}}  # fmt: skip
+    return {
+        "schema": SCHEMA, "schema_version": 1, "classes": [0, 1, 2], "seed": 0,
+        "options": {"samples": 8, "candidates": 4, "iterations": 2, "keep": 4, "final_augmentations": 2, "seed": 0},
+        "prior": {"kind": "generator", "source": "prior.safetensors"}, "eval_model": {"source": "eval.pt"},
+        "models": [model, other], "gate": {"max_attack_acc": 0.2, "passed": False, "failing": ["base <b>", "hardened"]},
+    }  # fmt: skip
+
+
+def test_writes_json_html_and_grids(tmp_path):
+    report = _report()
+    recon = torch.randint(0, 255, (8, 1, 16, 16), dtype=torch.uint8)
+    rows = {mi: {c: class_row(recon, recon[:2]) for c in range(3)} for mi in range(2)}
+    written = write_report(tmp_path, report, rows)
+    parsed = json.loads((tmp_path / "report.json").read_text())
+    assert parsed["schema"] == SCHEMA and parsed["schema_version"] == 1 and parsed["models"][1]["delta"]["delta"] == 10.0
+    from PIL import Image
+
+    with Image.open(tmp_path / "grids" / "0_base.png") as grid:
+        assert grid.size[1] == 3 * (16 + 4)  # one strip per class
+    page = (tmp_path / "report.html").read_text()
+    # self-contained: every image is inline, nothing is fetched
+    assert not re.search(r"(src|href)=(?!['\"]?data:)", page)
+    assert page.count("data:image/png;base64,") == 6
+    assert "base &lt;b&gt;" in page and "FAILED" in page
+    assert set(written) == {"grid0", "grid1", "html", "json"}
+    with pytest.raises(UsageError, match="--overwrite"):
+        check_outputs(tmp_path, overwrite=False)
+    check_outputs(tmp_path, overwrite=True)
+
+
+def test_html_and_terminal_table_show_missing_numbers_as_dashes():
+    report = _report()
+    report["models"][0]["metrics"]["natural_acc"] = None
+    report["models"][0]["metrics"]["knn_dist"] = None
+    assert "–" in render_html(report, {})
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(summary_table(report))
+    text = console.export_text()
+    assert "base <b>" in text and "25.0" in text and "–" in text
+
+
+def test_real_images_match_the_reconstructions_size_and_channels(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "x").mkdir()
+    Image.new("RGB", (28, 20), (10, 200, 30)).save(tmp_path / "x" / "a.png")
+    items = [(tmp_path / "x" / "a.png", 0), (tmp_path / "x" / "a.png", 1)]
+    grey = real_images(items, 1, (1, 16, 16))
+    colour = real_images(items, 0, (3, 8, 8))
+    assert grey.shape == (1, 1, 16, 16) and colour.shape == (1, 3, 8, 8)
+    assert colour[0, :, 4, 4].tolist() == [10, 200, 30]
