@@ -102,3 +102,22 @@ def test_prior_train_and_train_eval_write_loadable_files(tiny_data, tmp_path, ca
     loaded = load_model(eval_file, arch="attack_support:small_plain_cnn")
     assert loaded.num_classes == 3 and loaded.preprocessing.input_size == (3, 16, 16)
     assert loaded.recipe["training"]["role"] == "evaluation"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_audit_runs_on_cuda_with_bf16_channels_last_and_compile(tiny_data, tmp_path, capsys):
+    from mishield.attack.evalmodel import train_eval_model
+    from mishield.attack.priors import DCGANGenerator, save_generator
+
+    prior = save_generator(tmp_path / "prior.safetensors", DCGANGenerator(16, 32, 1, 8).eval(), {})
+    eval_file = tmp_path / "eval.pt"
+    train_eval_model(tiny_data, eval_file, arch="attack_support:small_plain_cnn", input_size=16, epochs=1, batch_size=8, device="cuda")
+    args = _audit(tiny_data, tmp_path / "out", "--eval-model", str(eval_file), "--eval-arch", "attack_support:small_plain_cnn",
+                  "--prior", str(prior), "--compile", "--json")  # fmt: skip
+    args[args.index("--device") + 1] = "cuda"
+    code, out, err = _run(args, capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["options"]["bf16"] and report["options"]["channels_last"] and report["options"]["compile"]
+    assert report["options"]["device"].startswith("cuda") and report["models"][0]["metrics"]["n"] == 3
