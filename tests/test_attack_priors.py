@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 
 import pytest
 import torch
@@ -80,12 +81,26 @@ def test_stylegan_like_generators_are_optimised_in_w_with_truncation():
     assert g.synthesis.calls == [torch.Size([4, 3, 6])]  # one w broadcast to every layer
 
 
-def test_stylegan_pickles_need_trust(tmp_path):
+def test_stylegan_pickles_need_trust_and_their_own_code(tmp_path, monkeypatch):
+    from attack_support import stylegan_like
+
     path = tmp_path / "network.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"G_ema": "not loaded"}, f)
+        pickle.dump({"G_ema": stylegan_like(), "D": None}, f)
     with pytest.raises(UsageError, match="--trust-checkpoint"):
         load_prior(str(path))
+    assert isinstance(load_prior(str(path), trust_checkpoint=True), StyleGANPrior)
+
+    (tmp_path / "vendor_net.py").write_text("import torch\nclass G(torch.nn.Module):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vendor_net
+
+    with open(tmp_path / "vendor.pkl", "wb") as f:
+        pickle.dump({"G_ema": vendor_net.G()}, f)
+    monkeypatch.delitem(sys.modules, "vendor_net")
+    (tmp_path / "vendor_net.py").unlink()
+    with pytest.raises(BadInputError, match="PYTHONPATH"):
+        load_prior(str(tmp_path / "vendor.pkl"), trust_checkpoint=True)
 
 
 def test_pixel_prior_matches_batchnorm_statistics_and_smoothness():

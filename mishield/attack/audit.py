@@ -107,8 +107,6 @@ def _unique_names(targets: list[AuditTarget]) -> list[str]:
 
 
 def _check_inputs(targets: list[AuditTarget], evaluation: AuditTarget, data, classes: list[int]) -> None:
-    if not targets:
-        raise UsageError("name at least one MODEL to audit.")
     if not data.train:
         raise BadInputError("the private data folder holds no training images; --data must be an ImageFolder of the private classes.")
     for t in targets:
@@ -143,7 +141,7 @@ def _attack_shard(
     prior = prior if prior is not None else PixelPrior(target.preprocessing.input_size)
     try:
         result = PPAAttack(prior, target.model, target.preprocessing, config, runtime).run(classes, progress)
-    except (torch.OutOfMemoryError, RuntimeError) as err:
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
         hint = out_of_memory_hint(err, config.batch_size)
         if hint is None:
             raise
@@ -190,12 +188,17 @@ def run_audit(
     """
     if max_attack_acc is not None and not 0.0 <= max_attack_acc <= 1.0:
         raise UsageError(f"--max-attack-acc is a fraction between 0 and 1, got {max_attack_acc}.")
+    if not targets:
+        raise UsageError("name at least one MODEL to audit.")
     classes = list(range(targets[0].num_classes)) if classes is None else list(classes)
     _check_inputs(targets, evaluation, data, classes)
     runtime = runtime or Runtime(torch.device("cpu"))
+    if runtime.world > len(classes):
+        raise UsageError(f"torchrun started {runtime.world} processes for {len(classes)} audited classes; start at most {len(classes)}.")
     mine = shard_classes(classes, runtime)
     evaluator = Evaluator(evaluation.model, evaluation.preprocessing, runtime, config.batch_size)
-    private_items = [item for item in data.train if item[1] in set(mine)]
+    mine_set = set(mine)
+    private_items = [item for item in data.train if item[1] in mine_set]
     private = evaluator.dataset(private_items, progress)
 
     parts_per_model, natural_accs = [], []
@@ -213,6 +216,7 @@ def run_audit(
 
     names = _unique_names(targets)
     models, rows_per_model = [], {}
+    real: dict[tuple, torch.Tensor] = {}  # (class, image shape) -> private images to show, read once
     for mi, (target, parts) in enumerate(zip(targets, parts_per_model)):
         where = {c: (p, i) for p in parts for i, c in enumerate(p["classes"])}
         top1, top5, knn = (torch.cat([where[c][0][key][where[c][1]] for c in classes]) for key in ("top1", "top5", "knn"))
@@ -226,7 +230,10 @@ def run_audit(
                  "knn_dist": s["knn_dist"], "target_confidence": float(p["target_conf"][i].mean())}
             )  # fmt: skip
             shown = p["shown"][i]
-            rows[c] = class_row(shown, real_images(data.train, c, tuple(shown.shape[1:])))
+            key = (c, tuple(shown.shape[1:]))
+            if key not in real:
+                real[key] = real_images(data.train, c, key[1])
+            rows[c] = class_row(shown, real[key])
         rows_per_model[mi] = rows
         image_steps = sum(p["image_steps"] for p in parts)
         seconds = max(p["seconds"] for p in parts)

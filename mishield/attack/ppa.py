@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -105,25 +105,6 @@ class InversionResult:
     seconds: float
     timings: dict = field(default_factory=dict)
 
-    def subset(self, classes: list[int]) -> InversionResult:
-        rows = [self.classes.index(c) for c in classes]
-        return replace(self, classes=list(classes), images=self.images[rows], final_scores=self.final_scores[rows], initial_scores=self.initial_scores[rows])
-
-    @staticmethod
-    def merge(parts: list[InversionResult], classes: list[int]) -> InversionResult:
-        """Reassemble the per-rank shards of a distributed run in the order of `classes`."""
-        where = {c: (p, i) for p in parts for i, c in enumerate(p.classes)}
-        rows = [where[c] for c in classes]
-        return InversionResult(
-            classes=list(classes),
-            images=torch.stack([p.images[i] for p, i in rows]),
-            final_scores=torch.stack([p.final_scores[i] for p, i in rows]),
-            initial_scores=torch.stack([p.initial_scores[i] for p, i in rows]),
-            image_steps=sum(p.image_steps for p in parts),
-            seconds=max(p.seconds for p in parts),
-            timings={k: max(p.timings.get(k, 0.0) for p in parts) for k in parts[0].timings},
-        )
-
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -141,9 +122,9 @@ def chunks(n: int, batch_size: int) -> Iterator[slice]:
 
 
 class InversionStep:
-    """One attack step's forward: latents -> prior -> random crop -> target -> Poincaré loss.
+    """The attack step: latents -> prior -> random crop -> target -> Poincaré loss, then Adam.
 
-    Returns the summed per-image loss; summing (not averaging) keeps each latent's gradient
+    The loss is the sum of the per-image losses; summing (not averaging) keeps each latent's gradient
     independent of how many other images share its batch, so Adam moves it the same way in any
     batch or on any rank.
     """
@@ -196,13 +177,12 @@ class PPAAttack:
         if runtime.channels_last:
             self.target.to(memory_format=torch.channels_last)
         prior.to(runtime.device, runtime.channels_last)
-        self.model_input = ModelInput(preprocessing, runtime.device)
         self.step = InversionStep(prior, self.target, preprocessing, config, runtime)
 
     @torch.no_grad()
     def _probabilities(self, images: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
         with autocast(self.runtime):
-            x = self.model_input(images, theta)
+            x = self.step.model_input(images, theta)
             if self.runtime.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             return self.target(x).float().softmax(dim=1)
