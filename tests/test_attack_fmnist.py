@@ -94,7 +94,8 @@ def test_generator_free_mode_runs_on_batchnorm_statistics(world, tmp_path):
     )  # fmt: skip
     assert report["prior"]["kind"] == "pixels" and report["prior"]["bn_layers"] > 0
     assert report["models"][0]["metrics"]["n"] == 4 and report["classes"] == [0, 3]
-    assert json.loads((tmp_path / "report.json").read_text())["options"]["lr"] is None  # the prior's default
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["options"]["lr"] is None and saved["prior"]["lr"] == 0.05  # the pixel prior's default
 
 
 def _cli_args(world, out: Path) -> list[str]:

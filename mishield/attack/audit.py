@@ -161,7 +161,7 @@ def _attack_shard(
         "image_steps": result.image_steps,
         "seconds": result.seconds,
         "timings": result.timings,
-        "prior": prior.describe(),
+        "prior": {**prior.describe(), "lr": config.lr if config.lr is not None else prior.default_lr},
     }
 
 
