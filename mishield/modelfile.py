@@ -23,7 +23,9 @@ from mishield.preprocessing import Preprocessing
 
 FORMAT = "mishield-model"
 FORMAT_VERSION = 1
-REGISTRY_PREFIXES = ("timm:", "torchvision:")
+# Architectures rebuilt without asking: registry names, and factories inside mishield itself
+# (the audit's evaluation networks): installed code, not code a file chooses to run.
+TRUSTED_PREFIXES = ("timm:", "torchvision:", "mishield.attack.evalmodel:plain_cnn")
 
 
 def save_model(
@@ -93,7 +95,7 @@ def model_from_payload(payload: dict, *, source: Path | None = None, arch_overri
             f"{source} does not record a rebuildable architecture (it was made from a pickled module); "
             "pass --arch with the architecture it was built from."
         )
-    if isinstance(arch, str) and not arch.startswith(REGISTRY_PREFIXES) and not (arch_override or trust_checkpoint):
+    if isinstance(arch, str) and not arch.startswith(TRUSTED_PREFIXES) and not (arch_override or trust_checkpoint):
         raise BadInputError(
             f"{source} was built by the factory {arch}; importing it runs that module's code, so confirm "
             f"with --arch {arch} (or --trust-checkpoint)."

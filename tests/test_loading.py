@@ -640,3 +640,17 @@ def test_input_files_unchanged(tmp_path, tv_model, timm_model, x):
     assert {k: _sha(p) for k, p in files.items()} == before
     assert {k: p.stat().st_mtime_ns for k, p in files.items()} == mtimes
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files.values())
+
+
+def test_mishield_file_of_the_builtin_eval_network_loads_without_flags(tmp_path):
+    from mishield.attack.evalmodel import DEFAULT_EVAL_ARCH
+    from mishield.modelfile import save_model
+    from mishield.preprocessing import Preprocessing
+
+    model = build_architecture(DEFAULT_EVAL_ARCH, 4).eval()
+    path = save_model(tmp_path / "eval.pt", model, arch=DEFAULT_EVAL_ARCH, num_classes=4, surgery=None,
+                      preprocessing=Preprocessing(input_size=(3, 32, 32)))
+    loaded = load_model(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
