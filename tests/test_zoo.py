@@ -6,6 +6,8 @@ slow: `pytest -m slow tests/test_zoo.py` runs them.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -51,18 +53,27 @@ def _params():
 
 
 def _build(arch: str, size: int) -> nn.Module:
+    """The architecture with calibrated batch-norm statistics and a non-zero head.
+
+    Random weights with default BN statistics make deep networks' activations explode (logits in
+    the thousands), where float32 noise alone exceeds ONNX parity's 1e-4; estimating the BN
+    statistics on a few batches gives the normalised activations a trained model has. A non-zero
+    head (torchvision's ViT head starts at zero) makes "outputs are equal" compare something.
+    """
     torch.manual_seed(0)
-    model = build_architecture(arch, 10).eval()
-    # Random BN statistics and a non-zero head (torchvision's ViT head starts at zero), so that
-    # "outputs are equal" compares something.
+    model = build_architecture(arch, 10)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
             if isinstance(m, nn.Linear):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
-    return model
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the calibration batches
+        model.train()
+        for _ in range(2):
+            model(torch.randn(4, 3, size, size, generator=g))
+    return model.eval()
 
 
 @pytest.mark.parametrize("arch,size,sites", list(_params()))
@@ -107,6 +118,18 @@ def test_zoo_onnx_parity(arch, size, sites, tmp_path):
     model = _build(arch, size)
     for method in ("rolss", "ssf"):
         result = apply_plan(model, plan_surgery(model, method, sites=sites, input_size=(3, size, size)))
+        # In deep random-weight networks float32 itself is up to ~1e-3 away from a float64
+        # forward of the same weights (ResNet-101: torch 1.0e-3, onnxruntime 0.8e-3), so the
+        # default 1e-4 would judge rounding, not the export: allow 1e-4 or 4x that noise floor.
+        atol = max(1e-4, 4 * _float32_noise(result.model, size))
         report = export_onnx(result.model, tmp_path / f"{method}.onnx", input_size=(3, size, size),
-                             metadata={"arch": arch})
-        assert report.max_abs_diff <= 1e-4 and report.top1_agreement == 1.0
+                             metadata={"arch": arch}, atol=atol)
+        assert report.max_abs_diff <= atol and report.top1_agreement == 1.0
+
+
+def _float32_noise(model: nn.Module, size: int) -> float:
+    """Max |logit| difference between the float32 model and a float64 copy on a probe batch."""
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
+    twin = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        return (model.eval()(x).double() - twin(x.double())).abs().max().item()
