@@ -29,7 +29,13 @@ def log_path_for(out: Path) -> Path:
     return out.with_name(out.name + ".train.jsonl")
 
 
+# Options a --recipe file may set (the training recipe and the surgery it applies).
+RECIPE_KEYS = ("method", "alpha", "stage", "sites", "schedule", "epochs", "stage1_epochs", "lr", "batch_size",
+               "bido", "bido_lx", "bido_ly", "seed", "val_fraction")
+
+
 def harden(
+    ctx: typer.Context,
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Where to write the hardened model file.")],
     method: Annotated[str, typer.Option("--method", help="rolss (remove skips) or ssf (scale skips by --alpha).")] = "rolss",
@@ -117,13 +123,30 @@ def harden(
         Optional[int], typer.Option("--workers", min=0, rich_help_panel=TRAINING_PANEL,
                                     help="Data-loading worker processes (default: up to 8 on CUDA, 0 on small CPUs).")
     ] = None,
+    recipe_file: Annotated[
+        Optional[Path],
+        typer.Option("--recipe", help="YAML file of defaults for these options (e.g. recipes/paper-tts.yaml); "
+                                      "flags given on the command line win."),
+    ] = None,
 ) -> None:
     """Rewrite the model's last-stage skip connections (RoLSS / SSF), optionally fine-tune it on your
     private data (TTS / finetune, optional BiDO), and write a hardened model file."""
     from mishield.errors import BadInputError, UsageError
     from mishield.fileio import check_writable
     from mishield.loading import load_model
+    from mishield.recipes import recipe_defaults
     from mishield.surgery import plan_surgery
+
+    r = recipe_defaults(ctx, recipe_file, RECIPE_KEYS)
+    method, alpha, stage, sites = (r.get(k, v) for k, v in
+                                   (("method", method), ("alpha", alpha), ("stage", stage), ("sites", sites)))
+    schedule, epochs, stage1_epochs, lr, batch_size = (r.get(k, v) for k, v in (
+        ("schedule", schedule), ("epochs", epochs), ("stage1_epochs", stage1_epochs), ("lr", lr),
+        ("batch_size", batch_size)))
+    bido, bido_lx, bido_ly, seed, val_fraction = (r.get(k, v) for k, v in (
+        ("bido", bido), ("bido_lx", bido_lx), ("bido_ly", bido_ly), ("seed", seed), ("val_fraction", val_fraction)))
+    if isinstance(sites, str):
+        sites = [sites]
 
     if method not in ("rolss", "ssf"):
         raise UsageError(f"--method must be rolss or ssf, not {method!r}.")

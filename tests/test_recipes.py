@@ -1,0 +1,62 @@
+"""--recipe: YAML defaults that command-line flags override."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mishield.cli import main
+from mishield.cli.harden_cmd import RECIPE_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(argv, capsys):
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def harden(tmp_path, recipe_text, *flags, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    return run(["harden", "torchvision:resnet18", "--input-size", "64", "--out", str(tmp_path / "h.pt"),
+                "--recipe", str(recipe), "--json", *flags], capsys)
+
+
+def test_recipe_sets_defaults(tmp_path, capsys):
+    code, out, err = harden(tmp_path, "method: ssf\nalpha: 0.5\nsites: layer3\n", capsys=capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["method"] == "ssf" and summary["alpha"] == 0.5
+    assert summary["sites"] == ["layer3.0.add", "layer3.1.add"]
+
+
+def test_command_line_flags_win(tmp_path, capsys):
+    code, out, err = harden(tmp_path, "method: ssf\nalpha: 0.5\n", "--alpha", "0.3", capsys=capsys)
+    assert code == 0, err
+    assert json.loads(out)["alpha"] == 0.3
+
+
+def test_unknown_key_is_a_usage_error(tmp_path, capsys):
+    code, out, err = harden(tmp_path, "methd: ssf\n", capsys=capsys)
+    assert code == 2 and "methd" in err and out == ""
+
+
+def test_broken_yaml_is_bad_input(tmp_path, capsys):
+    code, _, err = harden(tmp_path, "method: [ssf\n", capsys=capsys)
+    assert code == 3 and "not valid YAML" in err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_use_known_keys(path):
+    recipe = yaml.safe_load(path.read_text())
+    assert isinstance(recipe, dict) and set(recipe) <= set(RECIPE_KEYS)
+    assert recipe["method"] in ("rolss", "ssf")
