@@ -11,18 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from mishield.cli import main
-
-
-def run(argv, capsys):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from clirun import run_cli as run
 
 
 @pytest.fixture(scope="module")

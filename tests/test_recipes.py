@@ -8,20 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mishield.cli import main
+from clirun import run_cli as run
 from mishield.cli.harden_cmd import RECIPE_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def harden(tmp_path, recipe_text, *flags, capsys):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clirun import run_cli as _cli
 from mishield.bido import BiDOConfig
 from mishield.data import DataSplits, ImageDataset, eval_transform, load_image_folders
 from mishield.errors import UsageError
@@ -293,18 +294,6 @@ def test_ddp_with_two_cpu_processes(fmnist_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # The command line
-
-
-def _cli(argv, capsys):
-    from mishield.cli import main
-
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
