@@ -188,7 +188,12 @@ def _rewrite_site(
 def _scale_module(root: nn.Module, site: SkipSite, alpha: float, scales: dict[str, str]) -> str:
     """Path of the SkipScale module of `site`, registered beside the merge on first use."""
     if site.name not in scales:
-        owner = root.get_submodule(site.block) if site.block else root
+        owner = root
+        for part in site.block.split(".") if site.block else ():
+            # A rewritten model only holds the containers its graphs reference: make the rest.
+            if part not in owner._modules:
+                owner.add_module(part, nn.Module())
+            owner = owner._modules[part]
         i, leaf = 0, "skip_scale"
         while hasattr(owner, leaf):
             i += 1
