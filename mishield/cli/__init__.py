@@ -24,6 +24,8 @@ app = typer.Typer(
 
 def _register() -> None:
     # Imported here so `mishield --help` stays cheap to reach and import errors surface in main().
+    if app.registered_commands:  # main() runs many times in one process under the tests
+        return
     from mishield.cli import export_cmd, harden_cmd, inspect_cmd
 
     app.command("inspect")(inspect_cmd.inspect)
@@ -31,7 +33,6 @@ def _register() -> None:
     app.command("export")(export_cmd.export)
 
     from mishield.cli import audit_cmd, prior_cmd, train_eval_cmd
-
     app.command("audit")(audit_cmd.audit)
     app.command("train-eval")(train_eval_cmd.train_eval)
     app.add_typer(prior_cmd.app, name="prior")
