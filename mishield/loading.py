@@ -88,13 +88,34 @@ def load_model(
     num_classes: int | None = None,
     trust_checkpoint: bool = False,
     input_size: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
 ) -> LoadedModel:
     """Load a classifier from a file or build one from an architecture spec.
 
     `arch` overrides (or supplies) the architecture of a state dict; `num_classes` is inferred
-    from the classifier weight when absent; `input_size` overrides the square input size
-    recorded in the returned preprocessing. Every user mistake raises `BadInputError`.
+    from the classifier weight when absent; `input_size`, `mean` and `std` override the
+    preprocessing the model or file records. Every user mistake raises `BadInputError`.
     """
+    loaded = _load(model, arch, num_classes, trust_checkpoint, input_size)
+    if mean is None and std is None:
+        return loaded
+    prep = loaded.preprocessing
+    channels = prep.input_size[0]
+    for name, values in (("--mean", mean), ("--std", std)):
+        if values is not None and len(values) not in (1, channels):
+            raise UsageError(f"{name} needs 1 or {channels} values (the model has {channels} input channels).")
+    if std is not None and any(v <= 0 for v in std):
+        raise UsageError("--std values must be positive.")
+
+    def per_channel(values, default):
+        return default if values is None else tuple(float(v) for v in values) * (channels if len(values) == 1 else 1)
+
+    prep = dataclasses.replace(prep, mean=per_channel(mean, prep.mean), std=per_channel(std, prep.std))
+    return dataclasses.replace(loaded, preprocessing=prep)
+
+
+def _load(model, arch, num_classes, trust_checkpoint, input_size) -> LoadedModel:
     path = Path(model)
     if not path.exists():
         if isinstance(model, str) and is_arch_spec(model):

@@ -98,3 +98,23 @@ def test_debug_env_shows_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mishield", "inspect", str(junk)], capture_output=True, text=True,
                           env={**__import__("os").environ, "MISHIELD_DEBUG": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_mean_and_std_override_is_recorded(checkpoint, tmp_path, capsys):
+    out_file = tmp_path / "gray.pt"
+    code, _, err = run(["harden", str(checkpoint), "--arch", "torchvision:resnet18", "--input-size", "64",
+                        "--mean", "0.5", "--std", "0.2,0.3,0.4", "--out", str(out_file)], capsys)
+    assert code == 0, err
+    recipe = torch.load(out_file, weights_only=True)["mishield"]
+    assert recipe["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    assert recipe["preprocessing"]["std"] == [0.2, 0.3, 0.4]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mean", "0.5,0.5"], "1 or 3 values"),
+    (["--std", "0,1,1"], "positive"),
+    (["--mean", "a,b"], "comma-separated numbers"),
+])
+def test_bad_mean_or_std_is_a_usage_error(flags, message, tmp_path, capsys):
+    code, _, err = run(["inspect", "torchvision:resnet18", "--input-size", "64", *flags], capsys)
+    assert code == 2 and message in err

@@ -9,12 +9,7 @@ import typer
 
 from mishield.cli import console
 from mishield.cli.options import (
-    ArchOpt,
-    InputSizeOpt,
-    JsonOpt,
-    NumClassesOpt,
-    OverwriteOpt,
-    TrustOpt,
+    ArchOpt, InputSizeOpt, JsonOpt, MeanOpt, NumClassesOpt, OverwriteOpt, StdOpt, TrustOpt, parse_floats,
 )
 
 NO_EVAL_MODEL = (
@@ -51,6 +46,8 @@ def audit(
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,
     input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -80,7 +77,8 @@ def audit(
 
     runtime = make_runtime(device)
     try:
-        load = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "input_size": input_size}
+        load = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "input_size": input_size,
+                "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
         targets = [AuditTarget.from_loaded(load_model(m, **load)) for m in models]
         evaluation = AuditTarget.from_loaded(load_model(eval_model, arch=eval_arch, trust_checkpoint=trust_checkpoint))
         splits = load_image_folders(data)

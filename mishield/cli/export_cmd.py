@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-from mishield.cli.options import ArchOpt, InputSizeOpt, JsonOpt, ModelArg, NumClassesOpt, OverwriteOpt, TrustOpt
+from mishield.cli.options import (
+    ArchOpt, InputSizeOpt, JsonOpt, MeanOpt, ModelArg, NumClassesOpt, OverwriteOpt, StdOpt, TrustOpt, parse_floats,
+)
 
 OutOpt = Annotated[
     Path,
@@ -27,6 +29,8 @@ def export(
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,
     input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     atol: AtolOpt = 1e-4,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
@@ -46,7 +50,8 @@ def export(
     console = Console(stderr=True, soft_wrap=True)  # whole lines in CI logs
     with console.status(f"loading {model}"):
         loaded = load_model(
-            model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint, input_size=input_size
+            model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint, input_size=input_size,
+            mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
         )
     with console.status(f"exporting to {out} and checking it with onnxruntime"):
         report = export_onnx(

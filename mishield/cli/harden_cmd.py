@@ -11,7 +11,8 @@ import typer
 
 from mishield.cli import console
 from mishield.cli.options import (
-    ArchOpt, InputSizeOpt, JsonOpt, ModelArg, NumClassesOpt, OverwriteOpt, SitesOpt, StageOpt, TrustOpt,
+    ArchOpt, InputSizeOpt, JsonOpt, MeanOpt, ModelArg, NumClassesOpt, OverwriteOpt, SitesOpt, StageOpt, StdOpt,
+    TrustOpt, parse_floats,
 )
 
 DEFAULT_EPOCHS_WITH_DATA = 10
@@ -55,6 +56,8 @@ def harden(
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,
     input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
     data: Annotated[
@@ -174,7 +177,7 @@ def harden(
         )
 
     loaded = load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint,
-                        input_size=input_size)
+                        input_size=input_size, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
     if not loaded.supports_surgery:
         raise BadInputError(
             f"{model} is a {loaded.kind} archive, which cannot be rewritten; harden the original checkpoint."

@@ -7,7 +7,8 @@ from rich.table import Table
 
 from mishield.cli import console
 from mishield.cli.options import (
-    ArchOpt, InputSizeOpt, JsonOpt, ModelArg, NumClassesOpt, SitesOpt, StageOpt, TrustOpt,
+    ArchOpt, InputSizeOpt, JsonOpt, MeanOpt, ModelArg, NumClassesOpt, SitesOpt, StageOpt, StdOpt, TrustOpt,
+    parse_floats,
 )
 
 
@@ -17,6 +18,8 @@ def inspect(
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,
     input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     stage: StageOpt = None,
     sites: SitesOpt = None,
     json_output: JsonOpt = False,
@@ -27,7 +30,7 @@ def inspect(
     from mishield.surgery import plan_surgery
 
     loaded = load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint,
-                        input_size=input_size)
+                        input_size=input_size, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
     if not loaded.supports_surgery:
         raise BadInputError(
             f"{model} is a {loaded.kind} archive, which cannot be traced for surgery; inspect the original "

@@ -43,3 +43,26 @@ SitesOpt = Annotated[
     Optional[list[str]],
     typer.Option("--sites", help="Glob over skip-site names (e.g. 'layer4.*'); repeatable; overrides --stage."),
 ]
+
+
+
+def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    """`0.5,0.5,0.5` -> (0.5, 0.5, 0.5); None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        from mishield.errors import UsageError
+
+        raise UsageError(f"{flag} takes comma-separated numbers such as 0.5,0.5,0.5, not {text!r}.") from None
+
+
+MeanOpt = Annotated[
+    Optional[str],
+    typer.Option("--mean", metavar="M[,M,M]", help="Normalisation mean per channel (default: from the model or file)."),
+]
+StdOpt = Annotated[
+    Optional[str],
+    typer.Option("--std", metavar="S[,S,S]", help="Normalisation std per channel (default: from the model or file)."),
+]
