@@ -30,8 +30,14 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mishield.bido import BiDOConfig, FeatureTap, find_feature_modules  # noqa: E402
-from mishield.training import Runtime, TrainStep, _run_epoch, _StageContext, make_runtime  # noqa: E402
+from mishield.bido import BiDOConfig, FeatureTap, find_feature_modules
+from mishield.training import (
+    Runtime,
+    TrainStep,
+    _run_epoch,
+    _StageContext,
+    make_runtime,
+)
 
 
 def _sync(device: torch.device) -> None:

@@ -11,9 +11,10 @@ import importlib.resources
 import os
 import random
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -201,7 +202,7 @@ def _stratified_split(items: list[Item], fraction: float, seed: int) -> tuple[li
     for label in sorted(by_class):
         group = list(by_class[label])
         rng.shuffle(group)
-        n_val = int(round(len(group) * fraction))
+        n_val = round(len(group) * fraction)
         n_val = min(max(n_val, 1), len(group) - 1) if len(group) > 1 else 0
         val.extend(group[:n_val])
         train.extend(group[n_val:])

@@ -14,6 +14,7 @@ it with the full unpickler. Input files are only ever read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -37,12 +38,12 @@ from mishield.preprocessing import Preprocessing
 
 __all__ = [
     "LoadedModel",
-    "load_model",
     "build_architecture",
     "default_preprocessing",
-    "is_arch_spec",
-    "scan_pickle_globals",
     "find_classifier",
+    "is_arch_spec",
+    "load_model",
+    "scan_pickle_globals",
 ]
 
 ARCH_HINT = "pass --arch timm:NAME, torchvision:NAME or package.module:factory"
@@ -207,7 +208,7 @@ def _guarded(label: str, build: Callable[[], object]):
         return build()
     except BadInputError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a user factory may raise anything; report it in one sentence
         raise BadInputError(
             f"Building {label} failed ({type(e).__name__}: {_first_line(e)});"
             " check the architecture spec."
@@ -269,7 +270,7 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
     if callable(get_classifier):
         try:
             head = get_classifier()
-        except Exception:
+        except Exception:  # noqa: BLE001 - third-party models: fall back to the generic search
             head = None
         if isinstance(head, nn.Module) and id(head) in names:
             search.append(head)
@@ -327,7 +328,7 @@ def default_preprocessing(model: nn.Module, arch: str | Callable | None) -> Prep
                 std=tuple(float(v) for v in cfg["std"]),
                 interpolation=str(cfg.get("interpolation", "bicubic")),
             )
-        except Exception:  # a model that only looks like timm
+        except Exception:  # noqa: BLE001 - a model that only looks like timm
             is_timm = False
     if not is_timm:
         size = getattr(model, "image_size", None)
@@ -403,8 +404,8 @@ def _load_safetensors(path: Path, arch, num_classes, trust: bool, input_size) ->
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type; every failure is bad input
         if "incomplete" in str(e) or "not fully covered" in str(e) or _safetensors_truncated(path):
             raise BadInputError(f"{path.name} is a truncated safetensors file; re-download or re-save it.") from None
         raise BadInputError(f"{path.name} is not a PyTorch/safetensors model file ({_first_line(e)}).") from None
@@ -432,7 +433,7 @@ def _safetensors_truncated(path: Path) -> bool:
             header = json.loads(f.read(header_len))
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
         return 8 + header_len + max(ends, default=0) > size
-    except Exception:
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return False
 
 
@@ -445,7 +446,7 @@ def _torch_load_safe(path: Path):
 def _load_torch(path: Path, arch, num_classes, trust: bool, input_size) -> LoadedModel:
     try:
         obj = _torch_load_safe(path)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types; sorted out right below
         obj = _after_safe_load_failed(path, e, trust)
     if isinstance(obj, nn.Module) or _nested_module(obj) is not None:
         return _from_pickled_module(obj, path, num_classes, input_size)
@@ -476,7 +477,7 @@ def _after_safe_load_failed(path: Path, error: Exception, trust: bool):
                 f"{name} needs the Python module {e.name or e} to load;"
                 " install it, or save a state_dict instead."
             ) from None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - trusted unpickling runs the file's own code
             raise BadInputError(
                 f"{name} could not be unpickled even with --trust-checkpoint "
                 f"({type(e).__name__}: {_first_line(e)}); re-save it as a state_dict."
@@ -530,7 +531,7 @@ def _load_torchscript(path: Path, num_classes, input_size) -> LoadedModel:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # jit deprecation notice: nothing the user can act on
             model = torch.jit.load(str(path), map_location="cpu")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure means a damaged archive
         raise BadInputError(
             f"{path.name} looks like a TorchScript archive but cannot be loaded ({_first_line(e)});"
             " re-export it."
@@ -552,7 +553,7 @@ def _load_exported(path: Path, num_classes, input_size) -> LoadedModel:
     try:
         program = torch.export.load(str(path))
         model = program.module()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure means a damaged program
         raise BadInputError(
             f"{path.name} looks like a torch.export program but cannot be loaded ({_first_line(e)});"
             " re-export it."
@@ -592,7 +593,7 @@ def _exported_shapes(program) -> tuple[tuple[int, ...] | None, tuple[int, ...] |
         in_shape = shape(inputs[0]) if len(inputs) == 1 else None
         out_args = outputs[0].args[0] if outputs else ()
         out_shape = shape(out_args[0]) if isinstance(out_args, (tuple, list)) and len(out_args) == 1 else None
-    except Exception:
+    except (AttributeError, IndexError, KeyError, TypeError):
         return None, None
     if in_shape and -1 in in_shape[1:]:
         in_shape = None
@@ -616,7 +617,9 @@ def _is_mishield(obj) -> bool:
     if not isinstance(obj, Mapping):
         return False
     try:
-        from mishield import modelfile  # imports LoadedModel from here, hence the late import
+        from mishield import (
+            modelfile,  # imports LoadedModel from here, hence the late import
+        )
     except ImportError as e:
         if "modelfile" not in str(e):
             raise
@@ -804,7 +807,7 @@ def scan_pickle_globals(data: bytes) -> tuple[list[str], str]:
                     pushed.append(None)
                 if len(pushed) > 256:
                     del pushed[:-8]
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - pickletools on arbitrary bytes
             # Only claim truncation for something that started like a pickle (PROTO opcode).
             ran_out = any(s in str(e) for s in ("exhausted", "remain", "not enough data"))
             if data[:1] == b"\x80" and ran_out and state == "invalid":
@@ -816,12 +819,11 @@ def scan_pickle_globals(data: bytes) -> tuple[list[str], str]:
 
 def _allowed_globals() -> set[str]:
     allowed = {"argparse.Namespace", "collections.OrderedDict"}
-    try:
+    # Private API; without it, fall back to the tensor-rebuilding functions below.
+    with contextlib.suppress(ImportError, AttributeError, TypeError):
         from torch._weights_only_unpickler import _get_allowed_globals
 
         allowed |= set(_get_allowed_globals())
-    except Exception:  # private API; fall back to the tensor-rebuilding functions
-        pass
     for obj in torch.serialization.get_safe_globals():
         if not isinstance(obj, tuple):
             allowed.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")

@@ -30,9 +30,10 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -303,7 +304,7 @@ def _export_torchscript(model: torch.jit.ScriptModule, example: torch.Tensor, dy
         program = TS2EPConverter(model, (example.to(_device(model)),)).convert()
         # The converter leaves every dimension symbolic; re-exporting its module pins C, H, W.
         return _export_dynamo(program.module(), example, dynamic), "dynamo (TorchScript converted)"
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - private converter; the legacy exporter is the fallback
         logging.getLogger(__name__).debug("TorchScript conversion failed, using the legacy exporter: %s", err)
     return _export_legacy(model, example, dynamic), "torchscript"
 

@@ -21,7 +21,7 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         return cls(
             input_size=tuple(int(v) for v in d.get("input_size", cls.input_size)),
             mean=tuple(float(v) for v in d.get("mean", IMAGENET_MEAN)),
@@ -29,7 +29,7 @@ class Preprocessing:
             interpolation=str(d.get("interpolation", "bilinear")),
         )
 
-    def with_input_size(self, size: int | None) -> "Preprocessing":
+    def with_input_size(self, size: int | None) -> Preprocessing:
         """Square override of the spatial size (`--input-size`)."""
         if size is None:
             return self

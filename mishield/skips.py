@@ -17,8 +17,7 @@ import operator
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from mishield.errors import BadInputError, UsageError

@@ -21,8 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from mishield.errors import BadInputError, UsageError
 from mishield.skips import (

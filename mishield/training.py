@@ -29,9 +29,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,8 +39,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mishield.bido import BiDOConfig, FeatureTap, bido_terms, declared_feature_modules, find_feature_modules
-from mishield.data import DataSplits, ImageDataset, Item, eval_transform, train_transform
+from mishield.bido import (
+    BiDOConfig,
+    FeatureTap,
+    bido_terms,
+    declared_feature_modules,
+    find_feature_modules,
+)
+from mishield.data import (
+    DataSplits,
+    ImageDataset,
+    Item,
+    eval_transform,
+    train_transform,
+)
 from mishield.errors import BadInputError, MishieldError, UsageError
 from mishield.fileio import atomic_output
 from mishield.preprocessing import Preprocessing
@@ -108,7 +120,7 @@ class TrainingRecipe:
 
     def milestone_epochs(self) -> list[int]:
         total = self.total_epochs
-        return sorted({max(1, int(round(f * total))) for f in self.milestones})
+        return sorted({max(1, round(f * total)) for f in self.milestones})
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -238,7 +250,14 @@ def _progress(enabled: bool) -> Iterator[object | None]:
         yield None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     with Progress(
@@ -306,8 +325,7 @@ def _clean_worker_error(err: Exception) -> MishieldError | None:
         text = str(err).strip().splitlines()
         last = text[-1] if text else ""
         prefix = f"{type(err).__module__}.{type(err).__name__}: "
-        if last.startswith(prefix):
-            last = last[len(prefix) :]
+        last = last.removeprefix(prefix)
         return type(err)(last or str(err))
     return None
 
@@ -424,7 +442,7 @@ def save_state(path: Path, state: dict) -> None:
 def load_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged zip
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged zip
         raise BadInputError(
             f"{path} is not a readable training state ({type(err).__name__}); delete it and start over."
         ) from None
@@ -438,7 +456,7 @@ def load_state(path: Path) -> dict:
 def _check_fingerprint(path: Path, saved: dict, current: dict) -> None:
     for key, value in current.items():
         if key in saved and saved[key] != value:
-            shown = lambda v: json.dumps(v)[:80]  # noqa: E731
+            shown = lambda v: json.dumps(v)[:80]
             raise UsageError(
                 f"{path} was made by a different run ({key} was {shown(saved[key])}, now {shown(value)}); "
                 "rerun with the original settings to resume, or pass --overwrite to start over."

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 import torchvision
-
 from clirun import run_cli as run
 
 
@@ -76,7 +75,7 @@ def test_harden_writes_a_file_that_loads_with_no_flags(checkpoint, tmp_path, cap
 ])
 def test_bad_usage_and_input_exit_codes(argv, code, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    got, out, err = run(argv, capsys)
+    got, _, err = run(argv, capsys)
     assert got == code, err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "x.pt").exists()
@@ -85,7 +84,7 @@ def test_bad_usage_and_input_exit_codes(argv, code, message, tmp_path, capsys):
 def test_random_bytes_exit_3_in_a_real_process(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00\x01not a model" * 100)
-    proc = subprocess.run([sys.executable, "-m", "mishield", "inspect", str(junk)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "mishield", "inspect", str(junk)], capture_output=True, text=True, check=False)
     assert proc.returncode == 3
     assert proc.stdout == ""
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
@@ -95,7 +94,7 @@ def test_random_bytes_exit_3_in_a_real_process(tmp_path):
 def test_debug_env_shows_traceback(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"garbage")
-    proc = subprocess.run([sys.executable, "-m", "mishield", "inspect", str(junk)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "mishield", "inspect", str(junk)], capture_output=True, text=True, check=False,
                           env={**__import__("os").environ, "MISHIELD_DEBUG": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 

@@ -125,7 +125,7 @@ def test_corrupt_image_is_named(tmp_path, corruption):
     # the lazy path (verify=False) still names the file when it is decoded
     splits = load_image_folders(root, verify=False)
     ds = ImageDataset(splits.train, eval_transform(Preprocessing((3, 8, 8))))
-    bad = [i for i, (p, _) in enumerate(ds.items) if p.name == "bad.png"][0]
+    bad = next(i for i, (p, _) in enumerate(ds.items) if p.name == "bad.png")
     with pytest.raises(BadInputError, match="bad.png"):
         ds[bad]
 

@@ -503,7 +503,7 @@ def test_mishield_safetensors_goes_to_modelfile(tmp_path, fake_modelfile):
     path = tmp_path / "hardened.safetensors"
     save_file({"w": torch.ones(2)}, str(path), metadata={"mishield": '{"arch": "timm:x", "surgery": null}'})
     load_model(path, arch="timm:y", trust_checkpoint=True)
-    (payload, source, override, trust), = fake_modelfile
+    (payload, _source, override, trust), = fake_modelfile
     assert payload["mishield"] == {"arch": "timm:x", "surgery": None}
     assert torch.equal(payload["state_dict"]["w"], torch.ones(2)) and override == "timm:y" and trust
 

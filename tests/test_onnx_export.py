@@ -152,7 +152,7 @@ def test_torchscript_module(tmp_path):
 
 
 def test_torchscript_falls_back_to_legacy_exporter(tmp_path, monkeypatch):
-    import torch._export.converter as converter
+    from torch._export import converter
 
     def broken(*args, **kwargs):
         raise RuntimeError("converter cannot handle this module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from clirun import run_cli as run
+
 from mishield.cli.harden_cmd import RECIPE_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,15 @@ import typer
 
 from mishield.cli import console
 from mishield.cli.options import (
-    ArchOpt, InputSizeOpt, JsonOpt, MeanOpt, NumClassesOpt, OverwriteOpt, StdOpt, TrustOpt, parse_floats,
+    ArchOpt,
+    InputSizeOpt,
+    JsonOpt,
+    MeanOpt,
+    NumClassesOpt,
+    OverwriteOpt,
+    StdOpt,
+    TrustOpt,
+    parse_floats,
 )
 
 NO_EVAL_MODEL = (

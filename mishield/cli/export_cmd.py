@@ -9,7 +9,16 @@ from typing import Annotated
 import typer
 
 from mishield.cli.options import (
-    ArchOpt, InputSizeOpt, JsonOpt, MeanOpt, ModelArg, NumClassesOpt, OverwriteOpt, StdOpt, TrustOpt, parse_floats,
+    ArchOpt,
+    InputSizeOpt,
+    JsonOpt,
+    MeanOpt,
+    ModelArg,
+    NumClassesOpt,
+    OverwriteOpt,
+    StdOpt,
+    TrustOpt,
+    parse_floats,
 )
 
 OutOpt = Annotated[

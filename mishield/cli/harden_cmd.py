@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from mishield.cli import console
 from mishield.cli.options import (
-    ArchOpt, InputSizeOpt, JsonOpt, MeanOpt, ModelArg, NumClassesOpt, OverwriteOpt, SitesOpt, StageOpt, StdOpt,
-    TrustOpt, parse_floats,
+    ArchOpt,
+    InputSizeOpt,
+    JsonOpt,
+    MeanOpt,
+    ModelArg,
+    NumClassesOpt,
+    OverwriteOpt,
+    SitesOpt,
+    StageOpt,
+    StdOpt,
+    TrustOpt,
+    parse_floats,
 )
 
 DEFAULT_EPOCHS_WITH_DATA = 10
@@ -41,11 +51,11 @@ def harden(
     out: Annotated[Path, typer.Option("--out", help="Where to write the hardened model file.")],
     method: Annotated[str, typer.Option("--method", help="rolss (remove skips) or ssf (scale skips by --alpha).")] = "rolss",
     alpha: Annotated[
-        Optional[float],
+        float | None,
         typer.Option("--alpha", min=0.0, max=1.0, help="SSF scale k (default 0.2 additive, 0.01 concatenative)."),
     ] = None,
     epochs: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--epochs", min=0, show_default=False, rich_help_panel=TRAINING_PANEL,
                      help=f"Fine-tuning epochs after surgery (TTS stage 2). Default: {DEFAULT_EPOCHS_WITH_DATA} "
                           "with --data, else 0 (surgery only)."),
@@ -61,35 +71,35 @@ def harden(
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
     data: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--data", rich_help_panel=TRAINING_PANEL,
                      help="Private training images: an ImageFolder (one sub-folder per class), or a folder "
                           "with train/ and val/ ImageFolders."),
     ] = None,
     val_data: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--val-data", rich_help_panel=TRAINING_PANEL,
                      help="Validation ImageFolder (default: DATA/val, or --val-fraction of DATA)."),
     ] = None,
     val_fraction: Annotated[
-        Optional[float],
+        float | None,
         typer.Option("--val-fraction", min=0.0, max=1.0, rich_help_panel=TRAINING_PANEL,
                      help="Hold out this fraction of each class of DATA for validation (seeded by --seed)."),
     ] = None,
     schedule: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--schedule", show_default=False, rich_help_panel=TRAINING_PANEL,
                      help="tts (stage 1 with full skips, then surgery + stage 2) or finetune (surgery, then "
                           "train). Default: finetune for a trained checkpoint (its training was stage 1), "
                           "tts for an untrained architecture spec."),
     ] = None,
     stage1_epochs: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--stage1-epochs", min=0, show_default=False, rich_help_panel=TRAINING_PANEL,
                      help="TTS stage-1 epochs with full skips (default 5, the paper's)."),
     ] = None,
     lr: Annotated[
-        Optional[float],
+        float | None,
         typer.Option("--lr", min=0.0, show_default=False, rich_help_panel=TRAINING_PANEL,
                      help="Adam learning rate (default 1e-4 for a trained checkpoint, the recipe's 1e-3 for "
                           "random weights or --reset-head); decays x0.1 at 75% and 90% of all epochs."),
@@ -123,11 +133,11 @@ def harden(
                            help="Replace the classifier with a new one for DATA's classes.")
     ] = False,
     workers: Annotated[
-        Optional[int], typer.Option("--workers", min=0, rich_help_panel=TRAINING_PANEL,
+        int | None, typer.Option("--workers", min=0, rich_help_panel=TRAINING_PANEL,
                                     help="Data-loading worker processes (default: up to 8 on CUDA, 0 on small CPUs).")
     ] = None,
     recipe_file: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--recipe", help="YAML file of defaults for these options (e.g. recipes/paper-tts.yaml); "
                                       "flags given on the command line win."),
     ] = None,
@@ -188,7 +198,8 @@ def harden(
 
     from mishield.bido import BiDOConfig
     from mishield.data import check_num_classes, load_image_folders
-    from mishield.training import TrainingRecipe, default_lr, reset_head as reset_classifier, run_schedule
+    from mishield.training import TrainingRecipe, default_lr, run_schedule
+    from mishield.training import reset_head as reset_classifier
 
     splits = load_image_folders(data, val_dir=val_data, val_fraction=val_fraction, seed=seed)
     model_classes = loaded.num_classes

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-
 from rich.table import Table
 
 from mishield.cli import console
 from mishield.cli.options import (
-    ArchOpt, InputSizeOpt, JsonOpt, MeanOpt, ModelArg, NumClassesOpt, SitesOpt, StageOpt, StdOpt, TrustOpt,
+    ArchOpt,
+    InputSizeOpt,
+    JsonOpt,
+    MeanOpt,
+    ModelArg,
+    NumClassesOpt,
+    SitesOpt,
+    StageOpt,
+    StdOpt,
+    TrustOpt,
     parse_floats,
 )
 

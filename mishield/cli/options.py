@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,11 +15,11 @@ ModelArg = Annotated[
     ),
 ]
 ArchOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--arch", help="Architecture: timm:NAME, torchvision:NAME or package.module:factory."),
 ]
 NumClassesOpt = Annotated[
-    Optional[int],
+    int | None,
     typer.Option("--num-classes", min=1, help="Number of classes (default: inferred from the classifier weight)."),
 ]
 TrustOpt = Annotated[
@@ -30,17 +30,17 @@ TrustOpt = Annotated[
     ),
 ]
 InputSizeOpt = Annotated[
-    Optional[int],
+    int | None,
     typer.Option("--input-size", min=8, help="Square input size in pixels (default: from the model)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
 StageOpt = Annotated[
-    Optional[int],
+    int | None,
     typer.Option("--stage", help="Resolution stage to rewrite (0-based; negative counts from the end; default -1)."),
 ]
 SitesOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--sites", help="Glob over skip-site names (e.g. 'layer4.*'); repeatable; overrides --stage."),
 ]
 
@@ -59,10 +59,10 @@ def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
 
 
 MeanOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--mean", metavar="M[,M,M]", help="Normalisation mean per channel (default: from the model or file)."),
 ]
 StdOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--std", metavar="S[,S,S]", help="Normalisation std per channel (default: from the model or file)."),
 ]
