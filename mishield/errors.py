@@ -33,3 +33,10 @@ class ParityError(MishieldError):
     """The exported ONNX model does not compute what the PyTorch model computes (exit code 5)."""
 
     exit_code = 5
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none), for
+    the one-sentence errors mishield prints in place of tracebacks."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(err).__name__)[:limit]

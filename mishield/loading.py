@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mishield.errors import BadInputError, UsageError
+from mishield.errors import BadInputError, UsageError, first_line
 from mishield.fileio import sha256_file
 from mishield.preprocessing import Preprocessing
 
@@ -210,7 +210,7 @@ def _guarded(label: str, build: Callable[[], object]):
         raise
     except Exception as e:  # noqa: BLE001 - a user factory may raise anything; report it in one sentence
         raise BadInputError(
-            f"Building {label} failed ({type(e).__name__}: {_first_line(e)});"
+            f"Building {label} failed ({type(e).__name__}: {first_line(e)});"
             " check the architecture spec."
         ) from None
 
@@ -281,9 +281,6 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
             if layers:
                 return names[id(layers[-1])], layers[-1]
     return None
-
-
-_classifier = find_classifier  # the name mishield.attack.evalmodel imports
 
 
 def _count_classes(model: nn.Module) -> int | None:
@@ -408,7 +405,7 @@ def _load_safetensors(path: Path, arch, num_classes, trust: bool, input_size) ->
     except Exception as e:  # noqa: BLE001 - safetensors' own error type; every failure is bad input
         if "incomplete" in str(e) or "not fully covered" in str(e) or _safetensors_truncated(path):
             raise BadInputError(f"{path.name} is a truncated safetensors file; re-download or re-save it.") from None
-        raise BadInputError(f"{path.name} is not a PyTorch/safetensors model file ({_first_line(e)}).") from None
+        raise BadInputError(f"{path.name} is not a PyTorch/safetensors model file ({first_line(e)}).") from None
     if "mishield" in metadata:
         try:
             recipe = json.loads(metadata["mishield"])
@@ -480,7 +477,7 @@ def _after_safe_load_failed(path: Path, error: Exception, trust: bool):
         except Exception as e:  # noqa: BLE001 - trusted unpickling runs the file's own code
             raise BadInputError(
                 f"{name} could not be unpickled even with --trust-checkpoint "
-                f"({type(e).__name__}: {_first_line(e)}); re-save it as a state_dict."
+                f"({type(e).__name__}: {first_line(e)}); re-save it as a state_dict."
             ) from None
     if isinstance(error, EOFError) or state == "truncated":
         raise BadInputError(f"{name} is truncated or damaged; re-download or re-save it.")
@@ -499,7 +496,7 @@ def _torch_reason(error: Exception) -> str:
     """The informative part of a torch.load error (its weights-only preamble is about code execution)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
     inner = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    return (inner.group(1).strip() if inner else _first_line(error))[:200]
+    return (inner.group(1).strip() if inner else first_line(error))[:200]
 
 
 def _from_pickled_module(obj, path: Path, num_classes, input_size) -> LoadedModel:
@@ -533,7 +530,7 @@ def _load_torchscript(path: Path, num_classes, input_size) -> LoadedModel:
             model = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means a damaged archive
         raise BadInputError(
-            f"{path.name} looks like a TorchScript archive but cannot be loaded ({_first_line(e)});"
+            f"{path.name} looks like a TorchScript archive but cannot be loaded ({first_line(e)});"
             " re-export it."
         ) from None
     model.eval()
@@ -555,7 +552,7 @@ def _load_exported(path: Path, num_classes, input_size) -> LoadedModel:
         model = program.module()
     except Exception as e:  # noqa: BLE001 - any failure means a damaged program
         raise BadInputError(
-            f"{path.name} looks like a torch.export program but cannot be loaded ({_first_line(e)});"
+            f"{path.name} looks like a torch.export program but cannot be loaded ({first_line(e)});"
             " re-export it."
         ) from None
     # An exported program is frozen in the mode it was exported in; its module refuses train()/eval().
@@ -616,15 +613,11 @@ def _check_num_classes(name: str, found: int | None, requested: int | None) -> N
 def _is_mishield(obj) -> bool:
     if not isinstance(obj, Mapping):
         return False
-    try:
-        from mishield import (
-            modelfile,  # imports LoadedModel from here, hence the late import
-        )
-    except ImportError as e:
-        if "modelfile" not in str(e):
-            raise
-        return False  # a build without the model-file module cannot have written one
-    return bool(modelfile.is_mishield_payload(obj))
+    from mishield import (
+        modelfile,  # imports LoadedModel from here, hence the late import
+    )
+
+    return modelfile.is_mishield_payload(obj)
 
 
 def _from_mishield(payload, path: Path, arch, num_classes, input_size, trust: bool) -> LoadedModel:
@@ -750,11 +743,6 @@ def _load_into(model: nn.Module, sd: dict, name: str, label: str) -> None:
 
 def _first3(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 # --------------------------------------------------------------------------- pickle scanning

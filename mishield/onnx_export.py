@@ -255,7 +255,7 @@ def _check_forward(model: nn.Module, example: torch.Tensor) -> None:
         y = _forward(model, example)
     except Exception as err:
         raise BadInputError(
-            f"the model fails on a {shape} input ({_first_line(err)}); check --input-size."
+            f"the model fails on a {shape} input ({_innermost_cause(err)}); check --input-size."
         ) from err
     if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != example.shape[0]:
         got = f"a tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else f"a {type(y).__name__}"
@@ -275,7 +275,7 @@ def _export(model: nn.Module, example: torch.Tensor, dynamic: bool):
     except MishieldError:
         raise
     except Exception as err:
-        raise BadInputError(f"ONNX export failed ({_first_line(err)}); {_DEBUG_HINT}.") from err
+        raise BadInputError(f"ONNX export failed ({_innermost_cause(err)}); {_DEBUG_HINT}.") from err
 
 
 def _export_dynamo(model: nn.Module, example: torch.Tensor, dynamic: bool):
@@ -340,7 +340,7 @@ def _check_graph(proto) -> None:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as err:
-        raise ParityError(f"the exported graph fails onnx.checker ({_first_line(err)}); {_DEBUG_HINT}.") from err
+        raise ParityError(f"the exported graph fails onnx.checker ({_innermost_cause(err)}); {_DEBUG_HINT}.") from err
 
 
 def _parity(model: nn.Module, path: Path, input_size, batch: int, seed: int) -> tuple[float, float]:
@@ -354,7 +354,7 @@ def _parity(model: nn.Module, path: Path, input_size, batch: int, seed: int) -> 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
     except Exception as err:
-        raise ParityError(f"onnxruntime cannot run the exported model ({_first_line(err)}); {_DEBUG_HINT}.") from err
+        raise ParityError(f"onnxruntime cannot run the exported model ({_innermost_cause(err)}); {_DEBUG_HINT}.") from err
     if got.shape != reference.shape:
         raise ParityError(
             f"onnxruntime returns logits of shape {got.shape} for a batch of {batch}, PyTorch "
@@ -394,7 +394,7 @@ def _quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _first_line(err: BaseException) -> str:
+def _innermost_cause(err: BaseException) -> str:
     # torch wraps the real problem (the operator it could not convert, the guard it could not
     # satisfy) in generic "this is step k/3" advice; the innermost cause names it.
     root = err

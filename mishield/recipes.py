@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from mishield.errors import BadInputError, UsageError
+from mishield.errors import BadInputError, UsageError, first_line
 
 
 def load_recipe(path: Path) -> dict:
@@ -26,7 +26,7 @@ def load_recipe(path: Path) -> dict:
     try:
         recipe = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise BadInputError(f"recipe {path} is not valid YAML ({str(err).splitlines()[0]}).") from err
+        raise BadInputError(f"recipe {path} is not valid YAML ({first_line(err)}).") from err
     if recipe is None:
         return {}
     if not isinstance(recipe, dict):

@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from mishield.errors import BadInputError, UsageError
+from mishield.errors import BadInputError, UsageError, first_line
 
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
 ADD_METHODS = {"add", "add_"}
@@ -164,9 +164,8 @@ def trace(model: nn.Module, training: bool) -> fx.Graph:
     try:
         return _Tracer().trace(model)
     except Exception as err:  # fx raises many types (TraceError, TypeError, NotImplementedError...)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BadInputError(
-            f"torch.fx cannot trace {type(model).__name__} ({first[:200]}); mishield needs a model whose "
+            f"torch.fx cannot trace {type(model).__name__} ({first_line(err)}); mishield needs a model whose "
             "forward has no data-dependent Python control flow (MISHIELD_DEBUG=1 shows where it failed)."
         ) from err
     finally:
@@ -247,9 +246,8 @@ def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> SkipAnalysis:
         with torch.no_grad():
             ShapeProp(gm).propagate(probe)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BadInputError(
-            f"the model does not run on a {input_size[0]}x{input_size[1]}x{input_size[2]} input ({first[:200]}); "
+            f"the model does not run on a {input_size[0]}x{input_size[1]}x{input_size[2]} input ({first_line(err)}); "
             "pass the right --input-size."
         ) from err
     finally:

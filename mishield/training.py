@@ -768,27 +768,39 @@ def fit(
         _default_workers(rt) if workers is None else workers, compile, progress, log, state_path=state_path,
     )
     fingerprint = _fingerprint(recipe, data, None)
-    resume_state = None
-    history: list[dict] = []
-    if state_path is not None and resume and Path(state_path).exists():
-        resume_state = load_state(Path(state_path))
-        _check_fingerprint(Path(state_path), resume_state.get("fingerprint", {}), fingerprint)
-        history = list(resume_state.get("history", []))
-
-    def checkpoint(m, opt, sched, hist):
-        if state_path is not None and rt.is_main:
-            epoch = hist[-1]["epoch"] if hist else 0
-            save_state(Path(state_path), _state_dict("train", epoch, m, opt, sched, hist, recipe, fingerprint, {}))
-        rt.barrier()
-
+    resume_state = _resume_state(state_path, resume, fingerprint, recipe)
+    history: list[dict] = list(resume_state["history"]) if resume_state else []
     t0 = time.perf_counter()
     try:
-        _train_stage(ctx, model, "train", 0, epochs, resume=resume_state, checkpoint=checkpoint,
+        _train_stage(ctx, model, "train", 0, epochs, resume=resume_state,
+                     checkpoint=_checkpointer(rt, state_path, "train", recipe, fingerprint, {}),
                      history=history, stop_after=stop_after)
     finally:
         rt.close()
     return FitResult(_to_cpu_eval(model), history, time.perf_counter() - t0,
                      int(resume_state["epoch"]) if resume_state else None)
+
+
+def _resume_state(state_path: Path | None, resume: bool, fingerprint: dict, recipe: TrainingRecipe) -> dict | None:
+    """The saved state to continue from (checked against this run), or None for a fresh start."""
+    if not (resume and state_path is not None and Path(state_path).exists()):
+        return None
+    state = load_state(Path(state_path))
+    _check_fingerprint(Path(state_path), state.get("fingerprint", {}), fingerprint)
+    if float(state["recipe"]["lr"]) != recipe.lr:
+        _rescale_lr(state, recipe.lr / float(state["recipe"]["lr"]))
+    return state
+
+
+def _checkpointer(rt: Runtime, state_path: Path | None, stage: str, recipe: TrainingRecipe, fingerprint: dict,
+                  metrics: dict) -> Callable:
+    """The after-every-epoch save of a stage's resumable state (rank 0 writes, every rank waits)."""
+    def save(m, opt, sched, hist):
+        if state_path is not None and rt.is_main:
+            epoch = hist[-1]["epoch"] if hist else 0
+            save_state(Path(state_path), _state_dict(stage, epoch, m, opt, sched, hist, recipe, fingerprint, metrics))
+        rt.barrier()
+    return save
 
 
 def _fingerprint(recipe: TrainingRecipe, data: DataSplits, plan_spec: dict | None) -> dict:
@@ -894,12 +906,7 @@ def _run_schedule(rt, model, plan, data, preprocessing, recipe, *, workers, comp
     plan_record = {"method": plan.method, "alpha": plan.alpha, "sites": list(plan.selected)}
     fingerprint = _fingerprint(recipe, data, plan_record)
 
-    state = None
-    if resume and state_path is not None and Path(state_path).exists():
-        state = load_state(Path(state_path))
-        _check_fingerprint(Path(state_path), state.get("fingerprint", {}), fingerprint)
-        if float(state["recipe"]["lr"]) != recipe.lr:
-            _rescale_lr(state, recipe.lr / float(state["recipe"]["lr"]))
+    state = _resume_state(state_path, resume, fingerprint, recipe)
     history: list[dict] = list(state["history"]) if state else []
     metrics: dict = dict(state.get("metrics", {})) if state else {}
 
@@ -915,14 +922,6 @@ def _run_schedule(rt, model, plan, data, preprocessing, recipe, *, workers, comp
         metrics["natural_acc_before"] = evaluate(model)
     else:
         log.write("resume", stage=state["stage"], epoch=state["epoch"])
-
-    def checkpointer(stage: str):
-        def save(m, opt, sched, hist):
-            if state_path is not None and rt.is_main:
-                epoch = hist[-1]["epoch"] if hist else 0
-                save_state(Path(state_path), _state_dict(stage, epoch, m, opt, sched, hist, recipe, fingerprint, metrics))
-            rt.barrier()
-        return save
 
     stages = recipe.stages
     resume_index = [s[0] for s in stages].index(state["stage"]) if state else -1
@@ -942,7 +941,8 @@ def _run_schedule(rt, model, plan, data, preprocessing, recipe, *, workers, comp
             current.load_state_dict(stage_state["model"])
             continue
         if end > first:
-            _train_stage(ctx, current, name, first, end, resume=stage_state, checkpoint=checkpointer(name),
+            _train_stage(ctx, current, name, first, end, resume=stage_state,
+                         checkpoint=_checkpointer(rt, state_path, name, recipe, fingerprint, metrics),
                          history=history, stop_after=stop_after)
 
     metrics["natural_acc_after"] = evaluate(current)
