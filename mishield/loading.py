@@ -41,6 +41,7 @@ __all__ = [
     "build_architecture",
     "default_preprocessing",
     "find_classifier",
+    "import_factory",
     "is_arch_spec",
     "load_model",
     "scan_pickle_globals",
@@ -166,27 +167,28 @@ def build_architecture(arch: str | Callable, num_classes: int | None) -> nn.Modu
         return _check_module(
             _guarded(arch, lambda: torchvision.models.get_model(name, weights=None, **kwargs)), arch
         )
-    return _check_module(_call_factory(_import_factory(arch), num_classes, arch), arch)
+    return _check_module(_call_factory(import_factory(arch), num_classes, arch), arch)
 
 
-def _import_factory(spec: str) -> Callable:
+def import_factory(spec: str, flag: str = "--arch") -> Callable:
+    """The callable a `package.module:factory` spec names (importing the module runs its code)."""
     module_name, _, attr_path = spec.partition(":")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
         raise BadInputError(
-            f"Cannot import module {module_name!r} for --arch {spec} ({e});"
+            f"Cannot import module {module_name!r} for {flag} {spec} ({e});"
             " check the spec and PYTHONPATH."
         ) from None
     for attr in attr_path.split("."):
         if not hasattr(obj, attr):
             raise BadInputError(
-                f"Module {module_name!r} has no attribute {attr_path!r} (--arch {spec});"
+                f"Module {module_name!r} has no attribute {attr_path!r} ({flag} {spec});"
                 " check the spec."
             )
         obj = getattr(obj, attr)
     if not callable(obj):
-        raise BadInputError(f"{spec} is not callable; --arch package.module:factory must name a function or class.")
+        raise BadInputError(f"{spec} is not callable; {flag} package.module:factory must name a function or class.")
     return obj
 
 

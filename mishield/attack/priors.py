@@ -12,7 +12,6 @@ A prior turns latents into images in [-1, 1]. Four kinds plug into the same atta
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import itertools
 import json
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from mishield.errors import BadInputError, UsageError
+from mishield.fileio import atomic_output
 
 PRIOR_FORMAT = "mishield.prior/dcgan"
 PRIOR_FORMAT_VERSION = 1
@@ -93,8 +93,6 @@ def save_generator(path: Path, generator: DCGANGenerator, training: dict, overwr
     """A self-describing safetensors file: weights plus the config that rebuilds the generator."""
     from safetensors.torch import save_file
 
-    from mishield.fileio import atomic_output
-
     meta = {"format": PRIOR_FORMAT, "version": PRIOR_FORMAT_VERSION, "config": generator.config(), "training": training}
     state = {k: v.detach().float().contiguous().cpu() for k, v in generator.state_dict().items()}
     with atomic_output(path, overwrite) as tmp:
@@ -104,12 +102,11 @@ def save_generator(path: Path, generator: DCGANGenerator, training: dict, overwr
 
 def load_generator_file(path: Path) -> tuple[DCGANGenerator, dict]:
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one read: metadata and tensors
             meta = json.loads((f.metadata() or {}).get("mishield", "{}"))
-        state = load_file(str(path))
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except Exception as err:  # noqa: BLE001 - safetensors' own error types are not importable by a stable name
         raise BadInputError(f"{path} is not a readable safetensors file ({err}); pass a prior made by `mishield prior train`.") from None
     if meta.get("format") != PRIOR_FORMAT:
@@ -350,15 +347,9 @@ def _probe_output(
 
 
 def _load_factory(spec: str) -> nn.Module:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise BadInputError(f"cannot import {module_name} for --prior {spec} ({err}); check the name and PYTHONPATH.") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise BadInputError(f"{module_name} has no callable `{attr}` for --prior {spec}.")
-    generator = factory()
+    from mishield.loading import import_factory
+
+    generator = import_factory(spec, "--prior")()
     if not isinstance(generator, nn.Module):
         raise BadInputError(f"--prior {spec} returned {type(generator).__name__}, not a torch.nn.Module generator.")
     return generator
@@ -590,9 +581,8 @@ def train_prior(
             "opt_g": opt_g.state_dict(),
             "opt_d": opt_d.state_dict(),
         }
-        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(ckpt_path)
+        with atomic_output(ckpt_path, overwrite=True) as tmp:
+            torch.save(state, tmp)
 
     _recalibrate_bn(generator, device, torch.Generator().manual_seed(config.seed + 7))
     training = {
