@@ -39,7 +39,7 @@ from mishield.attack.poincare import poincare_loss
 from mishield.attack.ppa import InversionStep, make_config
 from mishield.attack.priors import DCGANGenerator, GeneratorPrior
 from mishield.preprocessing import Preprocessing
-from mishield.training import Runtime
+from mishield.runtime import Runtime
 
 SETTINGS = {
     "cuda": {"arch": "resnet152", "input": 224, "resolution": 128, "latent": 128, "width": 64, "classes": 530,

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from mishield.loading import build_architecture
+from mishield.models import build_architecture
 from mishield.onnx_export import export_onnx
 
 

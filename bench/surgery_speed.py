@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from mishield.loading import build_architecture
+from mishield.models import build_architecture
 from mishield.surgery import apply_plan, plan_surgery
 
 

@@ -31,13 +31,8 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mishield.bido import BiDOConfig, FeatureTap, find_feature_modules
-from mishield.training import (
-    Runtime,
-    TrainStep,
-    _run_epoch,
-    _StageContext,
-    make_runtime,
-)
+from mishield.runtime import Runtime, make_runtime
+from mishield.training import TrainStep, _run_epoch, _StageContext
 
 
 def _sync(device: torch.device) -> None:

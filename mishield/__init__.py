@@ -1,3 +1,79 @@
-"""mishield: harden image classifiers against model-inversion attacks, and prove it."""
+"""mishield: harden image classifiers against model-inversion attacks, and prove it.
+
+The public API (everything in `__all__`), grouped by what a user does:
+
+* load and save models: `load_model`, `save_model`, `LoadedModel`;
+* find skip connections and rewrite them: `analyse`, `plan_surgery`, `apply_plan`,
+  `SkipSite`, `SurgeryPlan`, `SurgeryResult`;
+* fine-tune: `TrainingRecipe`, `run_schedule`;
+* export: `export_onnx`, `OnnxExportReport`;
+* errors, each carrying the CLI's exit code: `MishieldError`, `UsageError`, `BadInputError`,
+  `PrivacyGateError`, `ParityError`.
+
+Names are imported on first use, so `import mishield` (and `mishield --help`) stays cheap and
+does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_API = {
+    "LoadedModel": "mishield.models",
+    "load_model": "mishield.models",
+    "save_model": "mishield.models",
+    "SkipSite": "mishield.surgery",
+    "SurgeryPlan": "mishield.surgery",
+    "SurgeryResult": "mishield.surgery",
+    "analyse": "mishield.surgery",
+    "apply_plan": "mishield.surgery",
+    "plan_surgery": "mishield.surgery",
+    "TrainingRecipe": "mishield.training",
+    "run_schedule": "mishield.training",
+    "OnnxExportReport": "mishield.onnx_export",
+    "export_onnx": "mishield.onnx_export",
+    "MishieldError": "mishield.errors",
+    "UsageError": "mishield.errors",
+    "BadInputError": "mishield.errors",
+    "PrivacyGateError": "mishield.errors",
+    "ParityError": "mishield.errors",
+}
+
+__all__ = [
+    "BadInputError",
+    "LoadedModel",
+    "MishieldError",
+    "OnnxExportReport",
+    "ParityError",
+    "PrivacyGateError",
+    "SkipSite",
+    "SurgeryPlan",
+    "SurgeryResult",
+    "TrainingRecipe",
+    "UsageError",
+    "__version__",
+    "analyse",
+    "apply_plan",
+    "export_onnx",
+    "load_model",
+    "plan_surgery",
+    "run_schedule",
+    "save_model",
+]
+
+
+def __getattr__(name: str):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mishield' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+

@@ -143,7 +143,7 @@ def export_onnx(
 
 
 def loaded_model_metadata(loaded: Any) -> dict[str, str]:
-    """ONNX metadata for a `mishield.loading.LoadedModel`: what rebuilds and feeds the model."""
+    """ONNX metadata for a `mishield.models.LoadedModel`: what rebuilds and feeds the model."""
     props: dict[str, str] = {}
     if loaded.arch:
         props["arch"] = str(loaded.arch)

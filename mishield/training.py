@@ -26,8 +26,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +54,14 @@ from mishield.data import (
 from mishield.errors import BadInputError, MishieldError, UsageError
 from mishield.fileio import atomic_output
 from mishield.preprocessing import Preprocessing
+from mishield.runtime import (
+    Runtime,
+    autocast,
+    default_workers,
+    make_runtime,
+    resolve_device,
+    seed_epoch,
+)
 
 SCHEDULES = ("tts", "finetune")
 RECIPE_LR = 1e-3  # the paper's (fine-tuning from ImageNet weights, or training a new head)
@@ -127,92 +133,6 @@ class TrainingRecipe:
         d["betas"], d["milestones"] = list(self.betas), list(self.milestones)
         d["bido"] = self.bido.to_dict() if self.bido else None
         return d
-
-
-# ---------------------------------------------------------------------------------------------
-# Devices and processes
-
-
-@dataclass
-class Runtime:
-    """Where this process trains: device, precision, and its place in a torchrun job."""
-
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    amp_dtype: torch.dtype | None = None
-    channels_last: bool = False
-    owns_process_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self.owns_process_group = False
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` picks CUDA when present (DESIGN.md §6)."""
-    text = str(device)
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise UsageError(f"--device {text!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {text} asks for CUDA, but no CUDA device is available; use --device cpu.")
-    return dev
-
-
-def make_runtime(device: str | torch.device = "auto") -> Runtime:
-    """Join the torchrun job if there is one (gloo on CPU, NCCL on CUDA) and pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = resolve_device(device)
-    owns = False
-    rank = 0
-    if world > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if dev.type == "cuda":
-            dev = torch.device("cuda", local_rank)
-            torch.cuda.set_device(dev)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-            owns = True
-        rank, world = dist.get_rank(), dist.get_world_size()
-    amp = None
-    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-        amp = torch.bfloat16
-    return Runtime(dev, rank, world, amp, channels_last=dev.type == "cuda", owns_process_group=owns)
-
-
-def _seed_epoch(seed: int, epoch: int, rank: int) -> int:
-    s = (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**31 - 1)
-    torch.manual_seed(s)
-    random.seed(s)
-    np.random.seed(s)
-    return s
-
-
-def _default_workers(runtime: Runtime) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = max(1, cpus // max(1, runtime.world if runtime.device.type == "cuda" else 1))
-    if runtime.device.type == "cuda":
-        return min(8, per_rank)
-    # On CPU the training step needs the cores; decoding in the main process is the better trade
-    # on small machines.
-    return 0 if per_rank <= 4 else min(4, per_rank // 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,8 +286,7 @@ class TrainStep:
         y = y.to(rt.device, non_blocking=True)
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None)
-        with autocast:
+        with autocast(rt):
             logits = self.model(x)
         ce = F.cross_entropy(logits.float(), y)
         loss = ce
@@ -558,7 +477,7 @@ def _train_stage(
     try:
         with _progress(ctx.progress and rt.is_main) as bar:
             for epoch in range(start, end):
-                _seed_epoch(recipe.seed, epoch, rt.rank)
+                seed_epoch(recipe.seed, epoch, rt.rank)
                 loader = _loader(
                     ctx.data.train, train_tf, channels, batch_size=recipe.batch_size, runtime=rt,
                     workers=ctx.workers, train=True, seed=recipe.seed, epoch=epoch,
@@ -686,7 +605,7 @@ def evaluate_accuracy(
     if runtime is None and dist.is_initialized():
         rt.rank, rt.world = dist.get_rank(), dist.get_world_size()
     shard = list(items)[rt.rank :: rt.world] if rt.distributed else list(items)
-    workers = _default_workers(rt) if workers is None else workers
+    workers = default_workers(rt) if workers is None else workers
     was_training = model.training
     model.eval()
     model.to(rt.device)
@@ -700,7 +619,7 @@ def evaluate_accuracy(
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
             if rt.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
+            with autocast(rt):
                 logits = model(x)
             correct += (logits.argmax(dim=1) == y).sum()
     except Exception as err:
@@ -765,7 +684,7 @@ def fit(
     log = JsonlLog(log_path, enabled=rt.is_main)
     ctx = _StageContext(
         rt, recipe, data, preprocessing, num_classes,
-        _default_workers(rt) if workers is None else workers, compile, progress, log, state_path=state_path,
+        default_workers(rt) if workers is None else workers, compile, progress, log, state_path=state_path,
     )
     fingerprint = _fingerprint(recipe, data, None)
     resume_state = _resume_state(state_path, resume, fingerprint, recipe)
@@ -900,7 +819,7 @@ def _run_schedule(rt, model, plan, data, preprocessing, recipe, *, workers, comp
     log = JsonlLog(log_path, enabled=rt.is_main)
     ctx = _StageContext(
         rt, recipe, data, preprocessing, num_classes,
-        _default_workers(rt) if workers is None else workers, compile, progress, log,
+        default_workers(rt) if workers is None else workers, compile, progress, log,
         feature_names=declared_feature_modules(model), state_path=state_path,
     )
     plan_record = {"method": plan.method, "alpha": plan.alpha, "sites": list(plan.selected)}
@@ -972,7 +891,7 @@ def reset_head(model: nn.Module, num_classes: int) -> nn.Module:
     if callable(reset):  # timm
         reset(num_classes)
         return model
-    from mishield.loading import find_classifier
+    from mishield.models import find_classifier
 
     found = find_classifier(model)
     old = found[1] if found else None

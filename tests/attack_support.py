@@ -40,7 +40,7 @@ def tiny_resnet(num_classes: int = 10, width: int = 16) -> nn.Module:
 
 def small_plain_cnn(num_classes: int = 10) -> nn.Module:
     """The default evaluation architecture at a test-sized width (skip-free, unlike the target)."""
-    from mishield.attack.evalmodel import plain_cnn
+    from mishield.models.plaincnn import plain_cnn
 
     return plain_cnn(num_classes, width=16)
 

@@ -97,7 +97,7 @@ def test_prior_train_and_train_eval_write_loadable_files(tiny_data, tmp_path, ca
     )  # fmt: skip
     assert code == 0
     assert json.loads(out)["classes"] == ["a", "b", "c"]
-    from mishield.loading import load_model
+    from mishield.models import load_model
 
     loaded = load_model(eval_file, arch="attack_support:small_plain_cnn")
     assert loaded.num_classes == 3 and loaded.preprocessing.input_size == (3, 16, 16)

@@ -25,7 +25,7 @@ from mishield.attack.ppa import (
 from mishield.attack.priors import DCGANGenerator, GeneratorPrior, Prior
 from mishield.errors import BadInputError, UsageError
 from mishield.preprocessing import Preprocessing
-from mishield.training import Runtime
+from mishield.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"))
 HALF = Preprocessing((3, 8, 8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # normalised input == prior image
@@ -169,7 +169,7 @@ def test_memory_errors_become_one_sentence_about_batch_size():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_step_loop_never_synchronises_with_the_host():
-    from mishield.training import make_runtime
+    from mishield.runtime import make_runtime
 
     runtime = make_runtime("cuda")
     prior = GeneratorPrior(DCGANGenerator(16, 32, 3, 8), 16, {"source": "test"})

@@ -22,8 +22,7 @@ from mishield.attack.ppa import make_config
 from mishield.attack.priors import PriorTrainingConfig, load_prior, train_prior
 from mishield.cli import main
 from mishield.data import load_image_folders
-from mishield.loading import load_model
-from mishield.modelfile import save_model
+from mishield.models import load_model, save_model
 from mishield.preprocessing import Preprocessing
 from mishield.training import fit
 

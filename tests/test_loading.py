@@ -23,7 +23,7 @@ from torch import nn
 
 import mishield
 from mishield.errors import BadInputError, UsageError
-from mishield.loading import (
+from mishield.models import (
     LoadedModel,
     build_architecture,
     default_preprocessing,
@@ -475,7 +475,7 @@ def test_default_preprocessing_uses_vit_image_size():
 @pytest.fixture
 def fake_modelfile(monkeypatch):
     calls = []
-    fake = types.ModuleType("mishield.modelfile")
+    fake = types.SimpleNamespace()
     fake.is_mishield_payload = lambda obj: isinstance(obj, dict) and "mishield" in obj
     def model_from_payload(payload, *, source, arch_override, trust_checkpoint):
         calls.append((payload, source, arch_override, trust_checkpoint))
@@ -484,8 +484,7 @@ def fake_modelfile(monkeypatch):
             recipe=payload["mishield"], source=source, kind="mishield",
         )
     fake.model_from_payload = model_from_payload
-    monkeypatch.setitem(sys.modules, "mishield.modelfile", fake)
-    monkeypatch.setattr(mishield, "modelfile", fake, raising=False)
+    monkeypatch.setattr(mishield.models.loading, "modelfile", fake)
     return calls
 
 
@@ -511,7 +510,7 @@ def test_mishield_safetensors_goes_to_modelfile(tmp_path, fake_modelfile):
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_mishield_file_round_trip(tmp_path, small_model, x, suffix):
     """With the real model-file module: an output loads back with no flags and no trust."""
-    from mishield.modelfile import save_model
+    from mishield.models import save_model
 
     pre = Preprocessing(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     path = save_model(
@@ -644,7 +643,7 @@ def test_input_files_unchanged(tmp_path, tv_model, timm_model, x):
 
 def test_mishield_file_of_the_builtin_eval_network_loads_without_flags(tmp_path):
     from mishield.attack.evalmodel import DEFAULT_EVAL_ARCH
-    from mishield.modelfile import save_model
+    from mishield.models import save_model
     from mishield.preprocessing import Preprocessing
 
     model = build_architecture(DEFAULT_EVAL_ARCH, 4).eval()

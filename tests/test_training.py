@@ -18,8 +18,7 @@ from torch import nn
 from mishield.bido import BiDOConfig
 from mishield.data import DataSplits, ImageDataset, eval_transform, load_image_folders
 from mishield.errors import UsageError
-from mishield.loading import load_model
-from mishield.modelfile import save_model
+from mishield.models import load_model, save_model
 from mishield.preprocessing import Preprocessing
 from mishield.surgery import plan_surgery
 from mishield.training import (
@@ -239,7 +238,7 @@ DDP_SCRIPT = textwrap.dedent(
     import json, os, sys, torch
     from pathlib import Path
     from mishield.data import load_image_folders, DataSplits
-    from mishield.loading import load_model
+    from mishield.models import load_model
     from mishield.surgery import plan_surgery
     from mishield.training import TrainingRecipe, run_schedule
     from mishield.bido import BiDOConfig

@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mishield.loading import build_architecture, load_model
-from mishield.modelfile import save_model
+from mishield.models import build_architecture, load_model, save_model
 from mishield.preprocessing import Preprocessing
 from mishield.surgery import apply_plan, plan_surgery
 

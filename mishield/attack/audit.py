@@ -32,7 +32,8 @@ from mishield.attack.report import (
 )
 from mishield.errors import BadInputError, UsageError
 from mishield.preprocessing import Preprocessing
-from mishield.training import Runtime, evaluate_accuracy
+from mishield.runtime import Runtime
+from mishield.training import evaluate_accuracy
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -49,7 +50,7 @@ class AuditTarget:
 
     @classmethod
     def from_loaded(cls, loaded, name: str | None = None) -> AuditTarget:
-        """From `mishield.loading.LoadedModel`."""
+        """From `mishield.models.LoadedModel`."""
         source = loaded.source
         label = name or (Path(source).name if source else str(loaded.arch))
         num_classes = loaded.num_classes
@@ -183,7 +184,7 @@ def run_audit(
     """Audit `targets` (the first is the baseline of the Δ columns); returns the report on rank 0.
 
     `data` is `mishield.data.DataSplits` of the private data; `prior=None` is the generator-free
-    (BatchNorm-statistics) mode; `runtime` (default CPU) is `mishield.training.make_runtime`'s, whose
+    (BatchNorm-statistics) mode; `runtime` (default CPU) is `mishield.runtime.make_runtime`'s, whose
     rank and world size shard the classes under torchrun. Writes report.json, report.html and grids/ into `out_dir`.
     """
     if max_attack_acc is not None and not 0.0 <= max_attack_acc <= 1.0:

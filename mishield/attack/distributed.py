@@ -1,6 +1,6 @@
 """Sharding an audit across the processes `torchrun` starts (DESIGN.md §6: no home-made launcher).
 
-The process group and device come from `mishield.training.make_runtime`, the project's one
+The process group and device come from `mishield.runtime.make_runtime`, the project's one
 device policy. Each rank attacks its own share of the target classes; rank 0 gathers the
 per-class outcomes and writes the one report. Nothing else crosses processes: the
 initial-selection pool comes from the seed and the crops from hashed counters (`augment`), so a
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from mishield.training import Runtime
+from mishield.runtime import Runtime
 
 
 def shard_classes(classes: list[int], runtime: Runtime) -> list[int]:

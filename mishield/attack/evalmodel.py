@@ -14,34 +14,13 @@ import torch
 from torch import nn
 
 from mishield.attack.inputs import ModelInput
-from mishield.attack.ppa import autocast, chunks
+from mishield.attack.ppa import chunks
 from mishield.errors import BadInputError
-from mishield.loading import find_classifier
+from mishield.models import find_classifier
 from mishield.preprocessing import Preprocessing
-from mishield.training import Runtime
+from mishield.runtime import Runtime, autocast
 
-DEFAULT_EVAL_ARCH = "mishield.attack.evalmodel:plain_cnn"
-
-
-def plain_cnn(num_classes: int = 10, in_chans: int = 3, width: int = 32) -> nn.Module:
-    """A VGG-style network without skip connections: the default evaluation architecture.
-
-    Being skip-free makes it as different as possible from the ResNet-like targets the audit
-    usually judges, which is what the protocol asks of an evaluation model.
-    """
-
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-    w = width
-    return nn.Sequential(
-        *block(in_chans, w), *block(w, w), nn.MaxPool2d(2),
-        *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-        *block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.MaxPool2d(2),
-        *block(4 * w, 8 * w),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
-        nn.Linear(8 * w, num_classes),
-    )  # fmt: skip
+DEFAULT_EVAL_ARCH = "mishield.models.plaincnn:plain_cnn"
 
 
 class Evaluator:
@@ -109,7 +88,7 @@ def train_eval_model(
     data_dir: str | Path,
     out: str | Path,
     *,
-    arch: str = DEFAULT_EVAL_ARCH,
+    arch: str | None = None,
     input_size: int = 224,
     epochs: int = 20,
     lr: float = 1e-3,
@@ -125,10 +104,10 @@ def train_eval_model(
     """
     from mishield.data import load_image_folders
     from mishield.fileio import check_writable
-    from mishield.loading import build_architecture, default_preprocessing
-    from mishield.modelfile import save_model
+    from mishield.models import build_architecture, default_preprocessing, save_model
     from mishield.training import evaluate_accuracy, fit
 
+    arch = arch or DEFAULT_EVAL_ARCH
     out = Path(out)
     check_writable(out, overwrite)
     splits = load_image_folders(data_dir, val_fraction=val_fraction, seed=seed)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -28,7 +27,7 @@ from mishield.attack.poincare import poincare_loss
 from mishield.attack.priors import Prior
 from mishield.errors import UsageError
 from mishield.preprocessing import Preprocessing
-from mishield.training import Runtime
+from mishield.runtime import Runtime, autocast
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -84,13 +83,6 @@ def make_config(preset: str = "quick", **overrides) -> AttackConfig:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}.")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return AttackConfig(**values).validate()
-
-
-def autocast(runtime: Runtime):
-    """bf16 autocast where the runtime enables it (CUDA); a no-op on CPU."""
-    if runtime.amp_dtype is None:
-        return nullcontext()
-    return torch.autocast(runtime.device.type, dtype=runtime.amp_dtype)
 
 
 @dataclass

@@ -347,7 +347,7 @@ def _probe_output(
 
 
 def _load_factory(spec: str) -> nn.Module:
-    from mishield.loading import import_factory
+    from mishield.models import import_factory
 
     generator = import_factory(spec, "--prior")()
     if not isinstance(generator, nn.Module):

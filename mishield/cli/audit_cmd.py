@@ -64,12 +64,12 @@ def audit(
     from mishield.attack.distributed import broadcast
     from mishield.attack.ppa import make_config
     from mishield.attack.priors import load_prior
-    from mishield.attack.progress import progress_bars
     from mishield.attack.report import check_outputs, summary_table
+    from mishield.cli.progress import progress_bars
     from mishield.data import load_image_folders
     from mishield.errors import PrivacyGateError, UsageError
-    from mishield.loading import load_model
-    from mishield.training import make_runtime
+    from mishield.models import load_model
+    from mishield.runtime import make_runtime
 
     config = make_config(
         preset, samples=samples, candidates=candidates, iterations=iterations, keep=keep,

@@ -52,7 +52,7 @@ def export(
     from rich.console import Console
 
     from mishield.fileio import check_writable
-    from mishield.loading import load_model
+    from mishield.models import load_model
     from mishield.onnx_export import export_onnx, loaded_model_metadata
 
     check_writable(out, overwrite)  # before loading and exporting, which take a while

@@ -146,7 +146,7 @@ def harden(
     private data (TTS / finetune, optional BiDO), and write a hardened model file."""
     from mishield.errors import BadInputError, UsageError
     from mishield.fileio import check_writable
-    from mishield.loading import load_model
+    from mishield.models import load_model
     from mishield.recipes import recipe_defaults
     from mishield.surgery import plan_surgery
 
@@ -242,7 +242,7 @@ def harden(
 
 
 def _surgery_only(loaded, model, out, method, alpha, stage, sites, overwrite, json_output) -> None:
-    from mishield.modelfile import save_model
+    from mishield.models import save_model
     from mishield.surgery import apply_plan, plan_surgery
 
     plan = plan_surgery(loaded.model, method, alpha=alpha, stage=stage, sites=sites,
@@ -275,7 +275,7 @@ def _surgery_only(loaded, model, out, method, alpha, stage, sites, overwrite, js
 
 
 def _write_trained(loaded, out: Path, result, splits, num_classes: int, overwrite: bool) -> None:
-    from mishield.modelfile import save_model
+    from mishield.models import save_model
 
     previous = list((loaded.recipe or {}).get("surgery") or [])
     training = result.training_record() | {"classes": list(splits.classes), "train_images": len(splits.train),

@@ -34,7 +34,7 @@ def inspect(
 ) -> None:
     """List the model's skip connections and mark the ones RoLSS / SSF would change."""
     from mishield.errors import BadInputError
-    from mishield.loading import load_model
+    from mishield.models import load_model
     from mishield.surgery import plan_surgery
 
     loaded = load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint,

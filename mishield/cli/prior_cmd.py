@@ -36,9 +36,9 @@ def train(
         load_generator_file,
         train_prior,
     )
-    from mishield.attack.progress import progress_bars
+    from mishield.cli.progress import progress_bars
     from mishield.errors import UsageError
-    from mishield.training import resolve_device
+    from mishield.runtime import resolve_device
 
     if channels not in (None, 1, 3):
         raise UsageError(f"--channels must be 1 or 3, got {channels}.")

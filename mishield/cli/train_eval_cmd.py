@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from mishield.attack.evalmodel import DEFAULT_EVAL_ARCH
 from mishield.cli import console
 from mishield.cli.options import JsonOpt, OverwriteOpt
 
@@ -15,7 +14,7 @@ from mishield.cli.options import JsonOpt, OverwriteOpt
 def train_eval(
     data: Annotated[Path, typer.Option("--data", help="Private data the audited models were trained on (ImageFolder).")],
     out: Annotated[Path, typer.Option("--out", help="Evaluation model file to write.")],
-    arch: Annotated[str, typer.Option("--arch", help="Architecture, different from the audited models' (timm:NAME, torchvision:NAME, package.module:factory).")] = DEFAULT_EVAL_ARCH,
+    arch: Annotated[str | None, typer.Option("--arch", help="Architecture, different from the audited models' (timm:NAME, torchvision:NAME, package.module:factory; default: mishield's skip-free VGG-style CNN).")] = None,
     input_size: Annotated[int, typer.Option("--input-size", min=8, help="Square input size in pixels.")] = 224,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
@@ -28,7 +27,7 @@ def train_eval(
 ) -> None:
     """Train an evaluation model (default: a skip-free VGG-style CNN) on the private data for `mishield audit`."""
     from mishield.attack.evalmodel import train_eval_model
-    from mishield.training import resolve_device
+    from mishield.runtime import resolve_device
 
     summary = train_eval_model(
         data, out, arch=arch, input_size=input_size, epochs=epochs, lr=lr, batch_size=batch_size,

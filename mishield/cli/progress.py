@@ -1,6 +1,6 @@
 """Progress bars on stderr for the long phases (prior training, attack), as a plain callback.
 
-The library reports progress through `callback(description, done, total)` and never imports
+The library reports progress through `mishield.progress.ProgressCallback` and never imports
 rich itself; the CLI passes the callback this context manager yields. Updates only touch host
 counters, so calling it every attack step costs no device synchronisation.
 """

@@ -19,13 +19,18 @@ from torch import nn
 from mishield import __version__
 from mishield.errors import BadInputError
 from mishield.fileio import atomic_output, sha256_file
+from mishield.models.architecture import build_architecture
+from mishield.models.loaded import LoadedModel
 from mishield.preprocessing import Preprocessing
+from mishield.surgery import rebuild
 
 FORMAT = "mishield-model"
 FORMAT_VERSION = 1
 # Architectures rebuilt without asking: registry names, and factories inside mishield itself
 # (the audit's evaluation networks): installed code, not code a file chooses to run.
-TRUSTED_PREFIXES = ("timm:", "torchvision:", "mishield.attack.evalmodel:plain_cnn")
+TRUSTED_PREFIXES = ("timm:", "torchvision:", "mishield.models.plaincnn:plain_cnn")
+# Specs that earlier mishield versions recorded for architectures that have since moved.
+_MOVED_ARCHS = {"mishield.attack.evalmodel:plain_cnn": "mishield.models.plaincnn:plain_cnn"}
 
 
 def save_model(
@@ -81,15 +86,13 @@ def is_mishield_payload(obj) -> bool:
 
 def model_from_payload(payload: dict, *, source: Path | None = None, arch_override=None, trust_checkpoint: bool = False):
     """Rebuild the model a mishield file describes and load its weights (returns a LoadedModel)."""
-    from mishield.loading import LoadedModel, build_architecture
-    from mishield.surgery import rebuild
 
     recipe = payload["mishield"]
     if recipe.get("format_version", 0) > FORMAT_VERSION:
         raise BadInputError(
             f"{source} was written by a newer mishield (format {recipe['format_version']}); upgrade mishield to read it."
         )
-    arch = arch_override or recipe.get("arch")
+    arch = arch_override or _MOVED_ARCHS.get(recipe.get("arch"), recipe.get("arch"))
     if arch is None:
         raise BadInputError(
             f"{source} does not record a rebuildable architecture (it was made from a pickled module); "

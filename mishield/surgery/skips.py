@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from mishield.errors import BadInputError, UsageError, first_line
+from mishield.surgery.rewired import SkipRewiredModel
 
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
 ADD_METHODS = {"add", "add_"}
@@ -153,8 +154,6 @@ def trace(model: nn.Module, training: bool) -> fx.Graph:
     Modules that branch on `self.training` in Python (dropout, functional batch norm) are baked
     into the graph, which is why surgery keeps one graph per mode.
     """
-    from mishield.surgery import SkipRewiredModel
-
     if isinstance(model, SkipRewiredModel):
         # Re-tracing generated code would lose the module paths that name skip sites; reuse
         # the stored graph instead (a second surgery on an already hardened model).

@@ -14,19 +14,12 @@ it with the full unpickler. Input files are only ever read.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import difflib
-import importlib
-import inspect
-import io
 import json
-import pickletools
 import re
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,20 +27,24 @@ from torch import nn
 
 from mishield.errors import BadInputError, UsageError, first_line
 from mishield.fileio import sha256_file
+from mishield.models import modelfile
+from mishield.models.architecture import (
+    ARCH_HINT,
+    arch_label,
+    build_architecture,
+    callable_spec,
+    is_arch_spec,
+)
+from mishield.models.introspect import (
+    count_classes,
+    default_preprocessing,
+    find_classifier,
+)
+from mishield.models.loaded import LoadedModel
+from mishield.models.pickles import pickle_imports
 from mishield.preprocessing import Preprocessing
 
-__all__ = [
-    "LoadedModel",
-    "build_architecture",
-    "default_preprocessing",
-    "find_classifier",
-    "import_factory",
-    "is_arch_spec",
-    "load_model",
-    "scan_pickle_globals",
-]
-
-ARCH_HINT = "pass --arch timm:NAME, torchvision:NAME or package.module:factory"
+__all__ = ["load_model"]
 
 # Checked in this order. The raw training weights win over an EMA copy: they are what the
 # training run evaluated and exported unless the user chose otherwise, and an EMA taken early
@@ -59,28 +56,6 @@ _EMA_KEYS = ("state_dict_ema", "model_ema")
 # Stripped only while every key carries them: DataParallel/DDP, torch.compile, Lightning-style wrappers.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
-_SPEC_RE = re.compile(r"^(?:timm|torchvision):\S+$|^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
-_SCAN_LIMIT = 64 << 20  # the object graph of a legacy/raw pickle precedes its tensor bytes
-
-
-@dataclass
-class LoadedModel:
-    """A classifier ready to use (eval mode, CPU) and everything known about where it came from."""
-
-    model: nn.Module
-    arch: str | None
-    num_classes: int | None
-    preprocessing: Preprocessing
-    recipe: dict | None = None
-    source: Path | None = None
-    source_sha256: str | None = None
-    kind: str = "state_dict"  # "state_dict" | "mishield" | "pickled_module" | "torchscript" | "exported" | "spec"
-    supports_surgery: bool = True
-
-
-def is_arch_spec(text: str) -> bool:
-    """True when `text` has the shape of `timm:NAME`, `torchvision:NAME` or `package.module:factory`."""
-    return bool(_SPEC_RE.match(text))
 
 
 def load_model(
@@ -122,7 +97,7 @@ def _load(model, arch, num_classes, trust_checkpoint, input_size) -> LoadedModel
     if not path.exists():
         if isinstance(model, str) and is_arch_spec(model):
             if arch is not None and arch != model:
-                raise UsageError(f"MODEL {model} is already an architecture spec; drop --arch {_arch_label(arch)}.")
+                raise UsageError(f"MODEL {model} is already an architecture spec; drop --arch {arch_label(arch)}.")
             return _from_spec(model, num_classes, input_size)
         raise BadInputError(f"No such file: {path}; pass a model file or an architecture spec such as timm:resnet50.")
     if path.is_dir():
@@ -135,216 +110,6 @@ def _load(model, arch, num_classes, trust_checkpoint, input_size) -> LoadedModel
     return dataclasses.replace(loaded, source=path, source_sha256=digest)
 
 
-# --------------------------------------------------------------------------- architectures
-
-
-def build_architecture(arch: str | Callable, num_classes: int | None) -> nn.Module:
-    """Instantiate `arch` with random weights (`num_classes=None`: the architecture's default)."""
-    if callable(arch) and not isinstance(arch, str):
-        return _check_module(_call_factory(arch, num_classes, _arch_label(arch)), _arch_label(arch))
-    if not isinstance(arch, str) or not is_arch_spec(arch):
-        raise BadInputError(f"{arch!r} is not an architecture spec; {ARCH_HINT}.")
-    family, _, name = arch.partition(":")
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if family == "timm":
-        import timm
-
-        if not timm.is_model(name):
-            raise BadInputError(
-                f"timm has no model named {name!r} ({arch}){_did_you_mean(name, timm.list_models())}; "
-                f"list candidates with timm.list_models('*{_name_stem(name)}*')."
-            )
-        return _check_module(_guarded(arch, lambda: timm.create_model(name, pretrained=False, **kwargs)), arch)
-    if family == "torchvision":
-        import torchvision
-
-        known = torchvision.models.list_models()
-        if name not in known:
-            raise BadInputError(
-                f"torchvision has no model named {name!r} ({arch}){_did_you_mean(name, known)}; "
-                "list candidates with torchvision.models.list_models()."
-            )
-        return _check_module(
-            _guarded(arch, lambda: torchvision.models.get_model(name, weights=None, **kwargs)), arch
-        )
-    return _check_module(_call_factory(import_factory(arch), num_classes, arch), arch)
-
-
-def import_factory(spec: str, flag: str = "--arch") -> Callable:
-    """The callable a `package.module:factory` spec names (importing the module runs its code)."""
-    module_name, _, attr_path = spec.partition(":")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise BadInputError(
-            f"Cannot import module {module_name!r} for {flag} {spec} ({e});"
-            " check the spec and PYTHONPATH."
-        ) from None
-    for attr in attr_path.split("."):
-        if not hasattr(obj, attr):
-            raise BadInputError(
-                f"Module {module_name!r} has no attribute {attr_path!r} ({flag} {spec});"
-                " check the spec."
-            )
-        obj = getattr(obj, attr)
-    if not callable(obj):
-        raise BadInputError(f"{spec} is not callable; {flag} package.module:factory must name a function or class.")
-    return obj
-
-
-def _call_factory(factory: Callable, num_classes: int | None, label: str) -> nn.Module:
-    if num_classes is None:
-        return _guarded(label, factory)
-    try:
-        params = inspect.signature(factory).parameters.values()
-        takes = any(p.name == "num_classes" or p.kind is p.VAR_KEYWORD for p in params)
-    except (TypeError, ValueError):  # builtins / C extensions without a signature
-        takes = True
-    if takes:
-        return _guarded(label, lambda: factory(num_classes=num_classes))
-    return _guarded(label, factory)
-
-
-def _guarded(label: str, build: Callable[[], object]):
-    try:
-        return build()
-    except BadInputError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a user factory may raise anything; report it in one sentence
-        raise BadInputError(
-            f"Building {label} failed ({type(e).__name__}: {first_line(e)});"
-            " check the architecture spec."
-        ) from None
-
-
-def _check_module(obj: object, label: str) -> nn.Module:
-    if not isinstance(obj, nn.Module):
-        raise BadInputError(
-            f"{label} returned a {type(obj).__name__}, not a torch.nn.Module;"
-            " point --arch at a model factory."
-        )
-    return obj
-
-
-def _arch_label(arch: str | Callable | None) -> str:
-    if arch is None or isinstance(arch, str):
-        return str(arch)
-    return _callable_spec(arch) or getattr(arch, "__qualname__", repr(arch))
-
-
-def _callable_spec(fn: Callable) -> str | None:
-    """`module:qualname` when that string imports back to `fn` (so a recipe can rebuild it)."""
-    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-    if not module or not qualname or "<" in qualname or module == "__main__":
-        return None
-    try:
-        obj = importlib.import_module(module)
-        for attr in qualname.split("."):
-            obj = getattr(obj, attr)
-    except (ImportError, AttributeError):
-        return None
-    return f"{module}:{qualname}" if obj is fn else None
-
-
-def _did_you_mean(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
-
-
-def _name_stem(name: str) -> str:
-    stem = re.match(r"[A-Za-z]+", name)
-    return stem.group(0)[:6] if stem else name
-
-
-# --------------------------------------------------------------------------- classifier & preprocessing
-
-
-def _is_layer(m: nn.Module, kinds: tuple[str, ...]) -> bool:
-    # TorchScript modules are RecursiveScriptModule instances that only remember the class name.
-    return type(m).__name__ in kinds or getattr(m, "original_name", None) in kinds
-
-
-def find_classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The final classification layer and its dotted name: timm's get_classifier(), else the last Linear."""
-    names = {id(m): n for n, m in model.named_modules()}
-    search: list[nn.Module] = []
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        try:
-            head = get_classifier()
-        except Exception:  # noqa: BLE001 - third-party models: fall back to the generic search
-            head = None
-        if isinstance(head, nn.Module) and id(head) in names:
-            search.append(head)
-    search.append(model)
-    for root in search:
-        for kinds in (("Linear",), ("Conv2d",)):  # squeezenet-style heads are 1x1 convolutions
-            layers = [m for m in root.modules() if _is_layer(m, kinds)]
-            if layers:
-                return names[id(layers[-1])], layers[-1]
-    return None
-
-
-def _count_classes(model: nn.Module) -> int | None:
-    found = find_classifier(model)
-    weight = getattr(found[1], "weight", None) if found else None
-    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() >= 1 else None
-
-
-def _first_conv_channels(model: nn.Module) -> int | None:
-    cfg = getattr(model, "pretrained_cfg", None)
-    first = cfg.get("first_conv") if isinstance(cfg, dict) else None
-    if isinstance(first, str):
-        try:
-            return int(model.get_submodule(first).in_channels)
-        except (AttributeError, TypeError):
-            pass
-    for m in model.modules():
-        if _is_layer(m, ("Conv2d",)) and hasattr(m, "in_channels"):
-            return int(m.in_channels)
-    return None
-
-
-def default_preprocessing(model: nn.Module, arch: str | Callable | None) -> Preprocessing:
-    """The input contract `model` was most likely trained with.
-
-    timm models (by spec or by their `pretrained_cfg`) answer for themselves via
-    `resolve_data_config`; everything else gets the ImageNet convention at 224 px, or the
-    model's own `image_size` (torchvision ViTs). The channel count follows the first conv, so a
-    grayscale model gets one channel with the average of the ImageNet statistics.
-    """
-    pre = Preprocessing()
-    is_timm = isinstance(arch, str) and arch.startswith("timm:")
-    is_timm = is_timm or isinstance(getattr(model, "pretrained_cfg", None), dict)
-    if is_timm:
-        try:
-            from timm.data import resolve_data_config
-
-            cfg = resolve_data_config({}, model=model)
-            pre = Preprocessing(
-                input_size=tuple(int(v) for v in cfg["input_size"]),
-                mean=tuple(float(v) for v in cfg["mean"]),
-                std=tuple(float(v) for v in cfg["std"]),
-                interpolation=str(cfg.get("interpolation", "bicubic")),
-            )
-        except Exception:  # noqa: BLE001 - a model that only looks like timm
-            is_timm = False
-    if not is_timm:
-        size = getattr(model, "image_size", None)
-        if isinstance(size, int):
-            pre = Preprocessing(input_size=(3, size, size))
-        elif isinstance(size, (tuple, list)) and len(size) == 2:
-            pre = Preprocessing(input_size=(3, int(size[0]), int(size[1])))
-    channels = _first_conv_channels(model)
-    if channels and channels != pre.input_size[0]:
-        if channels == 1 and len(pre.mean) == 3:
-            mean, std = (sum(pre.mean) / 3,), (sum(pre.std) / 3,)
-        else:
-            mean, std = (0.5,) * channels, (0.5,) * channels
-        pre = Preprocessing((channels, *pre.input_size[1:]), mean, std, pre.interpolation)
-    return pre
-
-
 # --------------------------------------------------------------------------- file formats
 
 
@@ -353,7 +118,7 @@ def _from_spec(spec: str, num_classes: int | None, input_size: int | None) -> Lo
     return LoadedModel(
         model=model,
         arch=spec,
-        num_classes=_count_classes(model) or num_classes,
+        num_classes=count_classes(model) or num_classes,
         preprocessing=default_preprocessing(model, spec).with_input_size(input_size),
         kind="spec",
     )
@@ -458,7 +223,7 @@ def _load_torch(path: Path, arch, num_classes, trust: bool, input_size) -> Loade
 def _after_safe_load_failed(path: Path, error: Exception, trust: bool):
     """Explain why a weights-only load failed; with trust, unpickle a file that needs code."""
     name = path.name
-    imports, state = _pickle_imports(path)
+    imports, state = pickle_imports(path)
     needs_code = bool(imports) or "Unsupported global" in str(error)
     if needs_code and not trust:
         if not imports:
@@ -504,7 +269,7 @@ def _torch_reason(error: Exception) -> str:
 def _from_pickled_module(obj, path: Path, num_classes, input_size) -> LoadedModel:
     model = obj if isinstance(obj, nn.Module) else _nested_module(obj)
     model = model.to("cpu").eval()
-    found = _count_classes(model)
+    found = count_classes(model)
     _check_num_classes(path.name, found, num_classes)
     return LoadedModel(
         model=model,
@@ -536,7 +301,7 @@ def _load_torchscript(path: Path, num_classes, input_size) -> LoadedModel:
             " re-export it."
         ) from None
     model.eval()
-    found = _count_classes(model)
+    found = count_classes(model)
     _check_num_classes(path.name, found, num_classes)
     return LoadedModel(
         model=model,
@@ -615,16 +380,10 @@ def _check_num_classes(name: str, found: int | None, requested: int | None) -> N
 def _is_mishield(obj) -> bool:
     if not isinstance(obj, Mapping):
         return False
-    from mishield import (
-        modelfile,  # imports LoadedModel from here, hence the late import
-    )
-
     return modelfile.is_mishield_payload(obj)
 
 
 def _from_mishield(payload, path: Path, arch, num_classes, input_size, trust: bool) -> LoadedModel:
-    from mishield import modelfile
-
     # trust is forwarded because a recipe naming a package.module:factory imports that module.
     loaded = modelfile.model_from_payload(payload, source=path, arch_override=arch, trust_checkpoint=trust)
     _check_num_classes(path.name, loaded.num_classes, num_classes)
@@ -698,7 +457,7 @@ def _infer_num_classes(arch, variants: list[dict]) -> int | None:
 def _from_state_dict(state_dict: dict, name: str, arch, num_classes, input_size) -> LoadedModel:
     if arch is None:
         raise BadInputError(f"{name} does not say which architecture it is; {ARCH_HINT}.")
-    label = _arch_label(arch)
+    label = arch_label(arch)
     variants = _prefix_variants(state_dict)
     if num_classes is None:
         num_classes = _infer_num_classes(arch, variants)
@@ -709,11 +468,11 @@ def _from_state_dict(state_dict: dict, name: str, arch, num_classes, input_size)
     _, _, sd = max((len(own.keys() & v.keys()), i, v) for i, v in enumerate(variants))
     _load_into(model, sd, name, label)
     model.eval()
-    spec = arch if isinstance(arch, str) else _callable_spec(arch)
+    spec = arch if isinstance(arch, str) else callable_spec(arch)
     return LoadedModel(
         model=model,
         arch=spec,
-        num_classes=_count_classes(model) or num_classes,
+        num_classes=count_classes(model) or num_classes,
         preprocessing=default_preprocessing(model, spec).with_input_size(input_size),
         kind="state_dict",
     )
@@ -747,113 +506,3 @@ def _first3(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
 
 
-# --------------------------------------------------------------------------- pickle scanning
-
-_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
-_MEMO_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
-_MEMO_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
-_NON_PUSHING_OPS = {"MEMOIZE", "FRAME", "PROTO"} | _MEMO_PUT_OPS
-# Shown first: these are how a malicious pickle reaches a shell or the interpreter.
-_RISKY_MODULES = {"os", "posix", "nt", "subprocess", "builtins", "__builtin__", "sys", "shutil", "socket",
-                  "importlib", "runpy", "pty", "code", "codeop", "pickle", "marshal", "ctypes", "webbrowser"}
-
-
-def scan_pickle_globals(data: bytes) -> tuple[list[str], str]:
-    """Globals (`module.name`) that unpickling `data` would import, read from opcodes only.
-
-    Handles protocol 0-5 (GLOBAL, INST, and STACK_GLOBAL resolved through the strings pushed or
-    fetched from the memo just before it) and several pickles back to back (torch's legacy
-    format). Returns the globals in first-seen order and how parsing ended: "complete" (a whole
-    pickle parsed), "truncated" (data ended inside a pickle), or "invalid" (not a pickle).
-    """
-    stream = io.BytesIO(data)
-    found: list[str] = []
-    state = "invalid"
-    while stream.tell() < len(data):
-        memo: dict = {}
-        pushed: list = []
-        try:
-            for op, arg, _ in pickletools.genops(stream):
-                kind = op.name
-                if kind in ("GLOBAL", "INST"):
-                    module, _, attr = str(arg).partition(" ")
-                    found.append(f"{module}.{attr}")
-                    pushed.append(None)
-                elif kind == "STACK_GLOBAL":
-                    module, attr = ([None, None] + pushed[-2:])[-2:]
-                    ok = isinstance(module, str) and isinstance(attr, str)
-                    found.append(f"{module}.{attr}" if ok else "<an obfuscated global>")
-                    del pushed[-2:]
-                    pushed.append(None)
-                elif kind in _STRING_OPS:
-                    pushed.append(arg.decode("latin-1") if isinstance(arg, bytes) else arg)
-                elif kind in _MEMO_GET_OPS:
-                    pushed.append(memo.get(arg))
-                elif kind == "MEMOIZE":
-                    memo[len(memo)] = pushed[-1] if pushed else None
-                elif kind in _MEMO_PUT_OPS:
-                    memo[arg] = pushed[-1] if pushed else None
-                elif kind not in _NON_PUSHING_OPS:
-                    pushed.append(None)
-                if len(pushed) > 256:
-                    del pushed[:-8]
-        except Exception as e:  # noqa: BLE001 - pickletools on arbitrary bytes
-            # Only claim truncation for something that started like a pickle (PROTO opcode).
-            ran_out = any(s in str(e) for s in ("exhausted", "remain", "not enough data"))
-            if data[:1] == b"\x80" and ran_out and state == "invalid":
-                state = "truncated"
-            break
-        state = "complete"
-    return list(dict.fromkeys(found)), state
-
-
-def _allowed_globals() -> set[str]:
-    allowed = {"argparse.Namespace", "collections.OrderedDict"}
-    # Private API; without it, fall back to the tensor-rebuilding functions below.
-    with contextlib.suppress(ImportError, AttributeError, TypeError):
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        allowed |= set(_get_allowed_globals())
-    for obj in torch.serialization.get_safe_globals():
-        if not isinstance(obj, tuple):
-            allowed.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
-    return allowed
-
-
-def _is_allowed(name: str, allowed: set[str]) -> bool:
-    return name in allowed or name.startswith(("torch._utils._rebuild", "torch._tensor._rebuild")) or bool(
-        re.fullmatch(r"torch\.(cuda\.)?[A-Za-z0-9]*Storage", name)
-    )
-
-
-def _python3_name(name: str) -> str:
-    """Apply the renames Python 3's unpickler applies to protocol 0-2 pickles (`__builtin__.set`)."""
-    import _compat_pickle
-
-    module, _, attr = name.rpartition(".")
-    if (module, attr) in _compat_pickle.NAME_MAPPING:
-        module, attr = _compat_pickle.NAME_MAPPING[(module, attr)]
-    elif module in _compat_pickle.IMPORT_MAPPING:
-        module = _compat_pickle.IMPORT_MAPPING[module]
-    return f"{module}.{attr}"
-
-
-def _pickle_imports(path: Path) -> tuple[list[str], str]:
-    """The non-tensor globals the file's pickle would import, riskiest first, and the parse state."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                pkl = next(n for n in zf.namelist() if re.match(r"^([^/]+/)?data\.pkl$", n))
-                with zf.open(pkl) as f:
-                    data = f.read(_SCAN_LIMIT)
-        else:
-            with open(path, "rb") as f:
-                data = f.read(_SCAN_LIMIT)
-    except (OSError, StopIteration, zipfile.BadZipFile):
-        return [], "invalid"
-    names, state = scan_pickle_globals(data)
-    names = list(dict.fromkeys(_python3_name(n) for n in names))
-    allowed = _allowed_globals()
-    unsafe = [n for n in names if not _is_allowed(n, allowed)]
-    unsafe.sort(key=lambda n: n.split(".")[0] not in _RISKY_MODULES)  # stable: keeps first-seen order otherwise
-    return unsafe, state

@@ -1,0 +1,36 @@
+"""Architecture surgery: find a model's skip connections (`skips`), plan which ones a method
+changes and apply RoLSS or SSF to a copy (`plan`), and the rewritten model type (`rewired`).
+
+    analysis = analyse(model, (3, 224, 224))     # every SkipSite and Stage
+    plan = plan_surgery(model, "rolss")          # which sites change, nothing touched yet
+    result = apply_plan(model, plan)             # a rewritten copy; `model` is left as it was
+"""
+
+from mishield.surgery.plan import (
+    DEFAULT_SSF_ALPHA,
+    METHODS,
+    SkipScale,
+    SurgeryPlan,
+    SurgeryResult,
+    apply_plan,
+    plan_surgery,
+    rebuild,
+)
+from mishield.surgery.rewired import SkipRewiredModel
+from mishield.surgery.skips import SkipAnalysis, SkipSite, Stage, analyse
+
+__all__ = [
+    "DEFAULT_SSF_ALPHA",
+    "METHODS",
+    "SkipAnalysis",
+    "SkipRewiredModel",
+    "SkipScale",
+    "SkipSite",
+    "Stage",
+    "SurgeryPlan",
+    "SurgeryResult",
+    "analyse",
+    "apply_plan",
+    "plan_surgery",
+    "rebuild",
+]
