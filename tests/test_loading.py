@@ -199,6 +199,13 @@ def test_explicit_num_classes_is_used(tmp_path, small_model, x):
     path = tmp_path / "resnet18.pt"
     torch.save(small_model.state_dict(), path)
     assert load_model(path, arch=SMALL, num_classes=10).num_classes == 10
+    # A count other than the file's builds a head the file cannot fill: the flag is applied, not
+    # overridden by inference, and the mismatch is one sentence naming the flag.
+    with pytest.raises(BadInputError, match="--num-classes"):
+        load_model(path, arch=SMALL, num_classes=7)
+    # With no weights to contradict it, the count alone sizes the head.
+    spec_only = load_model(SMALL, num_classes=7)
+    assert spec_only.num_classes == 7 and spec_only.model(x).shape == (x.shape[0], 7)
 
 
 def test_timm_training_checkpoint_with_args(tmp_path, timm_model, x):
