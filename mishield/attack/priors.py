@@ -370,8 +370,10 @@ class _StyleGANUnpickler(pickle.Unpickler):
 
 def _load_stylegan_pickle(path: Path, trust: bool) -> nn.Module:
     if not trust:
-        raise UsageError(
-            f"{path} is a pickle that runs code when loaded; pass --trust-checkpoint if you trust its source."
+        # Exit 3 like an untrusted pickled model file (mishield.models.loading): the file, not the
+        # command line, is what cannot be used as given.
+        raise BadInputError(
+            f"{path} is a pickle that runs code when loaded; pass --trust-checkpoint only if you trust its source."
         )
     try:
         with open(path, "rb") as f:
@@ -455,7 +457,7 @@ def _load_prior_file(path: Path, trust_checkpoint: bool, truncation: float) -> P
     if kind == "torchscript":
         return _wrap(_load_torchscript_prior(path), truncation, {**description, "format": "torchscript"})
     if not trust_checkpoint:
-        raise UsageError(f"{path} is a pickled Python object, not a mishield prior or TorchScript file; loading it runs its code, pass --trust-checkpoint if you trust it.")
+        raise BadInputError(f"{path} is a pickled Python object, not a mishield prior or TorchScript file; loading it runs its code, pass --trust-checkpoint only if you trust its source.")
     try:
         module = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - unpickling runs the file's own code

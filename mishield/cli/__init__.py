@@ -100,6 +100,18 @@ def _silence_stdout() -> None:
         pass
 
 
+def _quiet_library_notices(debug: bool) -> None:
+    """Hide torch notices that break the one-sentence errors and say nothing a user can act on:
+    the weights-only unpickler's note on pickle protocols (printed when mishield inspects an
+    untrusted file before refusing it) and TorchScript's deprecation notice."""
+    if debug:
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Detected pickle protocol \d+ in the checkpoint", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("MISHIELD_DEBUG") == "1"
     args = sys.argv[1:] if argv is None else list(argv)
@@ -108,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # Before any command runs: the consoles follow this run's streams, NO_COLOR and --json.
         console.configure(json_output="--json" in args)
+        _quiet_library_notices(debug)
         _register()
         code = app(args=args, prog_name="mishield", standalone_mode=False)
     except MishieldError as err:
