@@ -87,7 +87,7 @@ def test_stylegan_pickles_need_trust_and_their_own_code(tmp_path, monkeypatch):
     path = tmp_path / "network.pkl"
     with open(path, "wb") as f:
         pickle.dump({"G_ema": stylegan_like(), "D": None}, f)
-    with pytest.raises(UsageError, match="--trust-checkpoint"):
+    with pytest.raises(BadInputError, match="--trust-checkpoint"):
         load_prior(str(path))
     assert isinstance(load_prior(str(path), trust_checkpoint=True), StyleGANPrior)
 

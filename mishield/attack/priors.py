@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mishield.errors import BadInputError, UsageError
+from mishield.errors import BadInputError, UsageError, first_line
 from mishield.fileio import atomic_output
 
 PRIOR_FORMAT = "mishield.prior/dcgan"
@@ -370,11 +370,18 @@ class _StyleGANUnpickler(pickle.Unpickler):
 
 def _load_stylegan_pickle(path: Path, trust: bool) -> nn.Module:
     if not trust:
-        raise UsageError(
-            f"{path} is a pickle that runs code when loaded; pass --trust-checkpoint if you trust its source."
+        # Exit 3 like an untrusted pickled model file (mishield.models.loading): the file, not the
+        # command line, is what cannot be used as given.
+        raise BadInputError(
+            f"{path} is a pickle that runs code when loaded; pass --trust-checkpoint only if you trust its source."
         )
-    with open(path, "rb") as f:
-        data = _StyleGANUnpickler(f).load()
+    try:
+        with open(path, "rb") as f:
+            data = _StyleGANUnpickler(f).load()
+    except BadInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign pickle fails in many ways
+        raise BadInputError(f"{path} could not be unpickled ({type(err).__name__}: {first_line(err)}); the file is damaged.") from None
     generator = data.get("G_ema") if isinstance(data, dict) else data
     if not isinstance(generator, nn.Module):
         raise BadInputError(f"{path} holds no generator module (expected a StyleGAN2-ADA pickle with `G_ema`).")
@@ -400,30 +407,75 @@ def load_prior(
         return PixelPrior(target_input_size)
     path = Path(spec)
     if path.exists():
-        description = {"source": str(path)}
         if path.is_dir():
             raise BadInputError(f"--prior {spec} is a directory; pass a generator file, package.module:factory or none.")
-        if path.suffix == ".safetensors":
-            generator, meta = load_generator_file(path)
-            return GeneratorPrior(generator, generator.latent_dim, {**description, "format": meta["format"], "config": meta["config"], "training": meta.get("training", {})})
-        if path.suffix == ".pkl":
-            return _wrap(_load_stylegan_pickle(path, trust_checkpoint), truncation, {**description, "format": "stylegan2-ada-pickle"})
-        try:
-            return _wrap(torch.jit.load(str(path), map_location="cpu"), truncation, {**description, "format": "torchscript"})
-        except RuntimeError:
-            pass
-        if not trust_checkpoint:
-            raise UsageError(f"{path} is not a mishield prior or TorchScript file; loading it as a pickled module runs its code, pass --trust-checkpoint if you trust it.")
-        try:
-            module = torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - unpickling runs the file's own code
-            raise BadInputError(f"{path} could not be loaded as a generator ({type(err).__name__}: {err}).") from None
-        if not isinstance(module, nn.Module):
-            raise BadInputError(f"{path} holds a {type(module).__name__}, not a generator module.")
-        return _wrap(module, truncation, {**description, "format": "pickled-module"})
+        return _load_prior_file(path, trust_checkpoint, truncation)
     if ":" in spec and not spec.startswith(("/", ".")) and "/" not in spec.split(":")[0]:
         return _wrap(_load_factory(spec), truncation, {"source": spec, "format": "factory"})
     raise BadInputError(f"--prior {spec} is neither an existing file, a package.module:factory, nor `none`.")
+
+
+def _load_file_kind(path: Path) -> str:
+    """What a prior file holds, read from its first bytes without running anything: "empty",
+    "safetensors", "torchscript", "pickle" (a torch.save zip or a raw pickle) or "unknown"."""
+    import zipfile
+
+    size = path.stat().st_size
+    if size == 0:
+        return "empty"
+    with open(path, "rb") as f:
+        head = f.read(16)
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    if path.suffix == ".safetensors" or (2 <= header_len <= size - 8 and head[8:9] == b"{"):
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "unknown"
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+        return "pickle" if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names) else "unknown"
+    # Pickle protocols 2-5 start with PROTO (0x80); torch's legacy format is a pickle too.
+    return "pickle" if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") else "unknown"
+
+
+def _load_prior_file(path: Path, trust_checkpoint: bool, truncation: float) -> Prior:
+    description = {"source": str(path)}
+    kind = _load_file_kind(path)
+    if kind in ("empty", "unknown"):
+        # Random or truncated bytes are damaged input (exit 3); advising --trust-checkpoint for
+        # them would be wrong, and unpickling them would be pointless as well as risky.
+        state = "is empty (0 bytes)" if kind == "empty" else "is not a generator file mishield can read (damaged or not a prior)"
+        raise BadInputError(f"--prior {path} {state}; pass a prior made by `mishield prior train`, a generator factory, or none.")
+    if kind == "safetensors":
+        generator, meta = load_generator_file(path)
+        return GeneratorPrior(generator, generator.latent_dim, {**description, "format": meta["format"], "config": meta["config"], "training": meta.get("training", {})})
+    if path.suffix == ".pkl":
+        return _wrap(_load_stylegan_pickle(path, trust_checkpoint), truncation, {**description, "format": "stylegan2-ada-pickle"})
+    if kind == "torchscript":
+        return _wrap(_load_torchscript_prior(path), truncation, {**description, "format": "torchscript"})
+    if not trust_checkpoint:
+        raise BadInputError(f"{path} is a pickled Python object, not a mishield prior or TorchScript file; loading it runs its code, pass --trust-checkpoint only if you trust its source.")
+    try:
+        module = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - unpickling runs the file's own code
+        raise BadInputError(f"{path} could not be loaded as a generator ({type(err).__name__}: {err}).") from None
+    if not isinstance(module, nn.Module):
+        raise BadInputError(f"{path} holds a {type(module).__name__}, not a generator module.")
+    return _wrap(module, truncation, {**description, "format": "pickled-module"})
+
+
+def _load_torchscript_prior(path: Path) -> nn.Module:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # jit's deprecation notice: nothing a user can act on
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - any failure here means a damaged archive
+        raise BadInputError(f"--prior {path} looks like a TorchScript archive but cannot be loaded ({first_line(err)}); re-export it.") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mishield.fileio import atomic_output, check_writable
+from mishield.fileio import atomic_output, check_writable, check_writable_dir
 
 SCHEMA = "mishield.audit-report"
 SCHEMA_VERSION = 1
@@ -27,10 +27,12 @@ SHOW_REAL = 4
 MAX_SHOWN_CLASSES = 100
 
 
-def check_outputs(out_dir: Path, overwrite: bool) -> None:
-    """Refuse before the attack starts, not after an hour of it, when the report would overwrite."""
+def check_outputs(out_dir: Path, overwrite: bool, inputs=()) -> None:
+    """Refuse before the attack starts, not after an hour of it, when the report would overwrite,
+    `out_dir` is an existing file, or it would write into or over one of the audit's `inputs`."""
+    check_writable_dir(out_dir, inputs)
     for name in REPORT_FILES:
-        check_writable(Path(out_dir) / name, overwrite)
+        check_writable(Path(out_dir) / name, overwrite, inputs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def audit(
         raise UsageError(NO_PRIOR)
     if max_attack_acc is not None and not 0.0 <= max_attack_acc <= 1.0:
         raise UsageError(f"--max-attack-acc is a fraction between 0 and 1 (0.4 means 40 %), got {max_attack_acc}.")
-    check_outputs(out, overwrite)
+    check_outputs(out, overwrite, inputs=(*models, eval_model, prior, data))
 
     runtime = make_runtime(device)
     try:

@@ -55,7 +55,7 @@ def export(
     from mishield.models import load_model
     from mishield.onnx_export import export_onnx, loaded_model_metadata
 
-    check_writable(out, overwrite)  # before loading and exporting, which take a while
+    check_writable(out, overwrite, inputs=(model,))  # before loading and exporting, which take a while
     console = Console(stderr=True, soft_wrap=True)  # whole lines in CI logs
     with console.status(f"loading {model}"):
         loaded = load_model(

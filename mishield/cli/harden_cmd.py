@@ -179,7 +179,7 @@ def harden(
             raise UsageError(f"{given[0]} needs training data; pass --data DIR (an ImageFolder of your private images).")
     if schedule == "finetune" and stage1_epochs is not None:
         raise UsageError("--stage1-epochs applies to --schedule tts only.")
-    check_writable(out, overwrite)
+    check_writable(out, overwrite, inputs=(model, data, val_data, recipe_file))
     state_path, log_path = state_path_for(out), log_path_for(out)
     if data is not None and state_path.exists() and not resume and not overwrite:
         raise UsageError(

@@ -67,7 +67,7 @@ def inspect(
         })
         return
 
-    out = console.err
+    out = console.out  # the result, so `mishield inspect m.pt > sites.txt` captures it
     out.print(f"[bold]{model}[/]  arch={loaded.arch or '?'}  classes={loaded.num_classes}  "
               f"parameters={params:,}  input={'x'.join(map(str, loaded.preprocessing.input_size))}")
     table = Table(title="skip connections", title_justify="left")

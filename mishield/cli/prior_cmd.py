@@ -38,10 +38,12 @@ def train(
     )
     from mishield.cli.progress import progress_bars
     from mishield.errors import UsageError
+    from mishield.fileio import refuse_input_as_output
     from mishield.runtime import resolve_device
 
     if channels not in (None, 1, 3):
         raise UsageError(f"--channels must be 1 or 3, got {channels}.")
+    refuse_input_as_output(out, (data,))
     config = PriorTrainingConfig(resolution, channels, latent_dim, width, epochs, batch_size, lr, seed)
     with progress_bars() as progress:
         path = train_prior(data, out, config, device=resolve_device(device), resume=resume, overwrite=overwrite, progress=progress)

@@ -27,8 +27,10 @@ def train_eval(
 ) -> None:
     """Train an evaluation model (default: a skip-free VGG-style CNN) on the private data for `mishield audit`."""
     from mishield.attack.evalmodel import train_eval_model
+    from mishield.fileio import refuse_input_as_output
     from mishield.runtime import resolve_device
 
+    refuse_input_as_output(out, (data,))
     summary = train_eval_model(
         data, out, arch=arch, input_size=input_size, epochs=epochs, lr=lr, batch_size=batch_size,
         val_fraction=val_fraction, device=resolve_device(device), seed=seed, overwrite=overwrite,
