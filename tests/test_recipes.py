@@ -50,3 +50,32 @@ def test_shipped_recipes_use_known_keys(path):
     recipe = yaml.safe_load(path.read_text())
     assert isinstance(recipe, dict) and set(recipe) <= set(RECIPE_KEYS)
     assert recipe["method"] in ("rolss", "ssf")
+
+
+@pytest.mark.parametrize("text,words", [
+    ("batch_size: abc\n", ["batch_size", "'abc'", "valid integer"]),
+    ("batch_size: 0\n", ["batch_size", "0", "greater than or equal to 1"]),
+    ("alpha: 1.5\n", ["alpha", "1.5", "less than or equal to 1"]),
+    ("lr: -0.1\n", ["lr", "-0.1", "greater than or equal to 0"]),
+    ("val_fraction: 2\n", ["val_fraction", "2", "less than or equal to 1"]),
+    ("stage1_epochs: -1\n", ["stage1_epochs", "-1", "greater than or equal to 0"]),
+])
+def test_recipe_values_are_checked_like_flags(tmp_path, capsys, text, words):
+    """The same types and bounds as the command-line options (the flag's own type does the check);
+    a recipe is an input file, so a bad value in it is bad input: exit 3 (docs/reliability.md)."""
+    code, out, err = harden(tmp_path, text, capsys=capsys)
+    assert code == 3 and out == "", err
+    assert all(w in err for w in words), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # the flag with the same value is refused for the same reason (a usage error there: exit 2)
+    key, value = text.strip().split(": ")
+    code, _, flag_err = run(["harden", "torchvision:resnet18", "--out", str(tmp_path / "f.pt"),
+                             f"--{key.replace('_', '-')}", value], capsys)
+    assert code == 2 and words[-1] in flag_err, flag_err
+
+
+def test_recipe_values_are_converted_like_flags(tmp_path, capsys):
+    # YAML reads `alpha: "0.5"` as a string; the flag's type makes it the number it names
+    code, out, err = harden(tmp_path, 'method: ssf\nalpha: "0.5"\n', capsys=capsys)
+    assert code == 0, err
+    assert json.loads(out)["alpha"] == 0.5
