@@ -1,0 +1,47 @@
+"""Tests written to kill mutants that survived the fast suite (docs/testing.md lists the rest).
+
+Each test names the behaviour of the definition it pins; the comment says which slip it catches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mishield.attack.poincare import ONEHOT_SHRINK, poincare_loss
+
+# ---------------------------------------------------------------------------------------------
+# Poincaré loss (Struppek et al., ICML 2022, eq. 3)
+
+
+def _reference64(logits: list[float], target: int) -> float:
+    l1 = sum(abs(v) for v in logits)
+    u = [v / l1 for v in logits]
+    v = [max(0.0, (1.0 if i == target else 0.0) - ONEHOT_SHRINK) for i in range(len(logits))]
+    uu, vv = sum(a * a for a in u), sum(b * b for b in v)
+    dd = sum((a - b) ** 2 for a, b in zip(u, v))
+    return math.acosh(1 + 2 * dd / ((1 - uu) * (1 - vv)))
+
+
+def test_poincare_distance_near_the_shrunk_one_hot_is_small_and_exact():
+    """Close to v the distance is O(1), where `acosh(1 + δ)` and a wrong constant (`acosh(2 + δ)`)
+    or an unclamped v (non-target entries at -1e-4) differ plainly; with typical logits δ is ~1e4
+    and both slips hide below float32 precision."""
+    others = ONEHOT_SHRINK / 9
+    logits = [others] * 10
+    logits[4] = 1.0 - ONEHOT_SHRINK
+    expected = _reference64(logits, 4)
+    assert 0.05 < expected < 1.0  # really the small-distance regime
+    got = float(poincare_loss(torch.tensor([logits], dtype=torch.float64), torch.tensor([4])))
+    assert math.isclose(got, expected, rel_tol=2e-2), (got, expected)
+
+
+def test_poincare_loss_ignores_the_scale_of_the_logits():
+    """u = logits / ||logits||_1 for any scale, including an L1 norm below 1 (a clamp of the norm
+    at 1 instead of at a tiny epsilon would stop normalising small logits)."""
+    logits = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([0, 1, 2, 3, 5])
+    base = poincare_loss(logits, targets)
+    for scale in (1e-3, 0.1, 10.0):
+        torch.testing.assert_close(poincare_loss(logits * scale, targets), base, rtol=1e-4, atol=1e-5)
