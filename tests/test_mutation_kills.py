@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from mishield.attack.metrics import deltas, knn_distances, summarize, wilson_interval
 from mishield.attack.poincare import ONEHOT_SHRINK, poincare_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -45,3 +47,40 @@ def test_poincare_loss_ignores_the_scale_of_the_logits():
     base = poincare_loss(logits, targets)
     for scale in (1e-3, 0.1, 10.0):
         torch.testing.assert_close(poincare_loss(logits * scale, targets), base, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit metrics (docs/architecture.md; Koh et al., ECCV 2024, Table 1 for Δ)
+
+
+def test_summarize_of_no_reconstructions_reports_missing_values_not_a_crash():
+    """A sharded rank or a filtered class list can leave no images: NaN / None, never 0 / 0."""
+    empty = torch.zeros(0, dtype=torch.bool)
+    out = summarize(empty, empty, torch.zeros(0, dtype=torch.float64))
+    assert out["n"] == 0 and out["knn_dist"] is None
+    assert math.isnan(out["attack_acc1"]) and math.isnan(out["attack_acc5"])
+    assert all(math.isnan(v) for v in out["attack_acc1_ci95"])
+
+
+def test_summarize_reports_the_wilson_interval_of_top1():
+    top1 = torch.tensor([True, False, True, True, False])
+    out = summarize(top1, torch.ones(5, dtype=torch.bool), torch.tensor([1.0, float("nan"), 3.0, 2.0, 2.0]))
+    assert out["attack_acc1_ci95"] == list(wilson_interval(3, 5))
+    assert out["attack_acc5"] == 1.0 and out["knn_dist"] == 2.0  # NaN (class without private images) left out
+
+
+def test_deltas_include_top5_and_leave_delta_undefined_without_an_accuracy_drop():
+    base = {"natural_acc": 0.9, "attack_acc1": 0.8, "attack_acc5": 0.95, "knn_dist": 10.0}
+    same_acc = {"natural_acc": 0.9, "attack_acc1": 0.5, "attack_acc5": 0.75, "knn_dist": 12.0}
+    d = deltas(base, same_acc)
+    assert d["attack_acc5"] == pytest.approx(-0.2) and d["knn_dist"] == pytest.approx(2.0)
+    assert d["delta"] is None  # no accuracy cost: the ratio is undefined, not a division by zero
+
+
+def test_knn_distance_continues_past_a_class_without_private_images():
+    features = torch.tensor([[0.0, 0.0], [1.0, 1.0], [3.0, 0.0]])
+    labels = torch.tensor([0, 1, 2])  # class 1 has no private images
+    private = torch.tensor([[0.0, 1.0], [3.0, 2.0]])
+    private_labels = torch.tensor([0, 2])
+    out = knn_distances(features, labels, private, private_labels)
+    assert out[0] == 1.0 and math.isnan(out[1]) and out[2] == 4.0
