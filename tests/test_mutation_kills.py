@@ -9,9 +9,13 @@ import math
 
 import pytest
 import torch
+import torchvision
+from torch import nn
 
 from mishield.attack.metrics import deltas, knn_distances, summarize, wilson_interval
 from mishield.attack.poincare import ONEHOT_SHRINK, poincare_loss
+from mishield.errors import BadInputError, UsageError
+from mishield.surgery import apply_plan, plan_surgery, rebuild
 
 # ---------------------------------------------------------------------------------------------
 # Poincaré loss (Struppek et al., ICML 2022, eq. 3)
@@ -84,3 +88,77 @@ def test_knn_distance_continues_past_a_class_without_private_images():
     private_labels = torch.tensor([0, 2])
     out = knn_distances(features, labels, private, private_labels)
     assert out[0] == 1.0 and math.isnan(out[1]) and out[2] == 4.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Surgery planning and rewriting (docs/architecture.md; Koh et al., ECCV 2024, Sec. 4)
+
+
+class _TopLevelSkip(nn.Module):
+    """A skip whose merge sits in the root module (no block path), plus a module forward never
+    calls: its weights are not the surgery's to drop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3, 4)
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)) + x
+        return self.head(x.mean((2, 3)))
+
+
+def _small_densenet() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.DenseNet(
+        growth_rate=8, block_config=(2, 3), num_init_features=16, bn_size=2, num_classes=10
+    ).eval()
+
+
+def test_plan_defaults_rolss_with_k_zero_and_the_papers_ssf_constants():
+    resnet = torchvision.models.resnet18(num_classes=10).eval()
+    plan = plan_surgery(resnet, input_size=(3, 64, 64))  # the default method is RoLSS
+    assert plan.method == "rolss" and plan.alpha == 0.0
+    assert plan.selection.startswith("stage ") and "layer4" in plan.selection
+    assert plan.to_dict()["selected"] == plan.selected and plan.to_dict()["alpha"] == 0.0
+    assert plan.to_dict()["analysis"] == plan.analysis.to_dict()
+    assert plan_surgery(resnet, "ssf", input_size=(3, 64, 64)).alpha == 0.2  # additive default
+    assert plan_surgery(_small_densenet(), "ssf", input_size=(3, 32, 32)).alpha == 0.01  # concatenative default
+    with pytest.raises(UsageError, match="choose one of: rolss, ssf"):
+        plan_surgery(resnet, "prune", input_size=(3, 64, 64))
+
+
+@pytest.mark.parametrize("method,alpha", [("rolss", None), ("ssf", 0.3)])
+def test_rebuild_from_the_recorded_spec_gives_the_same_model(method, alpha):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    result = apply_plan(model, plan_surgery(model, method, alpha=alpha, input_size=(3, 64, 64)))
+    assert result.spec["method"] == method and result.spec["sites"] == result.plan.selected
+    assert 0.0 <= result.seconds < 600
+    again = rebuild(model, result.spec, (3, 64, 64)).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), result.model.eval()(x), rtol=0, atol=0)
+    with pytest.raises(BadInputError, match="does not match"):
+        rebuild(model, {**result.spec, "sites": ["layer4.0.add", "layer9.add"]}, (3, 64, 64))
+
+
+def test_a_plan_naming_a_site_the_model_lacks_is_refused():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    plan = plan_surgery(model, "rolss", input_size=(3, 64, 64))
+    plan.selected = [*plan.selected, "layer9.0.add"]
+    with pytest.raises(BadInputError, match="not in the model's graph"):
+        apply_plan(model, plan)
+
+
+def test_ssf_on_a_skip_in_the_root_module_keeps_unused_modules():
+    torch.manual_seed(0)
+    model = _TopLevelSkip().eval()
+    result = apply_plan(model, plan_surgery(model, "ssf", alpha=0.25, input_size=(3, 8, 8)))
+    assert result.dropped_parameters == []  # `unused` is kept: it was never the surgery's
+    assert set(model.state_dict()) <= set(result.model.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model.head((torch.relu(model.conv(x)) + 0.25 * x).mean((2, 3)))
+        torch.testing.assert_close(result.model(x), expected)
