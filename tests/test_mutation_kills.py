@@ -12,6 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
+from mishield.attack.augment import candidate_keys
 from mishield.attack.metrics import deltas, knn_distances, summarize, wilson_interval
 from mishield.attack.poincare import ONEHOT_SHRINK, poincare_loss
 from mishield.errors import BadInputError, UsageError
@@ -162,3 +163,65 @@ def test_ssf_on_a_skip_in_the_root_module_keeps_unused_modules():
     with torch.no_grad():
         expected = model.head((torch.relu(model.conv(x)) + 0.25 * x).mean((2, 3)))
         torch.testing.assert_close(result.model(x), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The attack engine (PPA, Struppek et al., ICML 2022)
+
+
+def test_adam_uses_the_configured_lr_and_ppas_betas():
+    from test_attack_mechanisms import _attack
+
+    attack = _attack(lr=0.07)
+    group = attack.step.make_optimizer(torch.zeros(2, 8, requires_grad=True)).param_groups[0]
+    assert group["lr"] == 0.07 and group["betas"] == (0.1, 0.1)
+
+
+def test_each_step_sees_its_own_random_crop():
+    """The loss is taken under RandomResizedCrop per step (keyed by the step counter): the same
+    latents at two steps give two losses. Without the crop they would be equal."""
+    from test_attack_mechanisms import CLASSES, _attack
+
+    attack = _attack(lr=0.2)
+    latents, _ = attack.initial_selection(CLASSES)
+    labels = torch.tensor(CLASSES).repeat_interleave(attack.config.candidates)
+    keys = candidate_keys(0, labels, torch.arange(attack.config.candidates).repeat(len(CLASSES)))
+    with torch.no_grad():
+        first = attack.step.forward(latents, labels, keys, torch.tensor(0))
+        second = attack.step.forward(latents, labels, keys, torch.tensor(1))
+    assert first != second
+
+
+def test_run_reports_progress_image_steps_and_timings():
+    from test_attack_mechanisms import CLASSES, _attack
+
+    calls = []
+    attack = _attack(lr=0.2, iterations=4)
+    result = attack.run(CLASSES, progress=lambda *a: calls.append(a))
+    total = len(CLASSES) * attack.config.candidates * 4
+    assert result.image_steps == total
+    assert {c[0] for c in calls} == {"attack"} and calls[-1][1:] == (total, total)
+    done = [c[1] for c in calls]
+    assert done == sorted(done) and done[0] > 0 and all(c[2] == total for c in calls)
+    t = result.timings
+    assert set(t) == {"initial_selection_s", "optimisation_s", "final_selection_s"}
+    assert all(v >= 0 for v in t.values()) and sum(t.values()) <= result.seconds + 1e-6 < 600
+
+
+def test_images_map_minus_one_to_zero_and_one_to_255():
+    from mishield.attack.ppa import to_uint8
+
+    out = to_uint8(torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0]))
+    assert out.dtype == torch.uint8 and out.tolist() == [0, 0, 128, 191, 255, 255]
+
+
+def test_config_bounds_accept_the_smallest_valid_values():
+    from mishield.attack.ppa import make_config
+
+    cfg = make_config("quick", samples=1, candidates=1, iterations=1, keep=1, final_augmentations=1, batch_size=1)
+    assert (cfg.samples, cfg.candidates, cfg.keep) == (1, 1, 1)
+    make_config("quick", samples=5, candidates=5, keep=5)  # C = S and K = C are allowed
+    with pytest.raises(UsageError, match="--final-augmentations must be at least 1, got 0"):
+        make_config("quick", final_augmentations=0)
+    with pytest.raises(UsageError, match="--preset must be one of quick, paper"):
+        make_config("huge")
