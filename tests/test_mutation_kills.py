@@ -15,6 +15,7 @@ from torch import nn
 from mishield.attack.augment import candidate_keys
 from mishield.attack.metrics import deltas, knn_distances, summarize, wilson_interval
 from mishield.attack.poincare import ONEHOT_SHRINK, poincare_loss
+from mishield.bido import bido_loss, bido_terms, gaussian_kernel, hsic, label_kernel
 from mishield.errors import BadInputError, UsageError
 from mishield.surgery import apply_plan, plan_surgery, rebuild
 
@@ -225,3 +226,42 @@ def test_config_bounds_accept_the_smallest_valid_values():
         make_config("quick", final_augmentations=0)
     with pytest.raises(UsageError, match="--preset must be one of quick, paper"):
         make_config("huge")
+
+
+# ---------------------------------------------------------------------------------------------
+# BiDO (Peng et al., KDD 2022): the library's loss, beside the trainer's own use of the terms
+
+
+def _bido_batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, 4, 4, generator=g)
+    labels = torch.arange(12) % 3
+    feats = [x.flatten(1)[:, :20] * 2 + torch.randn(12, 20, generator=g), torch.randn(12, 6, generator=g)]
+    return feats, x, labels
+
+
+def test_bido_loss_is_lx_hsic_x_minus_ly_hsic_y_with_the_authors_defaults():
+    feats, x, labels = _bido_batch()
+    hx, hy = bido_terms(feats, x, labels, 3)
+    expected = sum(0.05 * a - 0.5 * b for a, b in zip(hx, hy))
+    torch.testing.assert_close(bido_loss(feats, x, labels, 3), expected)
+    hx2, hy2 = bido_terms(feats, x, labels, 3, sigma=2.0, estimator="biased")
+    got = bido_loss(feats, x, labels, 3, lx=3.0, ly=7.0, sigma=2.0, estimator="biased")
+    torch.testing.assert_close(got, sum(3.0 * a - 7.0 * b for a, b in zip(hx2, hy2)))
+
+
+def test_bido_terms_use_sigma_for_every_gaussian_kernel():
+    feats, x, labels = _bido_batch()
+    hx, hy = bido_terms(feats, x, labels, 3, sigma=2.0)
+    k_x, k_y = gaussian_kernel(x, 2.0), label_kernel(labels, 3)
+    for z, a, b in zip(feats, hx, hy):
+        k_z = gaussian_kernel(z, 2.0)
+        torch.testing.assert_close(a, hsic(k_x, k_z).float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, hsic(k_y, k_z).float(), rtol=1e-4, atol=1e-5)
+    default_x, _ = bido_terms(feats, x, labels, 3)
+    assert not torch.allclose(torch.stack(hx), torch.stack(default_x))  # sigma really matters here
+
+
+def test_hsic_refuses_kernels_that_are_not_square():
+    with pytest.raises(ValueError, match="two \\(m, m\\) kernel matrices"):
+        hsic(torch.ones(3, 4), torch.ones(3, 4))
