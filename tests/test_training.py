@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from clirun import run_cli as _cli
 from torch import nn
 
-from mishield.bido import BiDOConfig
 from mishield.data import DataSplits, ImageDataset, eval_transform, load_image_folders
-from mishield.errors import UsageError
+from mishield.errors import BadInputError, UsageError
 from mishield.models import load_model, save_model
 from mishield.preprocessing import Preprocessing
 from mishield.surgery import plan_surgery
 from mishield.training import (
+    BiDOConfig,
     TrainingDiverged,
     TrainingInterrupted,
     TrainingRecipe,
@@ -165,7 +165,7 @@ def test_resume_refuses_a_state_from_a_different_run(fmnist_dir, tmp_path):
         run_schedule(loaded.model, plan, data, loaded.preprocessing, TrainingRecipe("finetune", epochs=2, batch_size=8),
                      device="cpu", workers=0, state_path=state, stop_after=1)
     loaded = _model()
-    with pytest.raises(UsageError, match="different run"):
+    with pytest.raises(BadInputError, match="different run"):
         run_schedule(loaded.model, plan, data, loaded.preprocessing, TrainingRecipe("finetune", epochs=5, batch_size=8),
                      device="cpu", workers=0, state_path=state, resume=True)
 
@@ -241,7 +241,7 @@ DDP_SCRIPT = textwrap.dedent(
     from mishield.models import load_model
     from mishield.surgery import plan_surgery
     from mishield.training import TrainingRecipe, run_schedule
-    from mishield.bido import BiDOConfig
+    from mishield.training import BiDOConfig
 
     out = Path(sys.argv[1])
     full = load_image_folders(sys.argv[2])

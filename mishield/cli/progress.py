@@ -8,7 +8,7 @@ counters, so calling it every attack step costs no device synchronisation.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 
 @contextlib.contextmanager
@@ -40,3 +40,20 @@ def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int], No
             bars.update(task, completed=done, total=total)
 
         yield update
+
+
+def epoch_printer(enabled: bool = True) -> Callable[[Mapping[str, object]], None] | None:
+    """The `on_epoch` callback of the trainers: one plain line per epoch on stderr.
+
+    Plain text on purpose: it is the whole record of a run whose stderr is a log file, and above a
+    live bar it reads the same.
+    """
+    if not enabled:
+        return None
+    from mishield.cli.console import err
+    from mishield.progress import format_epoch
+
+    def print_epoch(record: Mapping[str, object]) -> None:
+        err.print(format_epoch(record), markup=False, highlight=False, soft_wrap=True)
+
+    return print_epoch
