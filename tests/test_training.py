@@ -580,3 +580,18 @@ def test_train_eval_refuses_a_single_class_and_a_leftover_state(small_dir, tmp_p
     code, _, err = _cli(["train-eval", "--data", small_dir, "--out", tmp_path / "e.pt", "--input-size", 16,
                          "--epochs", 1, "--device", "cpu"], capsys)
     assert code == 2 and "--resume" in err
+
+
+def test_sigterm_handler_is_installed_only_while_training():
+    import signal
+    import time
+
+    from mishield.training import preemptible
+    from mishield.training.interrupt import Preempted
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted), preemptible():
+        assert signal.getsignal(signal.SIGTERM) is not before
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once; the sleep only gives it a point to run
+    assert signal.getsignal(signal.SIGTERM) is before
