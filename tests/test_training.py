@@ -553,6 +553,10 @@ def test_damaged_or_newer_state_is_bad_input_for_every_trainer(model_file, small
         torch.save({"format": STATE_FORMAT, "version": 99, "epoch": 1, "fingerprint": {}}, state)
         code, _, err = _cli([*argv, "--out", out, "--resume"], capsys)
         assert code == 3 and "upgrade" in err, (name, err)
+        kind = "prior" if name == "prior" else "classifier"
+        torch.save({"format": STATE_FORMAT, "version": 1, "kind": kind, "epoch": 1, "fingerprint": {}}, state)
+        code, _, err = _cli([*argv, "--out", out, "--resume"], capsys)
+        assert code == 3 and "damaged training state" in err, (name, err)
         assert not out.exists()
 
 

@@ -185,7 +185,8 @@ def train_prior(
     device = torch.device(device)
     gan = _GAN(config, device)
     fingerprint = {"config": asdict(config), "images": len(items), "data": data_signature(items)}
-    state = resume_state(state_path, resume, fingerprint, kind="prior")
+    state = resume_state(state_path, resume, fingerprint, kind="prior",
+                         required=("generator", "discriminator", "opt_g", "opt_d"))
     if state is not None:
         gan.restore(state)
     dataset = ImageDataset(items, _transform(config), channels=config.channels)

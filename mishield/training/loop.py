@@ -555,7 +555,8 @@ def fit(
 def resume_classifier_state(state_path: Path | None, resume: bool, fingerprint: dict,
                             recipe: TrainingRecipe) -> dict | None:
     """The saved state to continue from (checked against this run), or None for a fresh start."""
-    state = resume_state(state_path, resume, fingerprint, "classifier")
+    state = resume_state(state_path, resume, fingerprint, "classifier",
+                         required=("stage", "model", "optimizer", "scheduler", "history", "recipe"))
     if state is not None and float(state["recipe"]["lr"]) != recipe.lr:
         rescale_lr(state, recipe.lr / float(state["recipe"]["lr"]))
     return state

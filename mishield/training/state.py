@@ -81,7 +81,8 @@ def check_fingerprint(path: Path, saved: dict, current: dict) -> None:
             )
 
 
-def resume_state(path: Path | None, resume: bool, fingerprint: dict, kind: str = "classifier") -> dict | None:
+def resume_state(path: Path | None, resume: bool, fingerprint: dict, kind: str = "classifier",
+                 required: tuple[str, ...] = ()) -> dict | None:
     """The saved state to continue from (checked against this run), or None for a fresh start.
 
     Asking to resume when there is no state is not an error (the run simply starts), but it is
@@ -94,6 +95,9 @@ def resume_state(path: Path | None, resume: bool, fingerprint: dict, kind: str =
         logger.warning("nothing to resume %s; starting from the first epoch.", where)
         return None
     state = load_state(Path(path), kind)
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise BadInputError(f"{path} is a damaged training state (no {missing[0]!r}); delete it and start over.")
     check_fingerprint(Path(path), state.get("fingerprint", {}), fingerprint)
     return state
 
