@@ -196,9 +196,8 @@ def harden(
         _surgery_only(loaded, model, out, method, alpha, stage, sites, overwrite, json_output)
         return
 
-    from mishield.bido import BiDOConfig
     from mishield.data import check_num_classes, load_image_folders
-    from mishield.training import TrainingRecipe, default_lr, run_schedule
+    from mishield.training import BiDOConfig, TrainingRecipe, default_lr, run_schedule
     from mishield.training import reset_head as reset_classifier
 
     splits = load_image_folders(data, val_dir=val_data, val_fraction=val_fraction, seed=seed)
@@ -225,11 +224,14 @@ def harden(
     if is_main and not resume and overwrite:
         state_path.unlink(missing_ok=True)
         log_path.unlink(missing_ok=True)
-    result = run_schedule(
-        loaded.model, plan, splits, loaded.preprocessing, recipe, device=device, workers=workers,
-        compile=compile_model, state_path=state_path, resume=resume, log_path=log_path,
-        progress=is_main, num_classes=model_classes,
-    )
+    from mishield.cli.progress import epoch_printer, progress_bars
+
+    with progress_bars(is_main) as bars:
+        result = run_schedule(
+            loaded.model, plan, splits, loaded.preprocessing, recipe, device=device, workers=workers,
+            compile=compile_model, state_path=state_path, resume=resume, log_path=log_path,
+            progress=bars, on_epoch=epoch_printer(is_main), num_classes=model_classes,
+        )
     if not is_main:
         return
     _write_trained(loaded, out, result, splits, model_classes, overwrite)
