@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema (dev extra) validates the documents")
 
-from clirun import run_cli  # noqa: E402
+from clirun import run_cli
 
-from mishield.schemas import COMMANDS, load_schema  # noqa: E402
+from mishield.schemas import COMMANDS, load_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--num-classes", "3", "--input-size", "32"]
@@ -58,6 +57,7 @@ def test_every_command_has_a_valid_versioned_schema_shipped_as_package_data():
         assert schema["type"] == "object" and schema["required"]
         # Growing a report must not break consumers: no schema closes its top-level object.
         assert schema.get("additionalProperties", True) is not False
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mishield"]
     assert "schemas/*.json" in package_data
 
