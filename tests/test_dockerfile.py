@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,12 +239,21 @@ def unprivileged_prefix() -> list[str] | None:
 
 
 @pytest.mark.slow
-def test_documented_container_command_runs_unprivileged_from_a_fresh_venv(tmp_path):
+def test_documented_container_command_runs_unprivileged_from_a_fresh_venv():
     """~60-90 s on 2 busy cores: builds mishield's wheel into a new venv, then trains one epoch."""
     jsonschema = pytest.importorskip("jsonschema")
     prefix = unprivileged_prefix()
     if prefix is None:
         pytest.skip("running as root without setpriv: cannot drop to an unprivileged user")
+    # Not pytest's tmp_path: its parents are private to root, and nobody must reach the mounts.
+    tmp_path = Path(tempfile.mkdtemp(prefix="mishield-docker-smoke-"))
+    try:
+        _run_documented_command(tmp_path, prefix, jsonschema)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _run_documented_command(tmp_path: Path, prefix: list[str], jsonschema) -> None:
     env_dir = tmp_path / "venv"
     # System site-packages provide torch & co. (no network here); mishield itself comes from a wheel
     # built from this checkout, as in the image, so the console script and package data are tested.
@@ -271,8 +281,8 @@ def test_documented_container_command_runs_unprivileged_from_a_fresh_venv(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert "\x1b[" not in proc.stderr, "NO_COLOR=1 must leave no escape codes on stderr"
     document = json.loads(proc.stdout)
-    schema_file = subprocess.run([str(py), "-c", "import mishield.schemas as s; print(s.__file__)"], env=env,
-                                 capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    schema_file = subprocess.run([*prefix, str(py), "-c", "import mishield.schemas as s; print(s.__file__)"], env=env,
+                                 cwd=home, capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     assert str(env_dir) in schema_file, "the schemas must come from the installed wheel (package data)"
     schema = json.loads((Path(schema_file).parent / "harden.schema.json").read_text())
     jsonschema.validate(document, schema)
