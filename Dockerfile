@@ -23,7 +23,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # HOME is world-writable (sticky, like /tmp) so `docker run --user "$(id -u):$(id -g)"` with any host
 # uid still has a writable home and cache directory (torch hub, timm/Hugging Face downloads).
 RUN python -m venv "$VIRTUAL_ENV" \
-    && useradd --uid 1000 --user-group --no-create-home --home-dir /home/mishield --shell /usr/sbin/nologin mishield \
+    && groupadd --gid 1000 mishield \
+    && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /home/mishield --shell /usr/sbin/nologin mishield \
     && mkdir -p /home/mishield/.cache /work \
     && chown mishield:mishield /home/mishield/.cache /work \
     && chmod 1777 /home/mishield /home/mishield/.cache

@@ -128,6 +128,9 @@ def test_final_images_run_mishield_as_a_non_root_user(dockerfile, target):
     keywords = [kw for kw, _ in stage.instructions]
     last_user = len(keywords) - 1 - keywords[::-1].index("USER")
     assert "RUN" not in keywords[last_user:], "every RUN of the stage must come before the final USER"
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert f"VERSION={version}" in stage.all("ARG"), "the image's version label must default to pyproject's version"
     labels = " ".join(stage.all("LABEL"))
     for key in ("title", "description", "version", "licenses", "source", "revision"):
         assert f"org.opencontainers.image.{key}=" in labels
@@ -219,6 +222,14 @@ def documented_commands() -> tuple[str, list[str]]:
     block = text.split("<!-- smoke-test", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     words = shlex.split(block.replace("\\\n", " "))
     return data_code, words[words.index("mishield:cpu") + 1:]
+
+
+def test_docs_show_a_smoke_command_the_slow_test_can_run():
+    """Fast guard for the slow test below: the documented command is found and is what it should be."""
+    data_code, args = documented_commands()
+    assert "materialize_fashion_mnist" in data_code and "'/demo/private'" in data_code
+    assert args[0] == "harden" and args[-1] == "--json"
+    assert "/demo/private" in args and any(a.startswith("/out/") for a in args)
 
 
 def unprivileged_prefix() -> list[str] | None:
