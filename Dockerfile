@@ -60,7 +60,7 @@ LABEL org.opencontainers.image.title="mishield (CUDA)" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="${SOURCE_URL}" \
       org.opencontainers.image.revision="${REVISION}"
-RUN pip install "torch>=2.5" "torchvision>=0.19"
+RUN pip install "torch>=2.5,<3" "torchvision>=0.19,<1"
 COPY --from=requirements /build/requirements.txt /tmp/requirements.txt
 RUN pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 COPY --from=wheel /dist /tmp/dist
@@ -85,7 +85,7 @@ LABEL org.opencontainers.image.title="mishield" \
       org.opencontainers.image.source="${SOURCE_URL}" \
       org.opencontainers.image.revision="${REVISION}"
 # Only the CPU index: with PyPI as an extra index pip could prefer a newer CUDA build of torch.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.5" "torchvision>=0.19"
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.5,<3" "torchvision>=0.19,<1"
 COPY --from=requirements /build/requirements.txt /tmp/requirements.txt
 # torch and torchvision are already satisfied by the CPU wheels, so pip keeps them.
 RUN pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
