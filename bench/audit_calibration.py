@@ -71,7 +71,7 @@ def _csv(kind):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("bench_out/audit_calibration"), help="cache of data, prior, models; results")
+    p.add_argument("--out", type=Path, default=Path("out/audit_calibration"), help="cache of data, prior, models; results")
     p.add_argument("--classes", type=int, default=3, help="private classes attacked (of the target's 5)")
     p.add_argument("--samples", type=int, default=200, help="S: initial-selection pool")
     p.add_argument("--candidates", type=int, default=8, help="C: optimised per class")
