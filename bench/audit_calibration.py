@@ -83,13 +83,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--targets", type=_csv(str), default=["untrained", "trained", "rolss"])
     p.add_argument("--target-epochs", type=int, default=4)
     p.add_argument("--prior-epochs", type=int, default=20)
+    p.add_argument("--eval-epochs", type=int, default=10, help="4 epochs left the evaluator near 55 %% accuracy")
     p.add_argument("--threads", type=int, default=1, help="1 is steadier on a shared machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold", type=float, default=0.5, help="gate threshold used for the verdict column")
+    p.add_argument("--render", type=Path, help="only print the tables of an earlier run's JSON")
     return p.parse_args(argv)
 
 
-def prepare(out: Path, target_epochs: int, prior_epochs: int) -> dict:
+def prepare(out: Path, target_epochs: int, prior_epochs: int, eval_epochs: int) -> dict:
     """Data, prior, targets and evaluator, each built once and cached under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     private, public = out / "private", out / "public"
@@ -121,7 +123,7 @@ def prepare(out: Path, target_epochs: int, prior_epochs: int) -> dict:
         save_model(paths["rolss"], result.model, arch=TARGET_ARCH, num_classes=5, surgery=result.spec, preprocessing=PRE)
     eval_path = out / "eval.pt"
     if not eval_path.exists():
-        train_eval_model(private, eval_path, arch=EVAL_ARCH, input_size=32, epochs=4, lr=1e-3, batch_size=64, seed=1)
+        train_eval_model(private, eval_path, arch=EVAL_ARCH, input_size=32, epochs=eval_epochs, lr=1e-3, batch_size=64, seed=1)
     models = {name: load_model(p, arch=TARGET_ARCH).model.eval() for name, p in paths.items()}
     evaluator = load_model(eval_path, arch=EVAL_ARCH).model.eval()
     return {"splits": splits, "prior": prior_path, "models": models, "evaluator": evaluator}
@@ -225,31 +227,59 @@ def hardware() -> dict:
 
 
 def markdown(result: dict) -> str:
-    hw = result["hardware"]
+    """Three pivot tables (rows: target, betas, lr; columns: steps): accuracy, target confidence, paired Δ."""
+    hw, rows = result["hardware"], result.get("rows", [])
+    steps = sorted({r["steps"] for r in rows})
+    cells: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        cells.setdefault((r["target"], r["betas"], r["lr"]), {})[r["steps"]] = r
+
+    def table(title: str, fmt, keys) -> list[str]:
+        out = [f"**{title}**", "", "| target | betas | lr | " + " | ".join(f"I={s}" for s in steps) + " |",
+               "|---|---|---|" + "---|" * len(steps)]  # fmt: skip
+        for key in keys:
+            out.append(f"| {key[0]} | {key[1]} | {key[2]:g} | " + " | ".join(fmt(cells[key].get(s)) for s in steps) + " |")
+        return [*out, ""]
+
+    def acc(r):
+        if r is None:
+            return ""
+        mark = {"inconclusive": " ?", "leaky": " !"}.get(r["verdict"], "")
+        return f"{r['attack_acc1']:.0%} ({r['interval'][0]:.0%}-{r['interval'][1]:.0%}){mark}"
+
+    def diff(r):
+        d = r and r.get("paired_diff_vs_trained")
+        return f"{d['estimate']:+.0%} ({d['interval'][0]:+.0%} to {d['interval'][1]:+.0%})" if d else ""
+
+    s = result.get("settings", {})
     lines = [
         (
-            f"Hardware: {hw['cpu']}, {hw['cores']} cores ({hw['torch_threads']} torch threads), torch {hw['torch']}; "
-            f"wall time {result['wall_seconds']:.0f} s{'' if result.get('complete') else ' (PARTIAL: the run was cut short)'}. Chance @1 = {result['chance']:.0%}. Command: `{result['command']}`"
+            f"Hardware: {hw['cpu']}, {hw['cores']} cores ({hw['torch_threads']} torch thread(s)), torch {hw['torch']}; "
+            f"wall time {result.get('wall_seconds', 0):.0f} s{'' if result.get('complete') else ' (PARTIAL: the run was cut short)'}. "
+            f"Natural accuracy {', '.join(f'{k} {v:.1%}' for k, v in result['natural_acc'].items())}; evaluator {result['evaluator_acc']:.1%}; "
+            f"chance @1 {result['chance']:.0%}; {len(result['classes'])} classes x K={s.get('keep')} kept of C={s.get('candidates')}, "
+            f"S={s.get('samples')}, A={s.get('final_augmentations')}."
         ),
         "",
-        "| target | betas | lr | steps | attack acc@1 | 95 % class-bootstrap | unfiltered @1 | target conf | verdict | Δ vs trained (paired) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"Command: `{result['command']}`",
+        "",
     ]
-    for r in result["rows"]:
-        d = r.get("paired_diff_vs_trained")
-        diff = f"{d['estimate']:+.0%} [{d['interval'][0]:+.0%}, {d['interval'][1]:+.0%}]" if d else ""
-        lines.append(
-            f"| {r['target']} | {r['betas']} | {r['lr']:g} | {r['steps']} | {r['attack_acc1']:.0%} | "
-            f"{r['interval'][0]:.0%}-{r['interval'][1]:.0%} | {r['unfiltered_acc1']:.0%} | {r['target_confidence']:.2f} | {r['verdict']} | {diff} |"
-        )
-    return "\n".join(lines) + "\n"
+    keys = list(cells)
+    lines += table("Attack accuracy @1 (95 % class-bootstrap interval); ? inconclusive, ! leaky at the --threshold", acc, keys)
+    lines += table("Unfiltered accuracy @1 over all C candidates", lambda r: f"{r['unfiltered_acc1']:.0%}" if r else "", keys)
+    lines += table("Target's mean confidence on the kept images", lambda r: f"{r['target_confidence']:.2f}" if r else "", keys)
+    lines += table("Paired difference rolss - trained (95 % interval)", diff, [k for k in keys if k[0] == "rolss"])
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(args.render.read_text())))
+        return
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    setup = prepare(args.out, args.target_epochs, args.prior_epochs)
+    setup = prepare(args.out, args.target_epochs, args.prior_epochs, args.eval_epochs)
     natural = {name: natural_accuracy(m, setup["splits"]) for name, m in setup["models"].items()}
     result = {
         "command": "python bench/audit_calibration.py " + " ".join(sys.argv[1:] if argv is None else argv),
