@@ -8,7 +8,7 @@ data hold only ten independent numbers. Everything here resamples classes instea
 (a cluster bootstrap) and the gate decides on the interval's upper end, so uncertainty counts
 against release. See docs/audit.md for how to read the numbers.
 
-Pure numpy, deterministic given a seed; no torch import (inputs may be CPU tensors).
+numpy arithmetic, deterministic given a seed; inputs may be numpy arrays, lists or CPU tensors.
 """
 
 from __future__ import annotations
