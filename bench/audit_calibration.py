@@ -1,6 +1,6 @@
 """Attack accuracy against the attack's budget (steps, lr, Adam betas) on the embedded Fashion-MNIST.
 
-    python bench/audit_calibration.py                        # small default grid, CPU, ~10 min on 2 cores
+    python bench/audit_calibration.py      # default grid, CPU: ~10 min with cached models, ~15 from scratch (2 shared cores)
     python bench/audit_calibration.py --classes 5 --candidates 16 --keep 8 --steps 0,10,30,100,300
 
 The setting of the audit tests at 32 px: private classes 0-4 (the target's), the prior a DCGAN
