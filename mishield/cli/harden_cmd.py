@@ -3,7 +3,6 @@ skips and, given private training data, fine-tune the rewritten model (TTS or fi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -22,22 +21,13 @@ from mishield.cli.options import (
     StageOpt,
     StdOpt,
     TrustOpt,
+    flags_in_errors,
     parse_floats,
 )
+from mishield.hardening import DEFAULT_EPOCHS_WITH_DATA
 
-DEFAULT_EPOCHS_WITH_DATA = 10
 SUMMARY_EPOCHS = 12  # rows of the per-epoch table; the JSON-lines log has them all
 TRAINING_PANEL = "Fine-tuning (needs --data)"
-
-
-def state_path_for(out: Path) -> Path:
-    """The resumable training state written beside the output while training runs."""
-    return out.with_name(out.name + ".train-state")
-
-
-def log_path_for(out: Path) -> Path:
-    """The JSON-lines training log written beside the output."""
-    return out.with_name(out.name + ".train.jsonl")
 
 
 # Options a --recipe file may set (the training recipe and the surgery it applies).
@@ -144,173 +134,39 @@ def harden(
 ) -> None:
     """Rewrite the model's last-stage skip connections (RoLSS / SSF), optionally fine-tune it on your
     private data (TTS / finetune, optional BiDO), and write a hardened model file."""
-    from mishield.errors import BadInputError, UsageError
-    from mishield.fileio import check_writable
-    from mishield.models import load_model
+    from mishield.hardening import harden as harden_model
     from mishield.recipes import recipe_defaults
-    from mishield.surgery import plan_surgery
 
     r = recipe_defaults(ctx, recipe_file, RECIPE_KEYS)
-    method, alpha, stage, sites = (r.get(k, v) for k, v in
-                                   (("method", method), ("alpha", alpha), ("stage", stage), ("sites", sites)))
-    schedule, epochs, stage1_epochs, lr, batch_size = (r.get(k, v) for k, v in (
-        ("schedule", schedule), ("epochs", epochs), ("stage1_epochs", stage1_epochs), ("lr", lr),
-        ("batch_size", batch_size)))
-    bido, bido_lx, bido_ly, seed, val_fraction = (r.get(k, v) for k, v in (
-        ("bido", bido), ("bido_lx", bido_lx), ("bido_ly", bido_ly), ("seed", seed), ("val_fraction", val_fraction)))
-    if isinstance(sites, str):
-        sites = [sites]
-
-    if method not in ("rolss", "ssf"):
-        raise UsageError(f"--method must be rolss or ssf, not {method!r}.")
-    if alpha is not None and method == "rolss":
-        raise UsageError("--alpha applies to --method ssf only (rolss is ssf with k = 0).")
-    if schedule is not None and schedule not in ("tts", "finetune"):
-        raise UsageError(f"--schedule must be tts or finetune, not {schedule!r}.")
-    if data is None:
-        given = [flag for flag, value in (
-            ("--val-data", val_data), ("--val-fraction", val_fraction), ("--schedule", schedule),
-            ("--stage1-epochs", stage1_epochs), ("--lr", lr), ("--bido", bido or None), ("--resume", resume or None),
-            ("--reset-head", reset_head or None), ("--compile", compile_model or None),
-        ) if value is not None]
-        if epochs:
-            given.insert(0, "--epochs")
-        if given:
-            raise UsageError(f"{given[0]} needs training data; pass --data DIR (an ImageFolder of your private images).")
-    if schedule == "finetune" and stage1_epochs is not None:
-        raise UsageError("--stage1-epochs applies to --schedule tts only.")
-    check_writable(out, overwrite)
-    state_path, log_path = state_path_for(out), log_path_for(out)
-    if data is not None and state_path.exists() and not resume and not overwrite:
-        raise UsageError(
-            f"{state_path} holds an interrupted run; pass --resume to continue it or --overwrite to start over."
+    given = {"method": method, "alpha": alpha, "stage": stage, "sites": sites, "schedule": schedule, "epochs": epochs,
+             "stage1_epochs": stage1_epochs, "lr": lr, "batch_size": batch_size, "bido": bido, "bido_lx": bido_lx,
+             "bido_ly": bido_ly, "seed": seed, "val_fraction": val_fraction}
+    options = {k: r.get(k, v) for k, v in given.items()}
+    with flags_in_errors():
+        load = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "input_size": input_size,
+                "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
+        result = harden_model(
+            model, out=out, overwrite=overwrite, data=data, val_data=val_data, device=device, workers=workers,
+            compile=compile_model, reset_head=reset_head, resume=resume, progress=True, load_options=load, **options,
         )
-
-    loaded = load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint,
-                        input_size=input_size, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
-    if not loaded.supports_surgery:
-        raise BadInputError(
-            f"{model} is a {loaded.kind} archive, which cannot be rewritten; harden the original checkpoint."
-        )
-    if data is None:
-        _surgery_only(loaded, model, out, method, alpha, stage, sites, overwrite, json_output)
+    if not result.main_process:
         return
-
-    from mishield.bido import BiDOConfig
-    from mishield.data import check_num_classes, load_image_folders
-    from mishield.training import TrainingRecipe, default_lr, run_schedule
-    from mishield.training import reset_head as reset_classifier
-
-    splits = load_image_folders(data, val_dir=val_data, val_fraction=val_fraction, seed=seed)
-    model_classes = loaded.num_classes
-    if reset_head:
-        reset_classifier(loaded.model, splits.num_classes)
-        model_classes = splits.num_classes
+    summary = result.to_dict()
+    if json_output:
+        console.emit_json(summary)
+    elif result.training is None:
+        _print_surgery_summary(summary, result.surgery.seconds)
     else:
-        check_num_classes(splits, model_classes)
-    trained = loaded.kind != "spec"
-    schedule = schedule or ("finetune" if trained else "tts")
-    recipe = TrainingRecipe(
-        schedule=schedule,
-        epochs=DEFAULT_EPOCHS_WITH_DATA if epochs is None else epochs,
-        stage1_epochs=5 if stage1_epochs is None else stage1_epochs,
-        lr=lr if lr is not None else default_lr(trained, reset_head),
-        batch_size=batch_size,
-        seed=seed,
-        bido=BiDOConfig(lx=bido_lx, ly=bido_ly) if bido else None,
-    )
-    plan = plan_surgery(loaded.model, method, alpha=alpha, stage=stage, sites=sites,
-                        input_size=loaded.preprocessing.input_size)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main and not resume and overwrite:
-        state_path.unlink(missing_ok=True)
-        log_path.unlink(missing_ok=True)
-    result = run_schedule(
-        loaded.model, plan, splits, loaded.preprocessing, recipe, device=device, workers=workers,
-        compile=compile_model, state_path=state_path, resume=resume, log_path=log_path,
-        progress=is_main, num_classes=model_classes,
-    )
-    if not is_main:
-        return
-    _write_trained(loaded, out, result, splits, model_classes, overwrite)
-    state_path.unlink(missing_ok=True)  # the finished model supersedes the resumable state
-    summary = _training_summary(out, log_path, plan, result, splits, resume)
-    if json_output:
-        console.emit_json(summary)
-        return
-    _print_training_summary(summary)
+        _print_training_summary(summary)
 
 
-def _surgery_only(loaded, model, out, method, alpha, stage, sites, overwrite, json_output) -> None:
-    from mishield.models import save_model
-    from mishield.surgery import apply_plan, plan_surgery
-
-    plan = plan_surgery(loaded.model, method, alpha=alpha, stage=stage, sites=sites,
-                        input_size=loaded.preprocessing.input_size)
-    result = apply_plan(loaded.model, plan)
-    previous = list((loaded.recipe or {}).get("surgery") or [])
-    save_model(
-        out, result.model, arch=loaded.arch, num_classes=loaded.num_classes,
-        surgery=previous + [result.spec], preprocessing=loaded.preprocessing,
-        source=loaded.source, overwrite=overwrite,
-    )
-    summary = {
-        "out": str(out),
-        "method": method,
-        "alpha": plan.alpha,
-        "selection": plan.selection,
-        "sites": plan.selected,
-        "dropped_parameters": result.dropped_parameters,
-        "surgery_seconds": round(result.seconds, 3),
-    }
-    if json_output:
-        console.emit_json(summary)
-        return
+def _print_surgery_summary(s: dict, seconds: float) -> None:
     console.err.print(
-        f"{method} on {plan.selection}: {len(plan.selected)} skip site(s) rewritten"
-        + (f", alpha={plan.alpha}" if method == "ssf" else "")
-        + (f", {len(result.dropped_parameters)} dead tensor(s) dropped" if result.dropped_parameters else "")
-        + f" in {result.seconds:.2f}s -> [bold]{out}[/]"
+        f"{s['method']} on {s['selection']}: {len(s['sites'])} skip site(s) rewritten"
+        + (f", alpha={s['alpha']}" if s["method"] == "ssf" else "")
+        + (f", {len(s['dropped_parameters'])} dead tensor(s) dropped" if s["dropped_parameters"] else "")
+        + f" in {seconds:.2f}s -> [bold]{s['out']}[/]"
     )
-
-
-def _write_trained(loaded, out: Path, result, splits, num_classes: int, overwrite: bool) -> None:
-    from mishield.models import save_model
-
-    previous = list((loaded.recipe or {}).get("surgery") or [])
-    training = result.training_record() | {"classes": list(splits.classes), "train_images": len(splits.train),
-                                           "val_images": len(splits.val), "bido_features": result.bido_features}
-    save_model(
-        out, result.model, arch=loaded.arch, num_classes=num_classes,
-        surgery=previous + [result.surgery.spec], preprocessing=loaded.preprocessing,
-        source=loaded.source, overwrite=overwrite,
-        extra={"training": training, "metrics": {k: result.metrics.get(k) for k in
-                                                 ("natural_acc_before", "natural_acc_after_surgery", "natural_acc_after")}},
-    )
-
-
-def _training_summary(out: Path, log_path: Path, plan, result, splits, resumed: bool) -> dict:
-    final = result.history[-1] if result.history else {}
-    return {
-        "out": str(out),
-        "log": str(log_path),
-        "method": plan.method,
-        "alpha": plan.alpha,
-        "selection": plan.selection,
-        "sites": plan.selected,
-        "dropped_parameters": result.surgery.dropped_parameters,
-        "schedule": result.recipe.schedule,
-        "recipe": result.recipe.to_dict(),
-        "classes": splits.classes,
-        "train_images": len(splits.train),
-        "val_images": len(splits.val),
-        "metrics": result.metrics,
-        "epochs": result.history,
-        "final_train_loss": final.get("train_loss"),
-        "bido_features": result.bido_features,
-        "resumed_from": result.resumed_from,
-        "seconds": round(result.seconds, 2),
-    }
 
 
 def _pct(v) -> str:

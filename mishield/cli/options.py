@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -66,3 +69,28 @@ StdOpt = Annotated[
     str | None,
     typer.Option("--std", metavar="S[,S,S]", help="Normalisation std per channel (default: from the model or file)."),
 ]
+
+
+# Library errors name parameters in backticks (`val_fraction`); on the command line they are flags.
+# Names whose flag is not simply --name-with-dashes:
+_FLAG_EXCEPTIONS = {"model": "MODEL", "models": "MODEL"}
+
+
+def flag_for(param: str) -> str:
+    return _FLAG_EXCEPTIONS.get(param, "--" + param.replace("_", "-"))
+
+
+@contextmanager
+def flags_in_errors() -> Iterator[None]:
+    """Re-raise a library error with each `parameter` in its message written as its CLI flag."""
+    from mishield.errors import MishieldError
+
+    try:
+        yield
+    except MishieldError as err:
+        message = str(err)
+        if "`" not in message:
+            raise
+        # The same exception (type, exit code, attributes kept), its sentence reworded.
+        err.args = (re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag_for(m.group(1)), message),)
+        raise
