@@ -130,8 +130,6 @@ class _Training:
             raise UsageError(f"`batch_size` must be at least 1, got {self.batch_size}.")
         if self.lr is not None and not self.lr > 0:
             raise UsageError(f"`lr` must be a positive number, got {self.lr}.")
-        if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
-            raise UsageError(f"`val_fraction` must be in [0, 1), got {self.val_fraction}.")
         if self.bido_lx < 0 or self.bido_ly < 0:
             raise UsageError("`bido_lx` and `bido_ly` must be 0 or more.")
         if self.data is None:
@@ -157,8 +155,6 @@ def _check_method(method: str, alpha: float | None) -> None:
         raise UsageError(f"`method` must be rolss or ssf, not {method!r}.")
     if alpha is not None and method == "rolss":
         raise UsageError("`alpha` applies to `method` ssf only (rolss is ssf with k = 0).")
-    if alpha is not None and not 0.0 <= alpha <= 1.0:
-        raise UsageError(f"`alpha` must be in [0, 1] (0 is RoLSS, 1 the original model), got {alpha}.")
 
 
 def harden(

@@ -35,21 +35,99 @@ RECIPE_KEYS = ("method", "alpha", "stage", "sites", "schedule", "epochs", "stage
                "bido", "bido_lx", "bido_ly", "seed", "val_fraction")
 
 
+# Options only `harden` has (shared ones are in mishield.cli.options).
+OutOpt = Annotated[Path, typer.Option("--out", help="Where to write the hardened model file.")]
+MethodOpt = Annotated[str, typer.Option("--method", help="rolss (remove skips) or ssf (scale skips by --alpha).")]
+AlphaOpt = Annotated[
+    float | None,
+    typer.Option("--alpha", min=0.0, max=1.0, help="SSF scale k (default 0.2 additive, 0.01 concatenative)."),
+]
+EpochsOpt = Annotated[
+    int | None,
+    typer.Option("--epochs", min=0, show_default=False, rich_help_panel=TRAINING_PANEL,
+                 help=f"Fine-tuning epochs after surgery (TTS stage 2). Default: {DEFAULT_EPOCHS_WITH_DATA} "
+                      "with --data, else 0 (surgery only)."),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", rich_help_panel=TRAINING_PANEL,
+                 help="Private training images: an ImageFolder (one sub-folder per class), or a folder "
+                      "with train/ and val/ ImageFolders."),
+]
+ValDataOpt = Annotated[
+    Path | None,
+    typer.Option("--val-data", rich_help_panel=TRAINING_PANEL,
+                 help="Validation ImageFolder (default: DATA/val, or --val-fraction of DATA)."),
+]
+ValFractionOpt = Annotated[
+    float | None,
+    typer.Option("--val-fraction", min=0.0, max=1.0, rich_help_panel=TRAINING_PANEL,
+                 help="Hold out this fraction of each class of DATA for validation (seeded by --seed)."),
+]
+ScheduleOpt = Annotated[
+    str | None,
+    typer.Option("--schedule", show_default=False, rich_help_panel=TRAINING_PANEL,
+                 help="tts (stage 1 with full skips, then surgery + stage 2) or finetune (surgery, then "
+                      "train). Default: finetune for a trained checkpoint (its training was stage 1), "
+                      "tts for an untrained architecture spec."),
+]
+Stage1EpochsOpt = Annotated[
+    int | None,
+    typer.Option("--stage1-epochs", min=0, show_default=False, rich_help_panel=TRAINING_PANEL,
+                 help="TTS stage-1 epochs with full skips (default 5, the paper's)."),
+]
+LrOpt = Annotated[
+    float | None,
+    typer.Option("--lr", min=0.0, show_default=False, rich_help_panel=TRAINING_PANEL,
+                 help="Adam learning rate (default 1e-4 for a trained checkpoint, the recipe's 1e-3 for "
+                      "random weights or --reset-head); decays x0.1 at 75% and 90% of all epochs."),
+]
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", min=1, rich_help_panel=TRAINING_PANEL, help="Images per step (per GPU under torchrun).")
+]
+BidoOpt = Annotated[
+    bool, typer.Option("--bido", rich_help_panel=TRAINING_PANEL,
+                       help="Add BiDO's HSIC terms over the stem and stage outputs to the loss.")
+]
+BidoLxOpt = Annotated[
+    float, typer.Option("--bido-lx", min=0.0, rich_help_panel=TRAINING_PANEL, help="BiDO weight of HSIC(input, feature).")
+]
+BidoLyOpt = Annotated[
+    float, typer.Option("--bido-ly", min=0.0, rich_help_panel=TRAINING_PANEL, help="BiDO weight of HSIC(label, feature).")
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", rich_help_panel=TRAINING_PANEL,
+                       help="Continue an interrupted run from OUT.train-state (same command otherwise).")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", rich_help_panel=TRAINING_PANEL, help="Seed for data order, augmentation and splits.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", rich_help_panel=TRAINING_PANEL, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+]
+CompileModelOpt = Annotated[
+    bool, typer.Option("--compile", rich_help_panel=TRAINING_PANEL, help="torch.compile the model (faster steps after a slow first one).")
+]
+ResetHeadOpt = Annotated[
+    bool, typer.Option("--reset-head", rich_help_panel=TRAINING_PANEL,
+                       help="Replace the classifier with a new one for DATA's classes.")
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", min=0, rich_help_panel=TRAINING_PANEL,
+                                help="Data-loading worker processes (default: up to 8 on CUDA, 0 on small CPUs).")
+]
+RecipeFileOpt = Annotated[
+    Path | None,
+    typer.Option("--recipe", help="YAML file of defaults for these options (e.g. recipes/paper-tts.yaml); "
+                                  "flags given on the command line win."),
+]
+
+
 def harden(
     ctx: typer.Context,
     model: ModelArg,
-    out: Annotated[Path, typer.Option("--out", help="Where to write the hardened model file.")],
-    method: Annotated[str, typer.Option("--method", help="rolss (remove skips) or ssf (scale skips by --alpha).")] = "rolss",
-    alpha: Annotated[
-        float | None,
-        typer.Option("--alpha", min=0.0, max=1.0, help="SSF scale k (default 0.2 additive, 0.01 concatenative)."),
-    ] = None,
-    epochs: Annotated[
-        int | None,
-        typer.Option("--epochs", min=0, show_default=False, rich_help_panel=TRAINING_PANEL,
-                     help=f"Fine-tuning epochs after surgery (TTS stage 2). Default: {DEFAULT_EPOCHS_WITH_DATA} "
-                          "with --data, else 0 (surgery only)."),
-    ] = None,
+    out: OutOpt,
+    method: MethodOpt = "rolss",
+    alpha: AlphaOpt = None,
+    epochs: EpochsOpt = None,
     stage: StageOpt = None,
     sites: SitesOpt = None,
     arch: ArchOpt = None,
@@ -60,77 +138,23 @@ def harden(
     std: StdOpt = None,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", rich_help_panel=TRAINING_PANEL,
-                     help="Private training images: an ImageFolder (one sub-folder per class), or a folder "
-                          "with train/ and val/ ImageFolders."),
-    ] = None,
-    val_data: Annotated[
-        Path | None,
-        typer.Option("--val-data", rich_help_panel=TRAINING_PANEL,
-                     help="Validation ImageFolder (default: DATA/val, or --val-fraction of DATA)."),
-    ] = None,
-    val_fraction: Annotated[
-        float | None,
-        typer.Option("--val-fraction", min=0.0, max=1.0, rich_help_panel=TRAINING_PANEL,
-                     help="Hold out this fraction of each class of DATA for validation (seeded by --seed)."),
-    ] = None,
-    schedule: Annotated[
-        str | None,
-        typer.Option("--schedule", show_default=False, rich_help_panel=TRAINING_PANEL,
-                     help="tts (stage 1 with full skips, then surgery + stage 2) or finetune (surgery, then "
-                          "train). Default: finetune for a trained checkpoint (its training was stage 1), "
-                          "tts for an untrained architecture spec."),
-    ] = None,
-    stage1_epochs: Annotated[
-        int | None,
-        typer.Option("--stage1-epochs", min=0, show_default=False, rich_help_panel=TRAINING_PANEL,
-                     help="TTS stage-1 epochs with full skips (default 5, the paper's)."),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option("--lr", min=0.0, show_default=False, rich_help_panel=TRAINING_PANEL,
-                     help="Adam learning rate (default 1e-4 for a trained checkpoint, the recipe's 1e-3 for "
-                          "random weights or --reset-head); decays x0.1 at 75% and 90% of all epochs."),
-    ] = None,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, rich_help_panel=TRAINING_PANEL, help="Images per step (per GPU under torchrun).")
-    ] = 128,
-    bido: Annotated[
-        bool, typer.Option("--bido", rich_help_panel=TRAINING_PANEL,
-                           help="Add BiDO's HSIC terms over the stem and stage outputs to the loss.")
-    ] = False,
-    bido_lx: Annotated[
-        float, typer.Option("--bido-lx", min=0.0, rich_help_panel=TRAINING_PANEL, help="BiDO weight of HSIC(input, feature).")
-    ] = 0.05,
-    bido_ly: Annotated[
-        float, typer.Option("--bido-ly", min=0.0, rich_help_panel=TRAINING_PANEL, help="BiDO weight of HSIC(label, feature).")
-    ] = 0.5,
-    resume: Annotated[
-        bool, typer.Option("--resume", rich_help_panel=TRAINING_PANEL,
-                           help="Continue an interrupted run from OUT.train-state (same command otherwise).")
-    ] = False,
-    seed: Annotated[int, typer.Option("--seed", rich_help_panel=TRAINING_PANEL, help="Seed for data order, augmentation and splits.")] = 0,
-    device: Annotated[
-        str, typer.Option("--device", rich_help_panel=TRAINING_PANEL, help="auto (CUDA when present), cpu, cuda or cuda:N.")
-    ] = "auto",
-    compile_model: Annotated[
-        bool, typer.Option("--compile", rich_help_panel=TRAINING_PANEL, help="torch.compile the model (faster steps after a slow first one).")
-    ] = False,
-    reset_head: Annotated[
-        bool, typer.Option("--reset-head", rich_help_panel=TRAINING_PANEL,
-                           help="Replace the classifier with a new one for DATA's classes.")
-    ] = False,
-    workers: Annotated[
-        int | None, typer.Option("--workers", min=0, rich_help_panel=TRAINING_PANEL,
-                                    help="Data-loading worker processes (default: up to 8 on CUDA, 0 on small CPUs).")
-    ] = None,
-    recipe_file: Annotated[
-        Path | None,
-        typer.Option("--recipe", help="YAML file of defaults for these options (e.g. recipes/paper-tts.yaml); "
-                                      "flags given on the command line win."),
-    ] = None,
+    data: DataOpt = None,
+    val_data: ValDataOpt = None,
+    val_fraction: ValFractionOpt = None,
+    schedule: ScheduleOpt = None,
+    stage1_epochs: Stage1EpochsOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchSizeOpt = 128,
+    bido: BidoOpt = False,
+    bido_lx: BidoLxOpt = 0.05,
+    bido_ly: BidoLyOpt = 0.5,
+    resume: ResumeOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    compile_model: CompileModelOpt = False,
+    reset_head: ResetHeadOpt = False,
+    workers: WorkersOpt = None,
+    recipe_file: RecipeFileOpt = None,
 ) -> None:
     """Rewrite the model's last-stage skip connections (RoLSS / SSF), optionally fine-tune it on your
     private data (TTS / finetune, optional BiDO), and write a hardened model file."""
