@@ -1,0 +1,194 @@
+"""The public Python API: the README's example runs, every exported name resolves, importing
+mishield stays torch-free, and the import graph has no cycles and no library -> CLI edges."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mishield
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "mishield"
+
+
+def _readme_example() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Python API", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match, "README's Python API section has no python code block"
+    return match.group(1)
+
+
+def test_readme_python_example_runs(tmp_path):
+    # As a user runs it: a fresh interpreter, in an empty directory.
+    (tmp_path / "example.py").write_text(_readme_example(), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "example.py"], capture_output=True, text=True, check=False, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout
+    assert "the methods change" in printed and "tts natural accuracy" in printed
+
+    back = mishield.load_model(tmp_path / "hardened.safetensors")
+    assert back.num_classes == 3 and back.recipe["training"]["classes"] == ["0_tshirt_top", "1_trouser", "7_sneaker"]
+    assert set(back.recipe["metrics"]) == {"natural_acc_before", "natural_acc_after_surgery", "natural_acc_after"}
+    assert [s["method"] for s in back.recipe["surgery"]] == ["rolss"]
+    ssf = mishield.load_model(tmp_path / "ssf.pt")
+    assert ssf.recipe["surgery"][0]["alpha"] == 0.2
+    assert (tmp_path / "hardened.onnx").stat().st_size > 0
+    assert not (tmp_path / "hardened.safetensors.train-state").exists()
+
+
+def test_harden_result_matches_the_cli_json_and_errors_name_parameters(tmp_path):
+    import torch
+
+    loaded = mishield.load_model("timm:test_resnet", num_classes=3, input_size=32)
+    result = mishield.harden(loaded, method="ssf", alpha=0.5)  # surgery only, nothing written
+    assert isinstance(result, mishield.HardenResult) and result.out is None and result.training is None
+    doc = result.to_dict()
+    assert set(doc) == {"out", "method", "alpha", "selection", "sites", "dropped_parameters", "surgery_seconds"}
+    assert doc["alpha"] == 0.5 and doc["sites"] == result.plan.selected
+    x = torch.randn(2, 3, 32, 32)
+    assert result.model(x).shape == (2, 3)
+
+    with pytest.raises(mishield.UsageError, match=r"^`alpha` applies to `method` ssf only"):
+        mishield.harden(loaded, method="rolss", alpha=0.3)
+    with pytest.raises(mishield.UsageError, match=r"^`epochs` needs training data; pass `data`"):
+        mishield.harden(loaded, epochs=3)
+    with pytest.raises(mishield.UsageError, match="`schedule` must be tts or finetune"):
+        mishield.harden(loaded, data=tmp_path, schedule="sgd")
+    with pytest.raises(mishield.UsageError, match="`alpha` must lie in"):
+        mishield.harden(loaded, method="ssf", alpha=1.5)
+
+
+def test_cli_rewrites_parameter_names_as_flags():
+    from mishield.cli.options import flag_for, flags_in_errors
+    from mishield.errors import BadInputError
+
+    assert flag_for("stage1_epochs") == "--stage1-epochs" and flag_for("models") == "MODEL"
+    with pytest.raises(BadInputError) as info, flags_in_errors():
+        raise BadInputError("`val_data` and `val_fraction` both choose; `x2` stays `Upper`.")
+    assert str(info.value) == "--val-data and --val-fraction both choose; --x2 stays `Upper`."
+    assert info.value.exit_code == 3
+
+
+def test_help_lists_the_api_and_every_name_resolves():
+    names = [n for n in mishield.__all__ if n != "__version__"]
+    assert mishield.__all__ == sorted(mishield.__all__)
+    assert set(names) == set(mishield._API)
+    for name in ("harden", "HardenResult", "audit", "AuditReport", "inspect_model", "load_model", "save_model",
+                 "plan_surgery", "apply_plan", "export_onnx", "MishieldError", "PrivacyGateError"):
+        assert name in names
+    for name in names:
+        assert getattr(mishield, name) is not None, name
+    proc = subprocess.run([sys.executable, "-c", "import mishield; help(mishield)"], capture_output=True, text=True,
+                          check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PAGER": "cat", "TERM": "dumb"})
+    assert "harden" in proc.stdout and "AuditReport" in proc.stdout and "inspect_model" in proc.stdout
+    with pytest.raises(AttributeError):
+        mishield.no_such_name  # noqa: B018
+
+
+def test_import_and_cli_registration_leave_torch_out():
+    code = (
+        "import sys, json, mishield, mishield.cli as cli\n"
+        "cli._register()\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'commands': [c.name for c in cli.app.registered_commands]}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    doc = json.loads(proc.stdout)
+    assert {"inspect", "harden", "export", "audit"} <= set(doc["commands"])
+    assert doc["torch"] is False
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path, module: str, known: set[str]) -> set[str]:
+    """Every mishield module `path` imports, at module level or inside functions."""
+    is_package = path.name == "__init__.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                anchor = module.split(".") if is_package else module.split(".")[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            # `from pkg import mod` imports pkg.mod where that is a module
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for t in targets:
+            # `import a.b.c` runs a, a.b and a.b.c: the deepest known module stands for the edge
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != module:
+                found.add(t)
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    known = set(files)
+    return {m: _imports(p, m, known) for m, p in files.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            # A package's own __init__ importing its sub-modules is how packages work, not a cycle.
+            if n.startswith(m + "."):
+                continue
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_import_graph_has_no_cycles_and_layers_point_down():
+    graph = _import_graph()
+    assert "mishield.hardening" in graph and "mishield.attack.audit" in graph["mishield.cli.audit_cmd"]
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+    upward = sorted(f"{m} -> {n}" for m, deps in graph.items() if not m.startswith("mishield.cli") and m != "mishield.__main__"
+                    for n in deps if n == "mishield.cli" or n.startswith("mishield.cli."))
+    assert not upward
+
+
+def test_cycle_finder_finds_a_function_level_cycle(tmp_path):
+    # The walk above must see imports inside functions, or the test would pass vacuously.
+    pkg = tmp_path / "mishield"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from mishield import b\n")
+    (pkg / "b.py").write_text("import mishield.a\n")
+    files = {"mishield": pkg / "__init__.py", "mishield.a": pkg / "a.py", "mishield.b": pkg / "b.py"}
+    graph = {m: _imports(p, m, set(files)) for m, p in files.items()}
+    assert graph["mishield.a"] == {"mishield.b"} and graph["mishield.b"] == {"mishield.a"}
+    assert _cycle(graph) in (["mishield.a", "mishield.b", "mishield.a"], ["mishield.b", "mishield.a", "mishield.b"])
