@@ -46,7 +46,7 @@ class DataSplits:
 
 
 # ---------------------------------------------------------------------------------------------
-# The embedded Fashion-MNIST subset (DESIGN.md §7)
+# The embedded Fashion-MNIST subset (docs/architecture.md §8)
 
 
 class FashionMNISTSubset(NamedTuple):

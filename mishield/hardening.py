@@ -3,7 +3,7 @@ finetune, optionally with BiDO) in one call, returning a typed `HardenResult`.
 
 This is the policy layer `mishield harden` calls: defaults (schedule, learning rate, epochs),
 validation, the resumable-state and log files beside the output, and the training record written
-into the hardened model file all live here, once (docs/architecture.md, "harden").
+into the hardened model file all live here, once (docs/architecture.md §2).
 
 Errors name *parameters* in backticks (`` `alpha` must lie in [0, 1] ``); the CLI swaps each for
 its flag (`--alpha`), so the same check reads right from Python and from the shell.

@@ -1,6 +1,6 @@
 """ONNX export that proves itself: the file is kept only if onnxruntime reproduces the model.
 
-DESIGN.md §6: `torch.onnx.export` on the dynamo path, a dynamic batch axis, one self-contained
+docs/architecture.md §7: `torch.onnx.export` on the dynamo path, a dynamic batch axis, one self-contained
 file, `onnx.checker` full check, then a parity check against onnxruntime (max abs diff on the
 logits <= atol and identical top-1 on a seeded probe batch). The file is written to a temporary
 path and renamed into place only after every check passed, so a failed export never leaves a

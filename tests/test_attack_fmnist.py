@@ -1,4 +1,4 @@
-"""The audit on real images (DESIGN.md §9 at test size): Fashion-MNIST at 32 px, class-disjoint.
+"""The audit on real images (docs/architecture.md §10 at test size): Fashion-MNIST at 32 px, class-disjoint.
 
 The target and the evaluation model learn classes 0-4; the attacker's prior is a DCGAN trained
 on classes 5-9, which the target never saw. Everything is trained once per module.

@@ -3,7 +3,7 @@
 `audit` is the library call behind `mishield audit`: it loads what it is given (files, specs or
 `LoadedModel`s), runs `run_audit` and returns the typed `AuditReport` (`mishield.attack.results`)
 whose `to_dict()` is report.json. Under `torchrun` every rank runs this with its own shard of the
-classes and rank 0 writes the report (docs/architecture.md, "audit"; the protocol: docs/audit.md).
+classes and rank 0 writes the report (docs/architecture.md §3; the protocol and its concepts: §4).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The attack engine: PPA's initial selection, optimisation and final selection (DESIGN.md §5).
+"""The attack engine: PPA's initial selection, optimisation and final selection (docs/architecture.md §3, §4).
 
-Speed is a feature here (DESIGN.md §8): every step optimises one batch that mixes all target
+Speed is a feature here (docs/architecture.md §9): every step optimises one batch that mixes all target
 classes (PPA runs one class per batch), under bf16 autocast and channels_last on CUDA,
 optionally `torch.compile`d, and the step loop never waits for the device (no `.item()`, no
 host-side random numbers: crops come from `augment.uniforms`, hashed on the device).

@@ -2,7 +2,7 @@
 `PrivacyGate` (the `max_attack_acc` verdict).
 
 `AuditReport.to_dict()` is exactly the layout of `report.json` (schema `mishield.audit-report`,
-version 1; docs/audit.md); `AuditReport.from_dict()` reads one back, so saved reports can be
+version 1; docs/architecture.md §3); `AuditReport.from_dict()` reads one back, so saved reports can be
 compared from Python. Metrics stay plain dicts (`mishield.attack.metrics.summarize`'s keys:
 `n`, `attack_acc1`, `attack_acc1_ci95`, `attack_acc5`, `knn_dist`, plus `natural_acc`,
 `natural_acc_n`), because the schema lets later versions add numbers without a new type.

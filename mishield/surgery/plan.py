@@ -1,4 +1,4 @@
-"""Architecture surgery: RoLSS and SSF on the skip connections of a trained model (DESIGN.md §3).
+"""Architecture surgery: RoLSS and SSF on the skip connections of a trained model (docs/architecture.md §4, §5).
 
     plan = plan_surgery(model, "rolss")          # which sites change, nothing touched yet
     result = apply_plan(model, plan)             # a rewritten copy; `model` is left as it was

@@ -1,4 +1,4 @@
-"""Finding skip connections in a model's graph (DESIGN.md §3), without a list of class names.
+"""Finding skip connections in a model's graph (docs/architecture.md §5), without a list of class names.
 
 A skip site is an `add` or a `cat` whose inputs fork from a common ancestor, one input reaching
 it through a short path (the shortcut: identity, or a projection such as 1x1 conv + BN) and one
