@@ -72,10 +72,14 @@ def test_cli_rewrites_parameter_names_as_flags():
     from mishield.cli.options import flag_for, flags_in_errors
     from mishield.errors import BadInputError
 
+    def library(val_data=None, val_fraction=None, keep=None):
+        pass
+
     assert flag_for("stage1_epochs") == "--stage1-epochs" and flag_for("models") == "MODEL"
-    with pytest.raises(BadInputError) as info, flags_in_errors():
-        raise BadInputError("`val_data` and `val_fraction` both choose; `x2` stays `Upper`.")
-    assert str(info.value) == "--val-data and --val-fraction both choose; --x2 stays `Upper`."
+    with pytest.raises(BadInputError) as info, flags_in_errors(library):
+        raise BadInputError("`val_data` and `val_fraction` both choose; `keep`, `num_classes`; `none` and `z_dim` stay.")
+    assert str(info.value) == ("--val-data and --val-fraction both choose; -K/--keep, --num-classes; "
+                               "`none` and `z_dim` stay.")
     assert info.value.exit_code == 3
 
 

@@ -10,6 +10,7 @@ import typer
 
 from mishield.cli import console
 from mishield.cli.options import (
+    LOAD_PARAMETERS,
     ArchOpt,
     InputSizeOpt,
     JsonOpt,
@@ -73,7 +74,7 @@ def audit(
     attack = {"samples": samples, "candidates": candidates, "iterations": iterations, "keep": keep, "lr": lr,
               "final_augmentations": final_augmentations, "batch_size": batch_size, "seed": seed, "compile": compile_}
     provenance = {"preset": preset, "prior": prior, "eval_model": eval_model, "data": str(data), "models": list(models)}
-    with flags_in_errors(), progress_bars(os.environ.get("RANK", "0") == "0") as progress:
+    with flags_in_errors(run, extra=(*LOAD_PARAMETERS, *attack)), progress_bars(os.environ.get("RANK", "0") == "0") as progress:
         load = {"arch": arch, "num_classes": num_classes, "input_size": input_size,
                 "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
         report = run(

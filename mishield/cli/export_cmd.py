@@ -18,6 +18,7 @@ from mishield.cli.options import (
     OverwriteOpt,
     StdOpt,
     TrustOpt,
+    flags_in_errors,
     parse_floats,
 )
 
@@ -53,22 +54,23 @@ def export(
     from mishield.models import load_model
     from mishield.onnx_export import export_onnx, loaded_model_metadata
 
-    check_writable(out, overwrite)  # before loading and exporting, which take a while
-    err = console.err
-    with err.status(f"loading {model}"):
-        loaded = load_model(
-            model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint, input_size=input_size,
-            mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
-        )
-    with err.status(f"exporting to {out} and checking it with onnxruntime"):
-        report = export_onnx(
-            loaded.model,
-            out,
-            input_size=loaded.preprocessing.input_size,
-            metadata=loaded_model_metadata(loaded),
-            overwrite=overwrite,
-            atol=atol,
-        )
+    with flags_in_errors(export_onnx):
+        check_writable(out, overwrite)  # before loading and exporting, which take a while
+        err = console.err
+        with err.status(f"loading {model}"):
+            loaded = load_model(
+                model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint, input_size=input_size,
+                mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
+            )
+        with err.status(f"exporting to {out} and checking it with onnxruntime"):
+            report = export_onnx(
+                loaded.model,
+                out,
+                input_size=loaded.preprocessing.input_size,
+                metadata=loaded_model_metadata(loaded),
+                overwrite=overwrite,
+                atol=atol,
+            )
 
     if json_output:
         console.emit_json(report.to_dict())

@@ -166,7 +166,7 @@ def harden(
              "stage1_epochs": stage1_epochs, "lr": lr, "batch_size": batch_size, "bido": bido, "bido_lx": bido_lx,
              "bido_ly": bido_ly, "seed": seed, "val_fraction": val_fraction}
     options = {k: r.get(k, v) for k, v in given.items()}
-    with flags_in_errors():
+    with flags_in_errors(harden_model):
         load = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "input_size": input_size,
                 "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
         result = harden_model(

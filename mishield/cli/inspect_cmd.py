@@ -36,7 +36,7 @@ def inspect(
     """List the model's skip connections and mark the ones RoLSS / SSF would change."""
     from mishield.inspection import inspect_model
 
-    with flags_in_errors():
+    with flags_in_errors(inspect_model):
         load = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "input_size": input_size,
                 "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
         found = inspect_model(model, stage=stage, sites=sites, load_options=load)
