@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mishield.errors import BadInputError, UsageError
+from mishield.progress import ProgressCallback
 
 if TYPE_CHECKING:  # torch-heavy types, named for readers and type checkers only
     from torch import nn
@@ -183,7 +184,7 @@ def harden(
     compile: bool = False,
     reset_head: bool = False,
     resume: bool = False,
-    progress: bool = False,
+    progress: bool | ProgressCallback = False,
     load_options: dict | None = None,
 ) -> HardenResult:
     """Rewrite `model`'s last-stage skips (or `stage` / `sites`) and, given `data`, fine-tune it.
@@ -192,7 +193,8 @@ def harden(
     spec, loaded with `load_options`). Without `data` only the surgery runs. With it the default
     schedule is finetune for a trained checkpoint (its training was TTS stage 1) and tts for an
     untrained spec; the default learning rate is 1e-4 for a trained checkpoint and 1e-3 for random
-    weights or `reset_head`. `out` (optional) receives a mishield model file that reloads with no
+    weights or `reset_head`. `progress` is passed to the training loop (True: progress bars on
+    stderr; only the main process reports). `out` (optional) receives a mishield model file that reloads with no
     options; while training, `OUT.train-state` (for `resume`) and `OUT.train.jsonl` sit beside it.
     """
     if isinstance(sites, str):
@@ -302,7 +304,7 @@ def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training
     result = run_schedule(
         loaded.model, plan, splits, loaded.preprocessing, recipe, device=t.device, workers=t.workers,
         compile=t.compile, state_path=state_path, resume=t.resume, log_path=log_path,
-        progress=progress and is_main, num_classes=model_classes,
+        progress=progress if is_main else False, num_classes=model_classes,
     )
     record = result.training_record() | {"classes": list(splits.classes), "train_images": len(splits.train),
                                          "val_images": len(splits.val), "bido_features": result.bido_features}

@@ -196,3 +196,39 @@ def test_cycle_finder_finds_a_function_level_cycle(tmp_path):
     graph = {m: _imports(p, m, set(files)) for m, p in files.items()}
     assert graph["mishield.a"] == {"mishield.b"} and graph["mishield.b"] == {"mishield.a"}
     assert _cycle(graph) in (["mishield.a", "mishield.b", "mishield.a"], ["mishield.b", "mishield.a", "mishield.b"])
+
+
+def test_audit_returns_the_report_object_it_writes(tmp_path):
+    import torch
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for c in ("a", "b", "c"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(count):
+                arr = (torch.rand(16, 16, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr, mode="L").save(tmp_path / "data" / split / c / f"{i}.png")
+    torch.manual_seed(0)
+    target = mishield.load_model("attack_support:tiny_resnet", num_classes=3, input_size=16)
+    report = mishield.audit(
+        [target, "attack_support:tiny_resnet"], data=tmp_path / "data", prior="none",
+        eval_model=mishield.load_model("attack_support:small_plain_cnn", num_classes=3, input_size=16),
+        out=tmp_path / "out", classes="0,2", attack={"samples": 6, "candidates": 2, "iterations": 1, "keep": 1,
+                                                    "final_augmentations": 1, "batch_size": 6},
+        device="cpu", max_attack_acc=0.0, load_options={"num_classes": 3, "input_size": 16},
+    )  # fmt: skip
+    assert isinstance(report, mishield.AuditReport) and isinstance(report.models[0], mishield.ModelAudit)
+    assert report.classes == [0, 2] and [m.metrics["n"] for m in report.models] == [2, 2]
+    assert report.models[0].delta is None and report.models[1].delta is not None
+    # the gate is a verdict in the report; the library does not raise on the main process
+    assert isinstance(report.gate, mishield.PrivacyGate) and report.gate.max_attack_acc == 0.0
+    assert report.passed == (not report.gate.failing)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved == {k: v for k, v in report.to_dict().items() if k != "files"}
+    assert mishield.AuditReport.from_dict(saved).to_dict() == saved
+    assert set(report.files) == {"json", "html", "grid0", "grid1"}
+
+    with pytest.raises(mishield.UsageError, match="`max_attack_acc` is a fraction"):
+        mishield.audit([target], data=tmp_path / "data", prior=None, eval_model=target, out=tmp_path / "o2",
+                       max_attack_acc=40)
