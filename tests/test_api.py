@@ -159,9 +159,6 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[m] = 1
         stack.append(m)
         for n in sorted(graph.get(m, ())):
-            # A package's own __init__ importing its sub-modules is how packages work, not a cycle.
-            if n.startswith(m + "."):
-                continue
             if state.get(n) == 1:
                 return stack[stack.index(n):] + [n]
             if n not in state and (found := visit(n)):
