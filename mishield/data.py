@@ -139,7 +139,7 @@ def _check_image(path: Path) -> None:
     try:
         with Image.open(path) as img:
             img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
         raise BadInputError(
             f"{path} is not a readable image ({err.__class__.__name__}); remove or replace that file."
         ) from None
@@ -271,7 +271,7 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             with Image.open(path) as img:
                 img = img.convert(self.mode)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
             raise BadInputError(
                 f"{path} could not be decoded ({err.__class__.__name__}); remove or replace that file."
             ) from None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mishield.errors import BadInputError, UsageError
-from mishield.progress import ProgressCallback
+from mishield.progress import EpochCallback, ProgressCallback
 
 if TYPE_CHECKING:  # torch-heavy types, named for readers and type checkers only
     from torch import nn
@@ -33,9 +33,11 @@ DEFAULT_STAGE1_EPOCHS = 5  # the paper's M
 
 
 def state_path_for(out: Path) -> Path:
-    """The resumable training state written beside the output while training runs."""
-    out = Path(out)
-    return out.with_name(out.name + ".train-state")
+    """The resumable training state written beside the output while training runs (the one
+    naming rule of every trainer, `mishield.training.state_path_for`; imported late: torch)."""
+    from mishield.training import state_path_for as rule
+
+    return rule(out)
 
 
 def log_path_for(out: Path) -> Path:
@@ -184,7 +186,8 @@ def harden(
     compile: bool = False,
     reset_head: bool = False,
     resume: bool = False,
-    progress: bool | ProgressCallback = False,
+    progress: ProgressCallback | None = None,
+    on_epoch: EpochCallback | None = None,
     load_options: dict | None = None,
 ) -> HardenResult:
     """Rewrite `model`'s last-stage skips (or `stage` / `sites`) and, given `data`, fine-tune it.
@@ -193,8 +196,8 @@ def harden(
     spec, loaded with `load_options`). Without `data` only the surgery runs. With it the default
     schedule is finetune for a trained checkpoint (its training was TTS stage 1) and tts for an
     untrained spec; the default learning rate is 1e-4 for a trained checkpoint and 1e-3 for random
-    weights or `reset_head`. `progress` is passed to the training loop (True: progress bars on
-    stderr; only the main process reports). `out` (optional) receives a mishield model file that reloads with no
+    weights or `reset_head`. `progress(stage, step, steps)` and `on_epoch(record)` report the
+    training (`mishield.progress`; the main process only). `out` (optional) receives a mishield model file that reloads with no
     options; while training, `OUT.train-state` (for `resume`) and `OUT.train.jsonl` sit beside it.
     """
     if isinstance(sites, str):
@@ -210,7 +213,7 @@ def harden(
     if out is not None:
         from mishield.fileio import check_writable
 
-        check_writable(out, overwrite)
+        check_writable(out, overwrite, inputs=[x for x in (model, data, val_data) if isinstance(x, (str, Path))])
     if resume and out is None:
         raise UsageError("`resume` continues the run whose state sits beside `out`; pass `out` too.")
     if data is not None and out is not None and state_path_for(out).exists() and not resume and not overwrite:
@@ -220,7 +223,7 @@ def harden(
     loaded = _load(model, load_options)
     if training.data is None:
         return _surgery_only(loaded, method, alpha, stage, sites, out, overwrite)
-    return _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, training, progress)
+    return _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, training, (progress, on_epoch))
 
 
 def _load(model, load_options: dict | None) -> LoadedModel:
@@ -265,8 +268,7 @@ def _surgery_only(loaded, method, alpha, stage, sites, out, overwrite) -> Harden
 
 
 def _recipe(loaded, t: _Training):
-    from mishield.bido import BiDOConfig
-    from mishield.training import TrainingRecipe, default_lr
+    from mishield.training import BiDOConfig, TrainingRecipe, default_lr
 
     trained = loaded.kind != "spec"
     return TrainingRecipe(
@@ -280,7 +282,7 @@ def _recipe(loaded, t: _Training):
     )
 
 
-def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training, progress) -> HardenResult:
+def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training, report) -> HardenResult:
     from mishield.data import check_num_classes, load_image_folders
     from mishield.training import reset_head as reset_classifier
     from mishield.training import run_schedule
@@ -304,7 +306,7 @@ def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training
     result = run_schedule(
         loaded.model, plan, splits, loaded.preprocessing, recipe, device=t.device, workers=t.workers,
         compile=t.compile, state_path=state_path, resume=t.resume, log_path=log_path,
-        progress=progress if is_main else False, num_classes=model_classes,
+        progress=report[0] if is_main else None, on_epoch=report[1] if is_main else None, num_classes=model_classes,
     )
     record = result.training_record() | {"classes": list(splits.classes), "train_images": len(splits.train),
                                          "val_images": len(splits.val), "bido_features": result.bido_features}

@@ -44,8 +44,27 @@ def recipe_defaults(ctx, path: Path | None, allowed: tuple[str, ...]) -> dict:
         raise UsageError(
             f"recipe {path} has unknown key(s) {', '.join(unknown)}; recipes may set: {', '.join(allowed)}."
         )
-    return {
+    chosen = {
         key: value for key, value in recipe.items()
         # Compared by name: typer may bring its own copy of click's ParameterSource enum.
         if getattr(ctx.get_parameter_source(key), "name", None) in (None, "DEFAULT", "DEFAULT_MAP")
     }
+    return {key: _checked(ctx, path, key, value) for key, value in chosen.items()}
+
+
+def _checked(ctx, path: Path, key: str, value):
+    """A recipe value converted and range-checked as the same flag on the command line would
+    be: a recipe is a file like any other, and a wrong type must not reach the code as is."""
+    param = next((p for p in ctx.command.params if p.name == key), None)
+    if param is None or value is None:
+        return value
+    multiple = bool(getattr(param, "multiple", False))
+    if multiple and isinstance(value, str | int | float):
+        value = [value]
+    if isinstance(value, list) != multiple or (multiple and not all(isinstance(v, str | int | float) for v in value)):
+        raise BadInputError(f"recipe {path}: {key} must be {'a list of values' if multiple else 'a single value'}.")
+    try:
+        return param.process_value(ctx, value)
+    except Exception as err:  # noqa: BLE001 - click's BadParameter, from whichever click typer uses
+        message = getattr(err, "message", None) or first_line(err)
+        raise BadInputError(f"recipe {path}: {key} {value!r} is not valid ({message}).") from None

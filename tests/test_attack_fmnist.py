@@ -19,7 +19,8 @@ import torch
 from mishield.attack.audit import AuditTarget, run_audit
 from mishield.attack.evalmodel import train_eval_model
 from mishield.attack.ppa import make_config
-from mishield.attack.priors import PriorTrainingConfig, load_prior, train_prior
+from mishield.attack.prior_training import PriorTrainingConfig, train_prior
+from mishield.attack.priors import load_prior
 from mishield.cli import main
 from mishield.data import load_image_folders
 from mishield.models import load_model, save_model

@@ -10,17 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from mishield.attack.priors import (
+from mishield.attack.generators import (
     DCGANGenerator,
-    GeneratorPrior,
-    PixelPrior,
-    PriorTrainingConfig,
-    StyleGANPrior,
     load_generator_file,
-    load_prior,
     save_generator,
-    train_prior,
-)  # fmt: skip
+)
+from mishield.attack.prior_training import PriorTrainingConfig, train_prior
+from mishield.attack.priors import GeneratorPrior, PixelPrior, StyleGANPrior, load_prior
 from mishield.errors import BadInputError, UsageError
 
 
@@ -87,7 +83,7 @@ def test_stylegan_pickles_need_trust_and_their_own_code(tmp_path, monkeypatch):
     path = tmp_path / "network.pkl"
     with open(path, "wb") as f:
         pickle.dump({"G_ema": stylegan_like(), "D": None}, f)
-    with pytest.raises(UsageError, match="--trust-checkpoint"):
+    with pytest.raises(BadInputError, match="--trust-checkpoint"):
         load_prior(str(path))
     assert isinstance(load_prior(str(path), trust_checkpoint=True), StyleGANPrior)
 
@@ -147,7 +143,7 @@ def test_prior_training_resumes_where_it_stopped(tmp_path):
 
     with pytest.raises(Stop):
         train_prior(data, tmp_path / "resumed.safetensors", config, progress=stop_in_second_epoch)
-    checkpoint = tmp_path / "resumed.safetensors.ckpt"
+    checkpoint = tmp_path / "resumed.safetensors.train-state"
     assert checkpoint.exists() and not (tmp_path / "resumed.safetensors").exists()
     with pytest.raises(UsageError, match="--resume"):
         train_prior(data, tmp_path / "resumed.safetensors", config)

@@ -315,7 +315,10 @@ def audit(
 
     config = make_config(preset, **(attack or {}))
     _check_gate_threshold(max_attack_acc)
-    check_outputs(Path(out), overwrite)
+    # Refused before any loading: an existing report, or an output inside or over an input.
+    named = [m for m in (models if isinstance(models, (list, tuple)) else [models]) if isinstance(m, (str, Path))]
+    inputs = [x for x in (*named, eval_model, prior, data) if isinstance(x, (str, Path))]
+    check_outputs(Path(out), overwrite, inputs=inputs)
     runtime = make_runtime(device)
     try:
         targets, evaluation, splits, image_prior = _load_inputs(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mishield.attack.results import SCHEMA, SCHEMA_VERSION, AuditReport
-from mishield.fileio import atomic_output, check_writable
+from mishield.fileio import atomic_output, check_writable, check_writable_dir
 
 __all__ = [  # SCHEMA and SCHEMA_VERSION are defined with the report type and re-exported here
     "MAX_SHOWN_CLASSES", "REPORT_FILES", "SCHEMA", "SCHEMA_VERSION", "SHOW_REAL", "SHOW_RECONSTRUCTIONS",
@@ -31,10 +31,12 @@ SHOW_REAL = 4
 MAX_SHOWN_CLASSES = 100
 
 
-def check_outputs(out_dir: Path, overwrite: bool) -> None:
-    """Refuse before the attack starts, not after an hour of it, when the report would overwrite."""
+def check_outputs(out_dir: Path, overwrite: bool, inputs=()) -> None:
+    """Refuse before the attack starts, not after an hour of it, when the report would overwrite,
+    `out_dir` is an existing file, or it would write into or over one of the audit's `inputs`."""
+    check_writable_dir(out_dir, inputs)
     for name in REPORT_FILES:
-        check_writable(Path(out_dir) / name, overwrite)
+        check_writable(Path(out_dir) / name, overwrite, inputs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """The `mishield` command line: a thin layer over the library (one file per command).
 
-`main()` turns every MishieldError into one sentence on stderr and its exit code
-(DESIGN.md §6); with MISHIELD_DEBUG=1 the traceback is shown instead.
+`main()` owns the exit-code contract (docs/reliability.md): 0 ok, 1 internal error (a bug),
+2 usage, 3 bad input, 4 privacy gate failed, 5 ONNX parity failed, 130 interrupted. Every
+MishieldError becomes one sentence on stderr and its exit code; with MISHIELD_DEBUG=1 the
+traceback is shown instead.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -16,10 +19,14 @@ from mishield.errors import MishieldError
 app = typer.Typer(
     name="mishield",
     help="Harden image classifiers against model-inversion attacks, and audit how much they leak.",
+    # Bare `mishield` prints the help on stderr and exits 2: it is a usage error, and a pipeline
+    # that forgot its arguments must not read it as success (click >= 8.2 does the same).
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 def _register() -> None:
@@ -38,11 +45,84 @@ def _register() -> None:
     app.add_typer(prior_cmd.app, name="prior")
 
 
+def _click_classes(name: str) -> tuple[type, ...]:
+    """`name` from every click the process may use: typer >= 0.16 bundles its own copy
+    (typer._click), older typer uses the `click` package, and typer.Exit/Abort can be either.
+    An isinstance check against one of them alone silently misses the others."""
+    found: list[type] = []
+    for module in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+def _is_click_exception(err: BaseException) -> bool:
+    # By class where we can name it; by shape (an int exit_code and a show() method) otherwise,
+    # so a future click that moves its classes again still gets exit 2 for usage errors.
+    if isinstance(err, _click_classes("ClickException")):
+        return True
+    return isinstance(getattr(err, "exit_code", None), int) and callable(getattr(err, "show", None))
+
+
+def _exit_for(err: Exception, debug: bool) -> int:
+    """The exit code for an exception that escaped a command, after printing why."""
+    if _is_click_exception(err):  # usage errors (2) and click's file errors (1)
+        err.show()
+        return err.exit_code
+    if isinstance(err, _click_classes("Exit")):
+        return int(getattr(err, "exit_code", 0) or 0)
+    if isinstance(err, _click_classes("Abort")):  # click turns Ctrl-C at a prompt into Abort
+        typer.echo("interrupted.", err=True)
+        return INTERRUPTED
+    if isinstance(err, BrokenPipeError):  # `mishield inspect m.pt | head`: the reader left, nothing to report
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a killed writer
+    if debug:
+        raise err
+    typer.echo(
+        f"error: internal error ({type(err).__name__}: {err}); rerun with MISHIELD_DEBUG=1 "
+        "for the traceback and report it.",
+        err=True,
+    )
+    return 1
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout again at exit and would print a second BrokenPipeError.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout replaced by a capture without a file descriptor
+        pass
+
+
+def _quiet_library_notices(debug: bool) -> None:
+    """Hide torch notices that break the one-sentence errors and say nothing a user can act on:
+    the weights-only unpickler's note on pickle protocols (printed when mishield inspects an
+    untrusted file before refusing it) and TorchScript's deprecation notice."""
+    if debug:
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Detected pickle protocol \d+ in the checkpoint", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("MISHIELD_DEBUG") == "1"
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
+        from mishield.cli import console
+
+        # Before any command runs: the consoles follow this run's streams, NO_COLOR and --json.
+        console.configure(json_output="--json" in args)
+        _quiet_library_notices(debug)
         _register()
-        app(args=argv, standalone_mode=False)
+        code = app(args=args, prog_name="mishield", standalone_mode=False)
     except MishieldError as err:
         if debug:
             raise
@@ -52,23 +132,12 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         typer.echo("interrupted.", err=True)
-        sys.exit(130)
-    except Exception as err:  # click's own usage errors come through here too
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, (click.exceptions.Exit,)):
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            typer.echo("aborted.", err=True)
-            sys.exit(130)
-        if debug:
-            raise
-        typer.echo(
-            f"error: internal error ({type(err).__name__}: {err}); rerun with MISHIELD_DEBUG=1 "
-            "for the traceback and report it.",
-            err=True,
-        )
-        sys.exit(1)
+        sys.exit(INTERRUPTED)
+    except Exception as err:  # noqa: BLE001 - the one place that maps every failure to an exit code
+        sys.exit(_exit_for(err, debug))
+    # Without standalone mode click *returns* the code of a typer.Exit (and typer turns Ctrl-C
+    # inside a command into Exit(130)) instead of raising it; dropping it would exit 0.
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        if code == INTERRUPTED:
+            typer.echo("interrupted.", err=True)
+        sys.exit(code)

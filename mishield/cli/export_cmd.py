@@ -55,7 +55,7 @@ def export(
     from mishield.onnx_export import export_onnx, loaded_model_metadata
 
     with flags_in_errors(export_onnx):
-        check_writable(out, overwrite)  # before loading and exporting, which take a while
+        check_writable(out, overwrite, inputs=(model,))  # before loading and exporting, which take a while
         err = console.err
         with err.status(f"loading {model}"):
             loaded = load_model(

@@ -3,6 +3,7 @@ skips and, given private training data, fine-tune the rewritten model (TTS or fi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -158,6 +159,8 @@ def harden(
 ) -> None:
     """Rewrite the model's last-stage skip connections (RoLSS / SSF), optionally fine-tune it on your
     private data (TTS / finetune, optional BiDO), and write a hardened model file."""
+    from mishield.cli.progress import epoch_printer, progress_bars
+    from mishield.fileio import refuse_input_as_output
     from mishield.hardening import harden as harden_model
     from mishield.recipes import recipe_defaults
 
@@ -166,12 +169,15 @@ def harden(
              "stage1_epochs": stage1_epochs, "lr": lr, "batch_size": batch_size, "bido": bido, "bido_lx": bido_lx,
              "bido_ly": bido_ly, "seed": seed, "val_fraction": val_fraction}
     options = {k: r.get(k, v) for k, v in given.items()}
-    with flags_in_errors(harden_model):
+    refuse_input_as_output(out, (recipe_file,))  # the library checks the inputs it is given itself
+    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    with flags_in_errors(harden_model), progress_bars(is_main and data is not None) as bars:
         load = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "input_size": input_size,
                 "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
         result = harden_model(
             model, out=out, overwrite=overwrite, data=data, val_data=val_data, device=device, workers=workers,
-            compile=compile_model, reset_head=reset_head, resume=resume, progress=True, load_options=load, **options,
+            compile=compile_model, reset_head=reset_head, resume=resume, progress=bars,
+            on_epoch=epoch_printer(is_main), load_options=load, **options,
         )
     if not result.main_process:
         return

@@ -48,7 +48,7 @@ def inspect(
 
 def _print(found) -> None:
     loaded, plan, analysis = found.loaded, found.plan, found.analysis
-    out = console.err
+    out = console.out  # the result, so `mishield inspect m.pt > sites.txt` captures it
     out.print(f"[bold]{found.model}[/]  arch={loaded.arch or '?'}  classes={loaded.num_classes}  "
               f"parameters={found.parameters:,}  input={'x'.join(map(str, loaded.preprocessing.input_size))}")
     table = Table(title="skip connections", title_justify="left")
