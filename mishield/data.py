@@ -46,7 +46,7 @@ class DataSplits:
 
 
 # ---------------------------------------------------------------------------------------------
-# The embedded Fashion-MNIST subset (DESIGN.md §7)
+# The embedded Fashion-MNIST subset (docs/architecture.md §8)
 
 
 class FashionMNISTSubset(NamedTuple):
@@ -225,13 +225,13 @@ def load_image_folders(
     """
     data_dir = Path(data_dir)
     if val_fraction is not None and not 0.0 < val_fraction < 1.0:
-        raise UsageError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}.")
+        raise UsageError(f"`val_fraction` must lie strictly between 0 and 1, got {val_fraction}.")
     if val_fraction is not None and val_dir is not None:
-        raise UsageError("--val-data and --val-fraction both choose the validation set; pass only one.")
+        raise UsageError("`val_data` and `val_fraction` both choose the validation set; pass only one.")
     train_root = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
     if val_dir is None and train_root != data_dir and (data_dir / "val").is_dir():
         if val_fraction is not None:
-            raise UsageError(f"{data_dir} already has a val/ folder; drop --val-fraction or point --data at train/.")
+            raise UsageError(f"{data_dir} already has a val/ folder; drop `val_fraction` or point `data` at train/.")
         val_dir = data_dir / "val"
     train, classes = _scan(train_root, "training", None, verify)
     val: list[Item] = []
@@ -247,7 +247,7 @@ def check_num_classes(splits: DataSplits, num_classes: int | None) -> None:
     if num_classes is not None and splits.num_classes != num_classes:
         raise BadInputError(
             f"the data has {splits.num_classes} class folders but the model has {num_classes} outputs; "
-            "pass --reset-head to train a new classifier head for these classes, or fix the folders."
+            "pass `reset_head` to train a new classifier head for these classes, or fix the folders."
         )
 
 

@@ -1,4 +1,4 @@
-"""The audit on real images (DESIGN.md §9 at test size): Fashion-MNIST at 32 px, class-disjoint.
+"""The audit on real images (docs/architecture.md §10 at test size): Fashion-MNIST at 32 px, class-disjoint.
 
 The target and the evaluation model learn classes 0-4; the attacker's prior is a DCGAN trained
 on classes 5-9, which the target never saw. Everything is trained once per module.
@@ -73,17 +73,17 @@ def test_attack_recovers_private_classes_from_a_trained_target_only(world, tmp_p
         _target(world.root / "eval.pt", EVAL_ARCH), world.splits,
         prior=load_prior(str(world.prior)), config=config, out_dir=tmp_path,
     )  # fmt: skip
-    trained, untrained = (m["metrics"] for m in report["models"])
-    print(json.dumps({m["name"]: m["metrics"] for m in report["models"]}, indent=1))
+    trained, untrained = (m.metrics for m in report.models)
+    print(json.dumps({m.name: m.metrics for m in report.models}, indent=1))
     assert trained["n"] == untrained["n"] == 5 * 16
     assert trained["natural_acc"] > 0.8 and untrained["natural_acc"] < 0.5
     # chance is 0.2 with five classes
     assert trained["attack_acc1"] >= 0.4
     assert trained["attack_acc1"] >= untrained["attack_acc1"] + 0.15
-    assert report["models"][1]["delta"]["attack_acc1"] < 0
+    assert report.models[1].delta["attack_acc1"] < 0
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["schema"] == "mishield.audit-report" and saved["options"]["candidates"] == 32
-    assert (tmp_path / "report.html").stat().st_size > 0 and (tmp_path / report["models"][0]["grid"]).exists()
+    assert (tmp_path / "report.html").stat().st_size > 0 and (tmp_path / report.models[0].grid).exists()
 
 
 def test_generator_free_mode_runs_on_batchnorm_statistics(world, tmp_path):
@@ -92,8 +92,8 @@ def test_generator_free_mode_runs_on_batchnorm_statistics(world, tmp_path):
         [_target(world.root / "target.pt")], _target(world.root / "eval.pt", EVAL_ARCH), world.splits,
         prior=None, config=config, out_dir=tmp_path, classes=[0, 3],
     )  # fmt: skip
-    assert report["prior"]["kind"] == "pixels" and report["prior"]["bn_layers"] > 0
-    assert report["models"][0]["metrics"]["n"] == 4 and report["classes"] == [0, 3]
+    assert report.prior["kind"] == "pixels" and report.prior["bn_layers"] > 0
+    assert report.models[0].metrics["n"] == 4 and report.classes == [0, 3]
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["options"]["lr"] is None and saved["prior"]["lr"] == 0.05  # the pixel prior's default
 
