@@ -28,6 +28,8 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
 EMBEDDED_ASSET = "fashion_mnist_subset.npz"
+# Held out (seeded, per class) to measure natural accuracy when the data has no val/ folder.
+DEFAULT_VAL_FRACTION = 0.1
 
 Item = tuple[Path, int]
 
@@ -240,6 +242,27 @@ def load_image_folders(
     elif val_fraction is not None:
         train, val = _stratified_split(train, val_fraction, seed)
     return DataSplits(train=train, val=val, classes=classes)
+
+
+def has_validation(data_dir: str | Path, val_dir: str | Path | None = None) -> bool:
+    """Whether `load_image_folders(data_dir, val_dir)` finds validation images without a split."""
+    data_dir = Path(data_dir)
+    return val_dir is not None or ((data_dir / "train").is_dir() and (data_dir / "val").is_dir())
+
+
+def typical_image_size(items: Sequence[Item], probe: int = 64) -> int:
+    """The median shorter side of up to `probe` images spread over `items` (headers only).
+
+    A plain state dict does not say which resolution its model was trained at; the data does.
+    """
+    if not items:
+        raise BadInputError("the data folder holds no images, so its image size cannot be measured.")
+    step = max(1, len(items) // probe)
+    sides = []
+    for path, _ in list(items)[::step][:probe]:
+        with Image.open(path) as img:
+            sides.append(min(img.size))
+    return int(sorted(sides)[len(sides) // 2])
 
 
 def check_num_classes(splits: DataSplits, num_classes: int | None) -> None:

@@ -11,6 +11,8 @@ its flag (`--alpha`), so the same check reads right from Python and from the she
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,8 @@ METHODS = ("rolss", "ssf")
 SCHEDULES = ("tts", "finetune")
 DEFAULT_EPOCHS_WITH_DATA = 10
 DEFAULT_STAGE1_EPOCHS = 5  # the paper's M
+
+_log = logging.getLogger(__name__)
 
 
 def state_path_for(out: Path) -> Path:
@@ -121,6 +125,7 @@ class _Training:
     compile: bool
     reset_head: bool
     resume: bool
+    input_size_given: bool = True  # False: a plain state dict whose resolution the data must tell
 
     def check(self) -> None:
         if self.schedule is not None and self.schedule not in SCHEDULES:
@@ -207,6 +212,7 @@ def harden(
         Path(data) if data is not None else None, Path(val_data) if val_data is not None else None,
         val_fraction, schedule, epochs, stage1_epochs, lr, batch_size, bido, bido_lx, bido_ly, seed, device,
         workers, compile, reset_head, resume,
+        input_size_given=not isinstance(model, (str, Path)) or (load_options or {}).get("input_size") is not None,
     )
     training.check()
     out = Path(out) if out is not None else None
@@ -287,7 +293,8 @@ def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training
     from mishield.training import reset_head as reset_classifier
     from mishield.training import run_schedule
 
-    splits = load_image_folders(t.data, val_dir=t.val_data, val_fraction=t.val_fraction, seed=t.seed)
+    splits = load_image_folders(t.data, val_dir=t.val_data, val_fraction=_val_fraction(t), seed=t.seed)
+    loaded = _fit_resolution(loaded, splits, t.input_size_given)
     model_classes = loaded.num_classes
     if t.reset_head:
         reset_classifier(loaded.model, splits.num_classes)
@@ -319,6 +326,48 @@ def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training
         recipe=recipe, metrics=result.metrics, history=result.history, log=log_path, resumed_from=result.resumed_from,
         seconds=result.seconds, main_process=is_main,
     )
+
+
+def _val_fraction(t: _Training) -> float | None:
+    """Hold out a seeded fraction of `data` when nothing else gives validation images, so that
+    natural accuracy is always measured (and say so: if the checkpoint was trained on all of `data`,
+    those images are not unseen by it)."""
+    from mishield.data import DEFAULT_VAL_FRACTION, has_validation
+
+    if t.val_fraction is not None or has_validation(t.data, t.val_data):
+        return t.val_fraction
+    _log.warning(
+        "%s has no val/ folder: holding out a seeded %d %% of it to measure natural accuracy "
+        "(pass `val_data` or `val_fraction` to choose).", t.data, round(100 * DEFAULT_VAL_FRACTION),
+    )
+    return DEFAULT_VAL_FRACTION
+
+
+def _fit_resolution(loaded: LoadedModel, splits, input_size_given: bool) -> LoadedModel:
+    """Use the data's resolution for a model whose file cannot say which one it was trained at.
+
+    A plain state dict gets its preprocessing from the architecture's defaults (224 px for most),
+    which would silently upsample 32 px images sevenfold and cost fifty times the compute. A mishield
+    file (or an explicit `input_size`) is kept, with a warning when it is far from the data's.
+    """
+    from mishield.data import typical_image_size
+
+    size = typical_image_size(splits.train)
+    current = min(loaded.preprocessing.input_size[1:])
+    if input_size_given or loaded.kind == "mishield":
+        if not 0.5 <= size / current <= 2.0:
+            _log.warning(
+                "the model takes %d px inputs but the images in the data are about %d px; "
+                "check `input_size` (--input-size).", current, size,
+            )
+        return loaded
+    if size != current:
+        _log.warning(
+            "%s does not record its input size; using the data's %d px instead of the architecture's "
+            "default %d px (pass `input_size` (--input-size) to choose).",
+            loaded.source or loaded.arch, size, current,
+        )
+    return dataclasses.replace(loaded, preprocessing=loaded.preprocessing.with_input_size(size))
 
 
 def _write_trained(loaded, out: Path, result, num_classes: int, overwrite: bool, record: dict, metrics: dict) -> None:
