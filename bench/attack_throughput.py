@@ -1,4 +1,4 @@
-"""Image-steps per second of mishield's attack step against two yardsticks (DESIGN.md §8).
+"""Image-steps per second of mishield's attack step against two yardsticks (docs/architecture.md §9).
 
     python bench/attack_throughput.py            # CUDA if present, else a small CPU setting
     python bench/attack_throughput.py --device cpu

@@ -30,9 +30,9 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mishield.bido import BiDOConfig, FeatureTap, find_feature_modules
 from mishield.runtime import Runtime, make_runtime
-from mishield.training import TrainStep, _run_epoch, _StageContext
+from mishield.training import BiDOConfig, FeatureTap, TrainStep, find_feature_modules
+from mishield.training.loop import _run_epoch, _StageContext
 
 
 def _sync(device: torch.device) -> None:
@@ -121,7 +121,7 @@ def main() -> None:
     _, bare_net, bare_opt = _make(arch, classes, rt, init, args.compile)
     loops["bare"] = lambda b: _bare_loop(bare_net, bare_opt, b, rt)
     # mishield's epoch loop, without and with BiDO
-    ctx = _StageContext(rt, None, None, None, classes, 0, args.compile, False, None)
+    ctx = _StageContext(rt, None, None, None, classes, 0, args.compile)
     for name, bido in (("mishield", None), ("mishield_bido", BiDOConfig())):
         model, net, opt = _make(arch, classes, rt, init, args.compile)
         tap = None
@@ -130,7 +130,7 @@ def main() -> None:
             tap = FeatureTap(model, points)
         step = TrainStep(net, opt, rt, num_classes=classes, bido=bido, tap=tap)
         loops[name] = (lambda b, net=net, step=step, opt=opt:
-                       _run_epoch(ctx, net, step, b, "bench", 0, 1, opt, None, None))
+                       _run_epoch(ctx, net, step, b, "bench", 0, 1, opt))
 
     compile_s = {}
     for name, run in loops.items():
@@ -170,7 +170,7 @@ def main() -> None:
         "warmup_seconds": compile_s,
         "goal": {"mishield_vs_bare_at_least": 0.9, "bido_overhead_at_most": 0.25},
     }
-    from mishield.bido import _MM_TO_FLOAT32
+    from mishield.training.bido import _MM_TO_FLOAT32
 
     result["bido_gram"] = ("bf16 operands, float32 output (tensor cores)"
                            if cuda and rt.amp_dtype is not None and _MM_TO_FLOAT32.get("cuda", True) else "float32")

@@ -3,15 +3,18 @@
 The public API (everything in `__all__`), grouped by what a user does:
 
 * load and save models: `load_model`, `save_model`, `LoadedModel`;
-* find skip connections and rewrite them: `analyse`, `plan_surgery`, `apply_plan`,
+* look before changing anything: `inspect_model` -> `ModelInspection`;
+* harden in one call (surgery, and with private data fine-tuning): `harden` -> `HardenResult`;
+* find skip connections and rewrite them step by step: `analyse`, `plan_surgery`, `apply_plan`,
   `SkipSite`, `SurgeryPlan`, `SurgeryResult`;
-* fine-tune: `TrainingRecipe`, `run_schedule`;
+* fine-tune with your own loop around it: `TrainingRecipe`, `run_schedule`;
+* measure the leak: `audit` -> `AuditReport` (one `ModelAudit` per model, a `PrivacyGate`);
 * export: `export_onnx`, `OnnxExportReport`;
 * errors, each carrying the CLI's exit code: `MishieldError`, `UsageError`, `BadInputError`,
   `PrivacyGateError`, `ParityError`.
 
 Names are imported on first use, so `import mishield` (and `mishield --help`) stays cheap and
-does not import torch.
+does not import torch. The layers behind these names: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ _API = {
     "analyse": "mishield.surgery",
     "apply_plan": "mishield.surgery",
     "plan_surgery": "mishield.surgery",
+    "HardenResult": "mishield.hardening",
+    "harden": "mishield.hardening",
+    "ModelInspection": "mishield.inspection",
+    "inspect_model": "mishield.inspection",
+    "AuditReport": "mishield.attack.results",
+    "ModelAudit": "mishield.attack.results",
+    "PrivacyGate": "mishield.attack.results",
+    "audit": "mishield.attack.audit",
     "TrainingRecipe": "mishield.training",
     "run_schedule": "mishield.training",
     "OnnxExportReport": "mishield.onnx_export",
@@ -43,11 +54,16 @@ _API = {
 }
 
 __all__ = [
+    "AuditReport",
     "BadInputError",
+    "HardenResult",
     "LoadedModel",
     "MishieldError",
+    "ModelAudit",
+    "ModelInspection",
     "OnnxExportReport",
     "ParityError",
+    "PrivacyGate",
     "PrivacyGateError",
     "SkipSite",
     "SurgeryPlan",
@@ -57,7 +73,10 @@ __all__ = [
     "__version__",
     "analyse",
     "apply_plan",
+    "audit",
     "export_onnx",
+    "harden",
+    "inspect_model",
     "load_model",
     "plan_surgery",
     "run_schedule",

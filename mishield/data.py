@@ -28,6 +28,8 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
 EMBEDDED_ASSET = "fashion_mnist_subset.npz"
+# Held out (seeded, per class) to measure natural accuracy when the data has no val/ folder.
+DEFAULT_VAL_FRACTION = 0.1
 
 Item = tuple[Path, int]
 
@@ -46,7 +48,7 @@ class DataSplits:
 
 
 # ---------------------------------------------------------------------------------------------
-# The embedded Fashion-MNIST subset (DESIGN.md §7)
+# The embedded Fashion-MNIST subset (docs/architecture.md §8)
 
 
 class FashionMNISTSubset(NamedTuple):
@@ -225,13 +227,13 @@ def load_image_folders(
     """
     data_dir = Path(data_dir)
     if val_fraction is not None and not 0.0 < val_fraction < 1.0:
-        raise UsageError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}.")
+        raise UsageError(f"`val_fraction` must lie strictly between 0 and 1, got {val_fraction}.")
     if val_fraction is not None and val_dir is not None:
-        raise UsageError("--val-data and --val-fraction both choose the validation set; pass only one.")
+        raise UsageError("`val_data` and `val_fraction` both choose the validation set; pass only one.")
     train_root = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
     if val_dir is None and train_root != data_dir and (data_dir / "val").is_dir():
         if val_fraction is not None:
-            raise UsageError(f"{data_dir} already has a val/ folder; drop --val-fraction or point --data at train/.")
+            raise UsageError(f"{data_dir} already has a val/ folder; drop `val_fraction` or point `data` at train/.")
         val_dir = data_dir / "val"
     train, classes = _scan(train_root, "training", None, verify)
     val: list[Item] = []
@@ -242,12 +244,33 @@ def load_image_folders(
     return DataSplits(train=train, val=val, classes=classes)
 
 
+def has_validation(data_dir: str | Path, val_dir: str | Path | None = None) -> bool:
+    """Whether `load_image_folders(data_dir, val_dir)` finds validation images without a split."""
+    data_dir = Path(data_dir)
+    return val_dir is not None or ((data_dir / "train").is_dir() and (data_dir / "val").is_dir())
+
+
+def typical_image_size(items: Sequence[Item], probe: int = 64) -> int:
+    """The median shorter side of up to `probe` images spread over `items` (headers only).
+
+    A plain state dict does not say which resolution its model was trained at; the data does.
+    """
+    if not items:
+        raise BadInputError("the data folder holds no images, so its image size cannot be measured.")
+    step = max(1, len(items) // probe)
+    sides = []
+    for path, _ in list(items)[::step][:probe]:
+        with Image.open(path) as img:
+            sides.append(min(img.size))
+    return int(sorted(sides)[len(sides) // 2])
+
+
 def check_num_classes(splits: DataSplits, num_classes: int | None) -> None:
     """The data's class folders must match the classifier's outputs (or the head is reset)."""
     if num_classes is not None and splits.num_classes != num_classes:
         raise BadInputError(
             f"the data has {splits.num_classes} class folders but the model has {num_classes} outputs; "
-            "pass --reset-head to train a new classifier head for these classes, or fix the folders."
+            "pass `reset_head` to train a new classifier head for these classes, or fix the folders."
         )
 
 

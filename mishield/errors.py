@@ -1,4 +1,4 @@
-"""The error hierarchy. Each class carries the process exit code the CLI uses (DESIGN.md §6).
+"""The error hierarchy. Each class carries the process exit code the CLI uses (docs/architecture.md §7).
 
 Messages are one sentence that says what went wrong and what to do about it; the CLI prints
 them as they are (tracebacks only with MISHIELD_DEBUG=1).

@@ -1,6 +1,6 @@
 """ONNX export that proves itself: the file is kept only if onnxruntime reproduces the model.
 
-DESIGN.md §6: `torch.onnx.export` on the dynamo path, a dynamic batch axis, one self-contained
+docs/architecture.md §7: `torch.onnx.export` on the dynamo path, a dynamic batch axis, one self-contained
 file, `onnx.checker` full check, then a parity check against onnxruntime (max abs diff on the
 logits <= atol and identical top-1 on a seeded probe batch). The file is written to a temporary
 path and renamed into place only after every check passed, so a failed export never leaves a
@@ -127,7 +127,7 @@ def export_onnx(
                     f"onnxruntime disagrees with PyTorch on {probe_batch} probe images "
                     f"(max abs logit diff {diff:.3g}, allowed {atol:.3g}; top-1 agreement "
                     f"{agreement:.0%}), so {out} was not written; check the model for "
-                    "export-sensitive code or raise --atol if the diff is only float noise."
+                    "export-sensitive code or raise `atol` if the diff is only float noise."
                 )
     return OnnxExportReport(
         path=out,
@@ -195,7 +195,7 @@ def _fixed_batch(model: nn.Module, input_size: tuple[int, int, int]) -> int | No
         shown = "x".join("?" if e is None else str(e) for e in expected)
         raise BadInputError(
             f"the exported program expects {shown} inputs but the input size is "
-            f"{'x'.join(map(str, input_size))}; pass --input-size {expected[1] or input_size[1]}."
+            f"{'x'.join(map(str, input_size))}; pass `input_size` {expected[1] or input_size[1]}."
         )
     return shape[0] if isinstance(shape[0], int) else None
 
@@ -255,7 +255,7 @@ def _check_forward(model: nn.Module, example: torch.Tensor) -> None:
         y = _forward(model, example)
     except Exception as err:
         raise BadInputError(
-            f"the model fails on a {shape} input ({_innermost_cause(err)}); check --input-size."
+            f"the model fails on a {shape} input ({_innermost_cause(err)}); check `input_size`."
         ) from err
     if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != example.shape[0]:
         got = f"a tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else f"a {type(y).__name__}"

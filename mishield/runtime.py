@@ -49,7 +49,7 @@ class Runtime:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` picks CUDA when present (DESIGN.md §6)."""
+    """`auto` picks CUDA when present."""
     text = str(device)
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,4 @@
-"""Build the Fashion-MNIST subset embedded in mishield (DESIGN.md §7).
+"""Build the Fashion-MNIST subset embedded in mishield (docs/architecture.md §8).
 
 Reads the full IDX files that Debian's `dataset-fashion-mnist` installs and writes
 `mishield/assets/fashion_mnist_subset.npz` (uint8 28x28; per class 300 train + 100 test images)

@@ -156,14 +156,14 @@ def test_class_lists_and_config_errors():
         parse_classes("a", 10)
     with pytest.raises(UsageError, match="cannot exceed"):
         make_config("quick", samples=10, candidates=20)
-    with pytest.raises(UsageError, match="--preset"):
+    with pytest.raises(UsageError, match="`preset`"):
         make_config("huge")
     assert make_config("paper").candidates == 200
 
 
 def test_memory_errors_become_one_sentence_about_batch_size():
     hint = out_of_memory_hint(torch.OutOfMemoryError("CUDA out of memory"), 256)
-    assert isinstance(hint, UsageError) and "--batch-size" in str(hint) and "128" in str(hint)
+    assert isinstance(hint, UsageError) and "`batch_size` 256" in str(hint) and "128" in str(hint)
     assert out_of_memory_hint(RuntimeError("DefaultCPUAllocator: can't allocate memory"), 8) is not None
     assert out_of_memory_hint(ValueError("other"), 8) is None
 

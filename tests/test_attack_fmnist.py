@@ -1,4 +1,4 @@
-"""The audit on real images (DESIGN.md §9 at test size): Fashion-MNIST at 32 px, class-disjoint.
+"""The audit on real images (docs/architecture.md §10 at test size): Fashion-MNIST at 32 px, class-disjoint.
 
 The target and the evaluation model learn classes 0-4; the attacker's prior is a DCGAN trained
 on classes 5-9, which the target never saw. Everything is trained once per module.
@@ -23,7 +23,8 @@ import torch
 from mishield.attack.audit import AuditTarget, run_audit
 from mishield.attack.evalmodel import train_eval_model
 from mishield.attack.ppa import make_config
-from mishield.attack.priors import PriorTrainingConfig, load_prior, train_prior
+from mishield.attack.prior_training import PriorTrainingConfig, train_prior
+from mishield.attack.priors import load_prior
 from mishield.cli import main
 from mishield.data import load_image_folders
 from mishield.models import load_model, save_model
@@ -70,7 +71,7 @@ def _target(path: Path, arch: str = TARGET_ARCH) -> AuditTarget:
     return AuditTarget.from_loaded(load_model(path, arch=arch))
 
 
-def _quick_audit(world, out: Path, lr: float, *, with_untrained: bool) -> dict:
+def _quick_audit(world, out: Path, lr: float, *, with_untrained: bool):
     # lr 0.05 rather than PPA's 0.005: a DCGAN's z ~ N(0, I) needs longer steps than StyleGAN's w
     config = make_config("quick", samples=300, candidates=32, iterations=30, keep=16, final_augmentations=8, batch_size=160, lr=lr)
     targets = [_target(world.root / "target.pt")]
@@ -90,23 +91,23 @@ def optimised(world, tmp_path_factory):
 
 def test_attack_recovers_private_classes_from_a_trained_target_only(optimised):
     report, out = optimised
-    trained, untrained = (m["metrics"] for m in report["models"])
-    print(json.dumps({m["name"]: m["metrics"] for m in report["models"]}, indent=1))
+    trained, untrained = (m.metrics for m in report.models)
+    print(json.dumps({m.name: m.metrics for m in report.models}, indent=1))
     assert trained["n"] == untrained["n"] == 5 * 16
     assert trained["natural_acc"] > 0.8 and untrained["natural_acc"] < 0.5
     # chance is 0.2 with five classes
     assert trained["attack_acc1"] >= 0.4
     assert trained["attack_acc1"] >= untrained["attack_acc1"] + 0.15
-    assert report["models"][1]["delta"]["attack_acc1"] < 0
+    assert report.models[1].delta["attack_acc1"] < 0
     saved = json.loads((out / "report.json").read_text())
     assert saved["schema"] == "mishield.audit-report" and saved["options"]["candidates"] == 32
-    assert (out / "report.html").stat().st_size > 0 and (out / report["models"][0]["grid"]).exists()
+    assert (out / "report.html").stat().st_size > 0 and (out / report.models[0].grid).exists()
 
 
 def test_optimisation_beats_selection_only_on_a_trained_target(world, optimised, tmp_path):
     """The same pool, keys and crops at lr 0: what initial + final selection alone recover."""
-    selection_only = _quick_audit(world, tmp_path, 0.0, with_untrained=False)["models"][0]["metrics"]
-    attacked = optimised[0]["models"][0]["metrics"]
+    selection_only = _quick_audit(world, tmp_path, 0.0, with_untrained=False).models[0].metrics
+    attacked = optimised[0].models[0].metrics
     print({"optimised": attacked["attack_acc1"], "selection_only": selection_only["attack_acc1"]})
     # measured 0.55 vs 0.45 (80 reconstructions each); equal if the optimiser step is removed
     assert attacked["attack_acc1"] > selection_only["attack_acc1"] + 0.05
@@ -118,8 +119,8 @@ def test_generator_free_mode_runs_on_batchnorm_statistics(world, tmp_path):
         [_target(world.root / "target.pt")], _target(world.root / "eval.pt", EVAL_ARCH), world.splits,
         prior=None, config=config, out_dir=tmp_path, classes=[0, 3],
     )  # fmt: skip
-    assert report["prior"]["kind"] == "pixels" and report["prior"]["bn_layers"] > 0
-    assert report["models"][0]["metrics"]["n"] == 4 and report["classes"] == [0, 3]
+    assert report.prior["kind"] == "pixels" and report.prior["bn_layers"] > 0
+    assert report.models[0].metrics["n"] == 4 and report.classes == [0, 3]
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["options"]["lr"] is None and saved["prior"]["lr"] == 0.05  # the pixel prior's default
 

@@ -10,17 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from mishield.attack.priors import (
+from mishield.attack.generators import (
     DCGANGenerator,
-    GeneratorPrior,
-    PixelPrior,
-    PriorTrainingConfig,
-    StyleGANPrior,
     load_generator_file,
-    load_prior,
     save_generator,
-    train_prior,
-)  # fmt: skip
+)
+from mishield.attack.prior_training import PriorTrainingConfig, train_prior
+from mishield.attack.priors import GeneratorPrior, PixelPrior, StyleGANPrior, load_prior
 from mishield.errors import BadInputError, UsageError
 
 
@@ -147,7 +143,7 @@ def test_prior_training_resumes_where_it_stopped(tmp_path):
 
     with pytest.raises(Stop):
         train_prior(data, tmp_path / "resumed.safetensors", config, progress=stop_in_second_epoch)
-    checkpoint = tmp_path / "resumed.safetensors.ckpt"
+    checkpoint = tmp_path / "resumed.safetensors.train-state"
     assert checkpoint.exists() and not (tmp_path / "resumed.safetensors").exists()
     with pytest.raises(UsageError, match="--resume"):
         train_prior(data, tmp_path / "resumed.safetensors", config)

@@ -17,21 +17,22 @@ from mishield.attack.report import (
     summary_table,
     write_report,
 )
-from mishield.errors import UsageError
+from mishield.attack.results import AuditReport, ModelAudit, PrivacyGate
+from mishield.errors import BadInputError, UsageError
 
 
-def _report() -> dict:
+def _report() -> AuditReport:
     per_class = [{"class": c, "name": f"c{c}", "n": 4, "attack_acc1": 0.25 * c, "attack_acc5": 1.0, "knn_dist": 1.5, "target_confidence": 0.9} for c in range(3)]
     metrics = {"natural_acc": 0.9, "natural_acc_n": 30, "n": 12, "attack_acc1": 0.25, "attack_acc1_ci95": [0.1, 0.5], "attack_acc5": 1.0, "knn_dist": 1.5}
     model = {"name": "base <b>", "metrics": metrics, "per_class": per_class, "grid": "grids/0_base.png", "delta": None}
     other = {**model, "name": "hardened", "grid": "grids/1_hardened.png",
              "delta": {"natural_acc": -0.01, "attack_acc1": -0.1, "attack_acc5": 0.0, "knn_dist": 0.2, "delta": 10.0}}  # fmt: skip
-    return {
+    return AuditReport.from_dict({
         "schema": SCHEMA, "schema_version": 1, "classes": [0, 1, 2], "seed": 0,
         "options": {"samples": 8, "candidates": 4, "iterations": 2, "keep": 4, "final_augmentations": 2, "seed": 0},
         "prior": {"kind": "generator", "source": "prior.safetensors"}, "eval_model": {"source": "eval.pt"},
         "models": [model, other], "gate": {"max_attack_acc": 0.2, "passed": False, "failing": ["base <b>", "hardened"]},
-    }  # fmt: skip
+    })  # fmt: skip
 
 
 def test_writes_json_html_and_grids(tmp_path):
@@ -58,8 +59,8 @@ def test_writes_json_html_and_grids(tmp_path):
 
 def test_html_and_terminal_table_show_missing_numbers_as_dashes():
     report = _report()
-    report["models"][0]["metrics"]["natural_acc"] = None
-    report["models"][0]["metrics"]["knn_dist"] = None
+    report.models[0].metrics["natural_acc"] = None
+    report.models[0].metrics["knn_dist"] = None
     assert "–" in render_html(report, {})
     from rich.console import Console
 
@@ -79,3 +80,23 @@ def test_real_images_match_the_reconstructions_size_and_channels(tmp_path):
     colour = real_images(items, 0, (3, 8, 8))
     assert grey.shape == (1, 1, 16, 16) and colour.shape == (1, 3, 8, 8)
     assert colour[0, :, 4, 4].tolist() == [10, 200, 30]
+
+
+def test_report_object_round_trips_through_the_json_layout():
+    report = _report()
+    report.models[1].metrics["knn_dist"] = float("nan")  # JSON has no NaN: written as null
+    doc = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert list(doc) == ["schema", "schema_version", "created", "mishield_version", "options", "seed", "classes",
+                         "data", "prior", "eval_model", "models", "gate", "warnings"]
+    assert list(doc["models"][0]) == ["name", "num_classes", "preprocessing", "metrics", "per_class", "grid",
+                                      "timing", "delta"]
+    assert doc["models"][1]["metrics"]["knn_dist"] is None
+    back = AuditReport.from_dict(doc)
+    assert isinstance(back.models[0], ModelAudit) and isinstance(back.gate, PrivacyGate)
+    assert back.to_dict() == doc
+    assert not back.passed and back.gate.failing == ["base <b>", "hardened"]
+    assert back.model("hardened").delta["delta"] == 10.0 and back.model("hardened").attack_acc1 == 0.25
+    with pytest.raises(KeyError, match="hardened"):
+        back.model("nope")
+    with pytest.raises(BadInputError, match="mishield.audit-report"):
+        AuditReport.from_dict({**doc, "schema_version": 99})

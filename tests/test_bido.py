@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from mishield.bido import (
+from mishield.training.bido import (
     FeatureTap,
     bido_loss,
     bido_terms,
@@ -254,7 +254,7 @@ def test_kernels_stay_on_the_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_gram_on_cuda_sums_exact_products_in_float32():
-    from mishield.bido import gram
+    from mishield.training.bido import gram
 
     zb = torch.randn(32, 200_000, device="cuda").bfloat16().requires_grad_()
     g = gram(zb)
@@ -288,7 +288,7 @@ def test_gram_gradient_and_channels_last_flattening():
     assert torch.allclose(gaussian_kernel(cl), gaussian_kernel(z.detach().float()), atol=1e-6)
     # bf16 features: products are exact, sums in float32 (no bf16 rounding of the Gram matrix)
     zb = torch.randn(6, 300).bfloat16()
-    from mishield.bido import gram
+    from mishield.training.bido import gram
 
     assert gram(zb).dtype == torch.float32
     assert torch.allclose(gram(zb).double(), zb.double() @ zb.double().T, rtol=1e-5, atol=1e-4)

@@ -134,7 +134,7 @@ def test_class_count_mismatch_offers_reset_head():
     splits = DataSplits(train=[], val=[], classes=["a", "b", "c"])
     check_num_classes(splits, 3)
     check_num_classes(splits, None)
-    with pytest.raises(BadInputError, match="--reset-head"):
+    with pytest.raises(BadInputError, match="`reset_head`"):
         check_num_classes(splits, 10)
 
 

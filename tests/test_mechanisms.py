@@ -13,11 +13,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from mishield.bido import BiDOConfig, FeatureTap, bido_terms
 from mishield.data import load_embedded_fashion_mnist
 from mishield.runtime import make_runtime
 from mishield.surgery import apply_plan, plan_surgery
 from mishield.training import TrainStep
+from mishield.training.bido import BiDOConfig, FeatureTap, bido_terms
 
 
 def _randomise_norms(model: nn.Module, seed: int = 0) -> None:

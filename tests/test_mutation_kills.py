@@ -15,9 +15,15 @@ from torch import nn
 from mishield.attack.augment import candidate_keys
 from mishield.attack.metrics import deltas, knn_distances, summarize, wilson_interval
 from mishield.attack.poincare import ONEHOT_SHRINK, poincare_loss
-from mishield.bido import bido_loss, bido_terms, gaussian_kernel, hsic, label_kernel
 from mishield.errors import BadInputError, UsageError
 from mishield.surgery import apply_plan, plan_surgery, rebuild
+from mishield.training.bido import (
+    bido_loss,
+    bido_terms,
+    gaussian_kernel,
+    hsic,
+    label_kernel,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Poincaré loss (Struppek et al., ICML 2022, eq. 3)
@@ -222,9 +228,9 @@ def test_config_bounds_accept_the_smallest_valid_values():
     cfg = make_config("quick", samples=1, candidates=1, iterations=1, keep=1, final_augmentations=1, batch_size=1)
     assert (cfg.samples, cfg.candidates, cfg.keep) == (1, 1, 1)
     make_config("quick", samples=5, candidates=5, keep=5)  # C = S and K = C are allowed
-    with pytest.raises(UsageError, match="--final-augmentations must be at least 1, got 0"):
+    with pytest.raises(UsageError, match="final_augmentations` must be at least 1, got 0"):
         make_config("quick", final_augmentations=0)
-    with pytest.raises(UsageError, match="--preset must be one of quick, paper"):
+    with pytest.raises(UsageError, match="preset` must be one of quick, paper"):
         make_config("huge")
 
 

@@ -179,7 +179,7 @@ def test_exported_program_module(tmp_path):
 def test_exported_program_with_fixed_batch(tmp_path):
     model = tiny_model()
     program = torch.export.export(model, (torch.randn(1, *SMALL),))  # batch 1: specialised
-    with pytest.raises(BadInputError, match="--input-size 16"):
+    with pytest.raises(BadInputError, match="`input_size` 16"):
         export_onnx(program, tmp_path / "wrong.onnx", input_size=(3, 32, 32))
     report = export_onnx(program, tmp_path / "fixed.onnx", input_size=SMALL)
     assert not report.dynamic_batch and report.probe_batch == 1
@@ -259,7 +259,7 @@ def test_export_failure_is_one_sentence(tmp_path, capsys, monkeypatch):
 
 
 def test_wrong_input_size_fails_before_export(tmp_path):
-    with pytest.raises(BadInputError, match="check --input-size"):
+    with pytest.raises(BadInputError, match="check `input_size`"):
         export_onnx(nn.Linear(10, 10), tmp_path / "m.onnx", input_size=SMALL)
     assert list(tmp_path.iterdir()) == []
 

@@ -169,8 +169,10 @@ def test_logs_without_a_terminal_are_plain_lines_and_stdout_is_one_json(data, tm
     assert json.loads(result.stdout)["resolution"] == 32  # one document, nothing else on stdout
     assert "\x1b[" not in text and "\r" not in text
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    assert lines and all("/" in ln and "elapsed" in ln for ln in lines), text
+    # progress lines ("phase: done/total (..%), elapsed") and one summary line per epoch
+    assert lines and all(("/" in ln and "elapsed" in ln) or " epoch " in ln for ln in lines), text
     assert any("100 %" in ln for ln in lines)
+    assert any(" epoch 1/1" in ln for ln in lines)
 
 
 def _on_a_terminal(argv: list[str], **env: str) -> tuple[int, str, str]:

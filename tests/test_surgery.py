@@ -1,4 +1,4 @@
-"""Surgery properties (DESIGN.md §3) on a real model zoo and on a network no registry knows."""
+"""Surgery properties (docs/architecture.md §5) on a real model zoo and on a network no registry knows."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from mishield.surgery import SkipRewiredModel, apply_plan, plan_surgery
 
 
 class NormAct(nn.Module):
-    """Batch norm written functionally inside a non-leaf module: the trap of DESIGN.md §3 —
+    """Batch norm written functionally inside a non-leaf module: the trap of docs/architecture.md §5 —
     tracing it in eval mode would bake `training=False` into the graph."""
 
     def __init__(self, channels: int) -> None:

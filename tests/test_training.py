@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from clirun import run_cli as _cli
 from torch import nn
 
-from mishield.bido import BiDOConfig
 from mishield.data import DataSplits, ImageDataset, eval_transform, load_image_folders
-from mishield.errors import UsageError
+from mishield.errors import BadInputError, UsageError
 from mishield.models import load_model, save_model
 from mishield.preprocessing import Preprocessing
 from mishield.surgery import plan_surgery
 from mishield.training import (
+    BiDOConfig,
     TrainingDiverged,
     TrainingInterrupted,
     TrainingRecipe,
@@ -165,7 +165,7 @@ def test_resume_refuses_a_state_from_a_different_run(fmnist_dir, tmp_path):
         run_schedule(loaded.model, plan, data, loaded.preprocessing, TrainingRecipe("finetune", epochs=2, batch_size=8),
                      device="cpu", workers=0, state_path=state, stop_after=1)
     loaded = _model()
-    with pytest.raises(UsageError, match="different run"):
+    with pytest.raises(BadInputError, match="different run"):
         run_schedule(loaded.model, plan, data, loaded.preprocessing, TrainingRecipe("finetune", epochs=5, batch_size=8),
                      device="cpu", workers=0, state_path=state, resume=True)
 
@@ -241,7 +241,7 @@ DDP_SCRIPT = textwrap.dedent(
     from mishield.models import load_model
     from mishield.surgery import plan_surgery
     from mishield.training import TrainingRecipe, run_schedule
-    from mishield.bido import BiDOConfig
+    from mishield.training import BiDOConfig
 
     out = Path(sys.argv[1])
     full = load_image_folders(sys.argv[2])
@@ -430,3 +430,172 @@ def test_resume_with_a_lower_lr_continues_at_that_lr(fmnist_dir, tmp_path):
     resumed = run(2e-4, resume=True)
     # the new rate takes over where the old one was, and the schedule still decays at 75 % (epoch 3)
     assert [h["lr"] for h in resumed.history] == pytest.approx([1e-3, 2e-4, 2e-5])
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption (SIGTERM), Ctrl-C and --resume through the command line, for every trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _mishield(argv, state: Path | None = None) -> tuple[int, str]:
+    """Run `python -m mishield ARGV` in a fresh process; with `state`, send SIGTERM as soon as the
+    first epoch's resumable state appears (as a scheduler preempting the job would)."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mishield", *map(str, argv)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if state is not None:
+        deadline = time.monotonic() + 300
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)  # a no-op if it already ended (the test then fails on the code)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A trained-looking checkpoint with fixed weights, so separate processes start from the same model."""
+    path = tmp_path_factory.mktemp("model") / "m.pt"
+    torch.manual_seed(0)
+    loaded = _model()
+    save_model(path, loaded.model, arch=ARCH, num_classes=CLASSES, surgery=None, preprocessing=loaded.preprocessing)
+    return path
+
+
+@pytest.mark.slow  # three fresh processes (each imports torch): ~45 s on a busy 2-core machine
+def test_sigterm_during_fine_tuning_exits_143_and_resume_matches_an_uninterrupted_run(model_file, small_dir,
+                                                                                        tmp_path, capsys):
+    args = ["--data", small_dir, "--schedule", "finetune", "--epochs", 4, "--batch-size", 16,
+            "--device", "cpu", "--workers", 0, "--seed", 1]
+    code, err = _mishield(["harden", model_file, "--out", tmp_path / "ref.pt", *args])
+    assert code == 0, err
+    assert err.count("finetune epoch") == 4  # one plain line per epoch without a terminal
+
+    out, state = tmp_path / "cut.pt", tmp_path / "cut.pt.train-state"
+    code, err = _mishield(["harden", model_file, "--out", out, *args], state=state)
+    assert code == 143, err
+    assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert state.exists() and not out.exists()
+    done = load_state(state)["epoch"]
+    assert 1 <= done < 4
+
+    # a resumed run must be the same run: another resolution is refused, saying what differs
+    code, _, err = _cli(["harden", model_file, "--out", out, *args, "--input-size", 32, "--resume"], capsys)
+    assert code == 3 and "input_size" in err and len(err.strip().splitlines()) == 1
+    assert load_state(state)["epoch"] == done  # the refusal left the state alone
+
+    code, err = _mishield(["harden", model_file, "--out", out, *args, "--resume"])
+    assert code == 0, err
+    assert not state.exists()
+    ref, resumed = load_model(tmp_path / "ref.pt"), load_model(out)
+    assert ref.recipe["metrics"] == resumed.recipe["metrics"]
+    ref_w, res_w = ref.model.state_dict(), resumed.model.state_dict()
+    for k in ref_w:
+        assert torch.equal(ref_w[k], res_w[k]), k
+
+
+def _public(root: Path, per_class: int = 48) -> Path:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray((torch.rand(20, 20, generator=gen) * 255).to(torch.uint8).numpy(), mode="L").save(
+                root / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow  # three fresh processes (each imports torch): ~45 s on a busy 2-core machine
+def test_sigterm_during_prior_training_exits_143_and_resume_matches_an_uninterrupted_run(tmp_path):
+    from mishield.attack.generators import load_generator_file
+
+    data = _public(tmp_path / "public")
+    args = ["--data", data, "--resolution", 32, "--latent-dim", 8, "--width", 4, "--epochs", 5,
+            "--batch-size", 16, "--device", "cpu", "--seed", 1]
+    code, err = _mishield(["prior", "train", "--out", tmp_path / "ref.safetensors", *args])
+    assert code == 0, err
+    assert err.count("prior epoch") == 5
+
+    out, state = tmp_path / "cut.safetensors", tmp_path / "cut.safetensors.train-state"
+    code, err = _mishield(["prior", "train", "--out", out, *args], state=state)
+    assert code == 143, err
+    assert "SIGTERM" in err and state.exists() and not out.exists()
+    assert 1 <= load_state(state, kind="prior")["epoch"] < 5
+    code, err = _mishield(["prior", "train", "--out", out, *args, "--resume"])
+    assert code == 0, err
+    assert not state.exists()
+    a, _ = load_generator_file(tmp_path / "ref.safetensors")
+    b, _ = load_generator_file(out)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_damaged_or_newer_state_is_bad_input_for_every_trainer(model_file, small_dir, tmp_path, capsys):
+    from mishield.training import STATE_FORMAT
+
+    public = _public(tmp_path / "public", per_class=4)
+    commands = {
+        "harden": ["harden", model_file, "--data", small_dir, "--epochs", 1, "--device", "cpu", "--workers", 0],
+        "prior": ["prior", "train", "--data", public, "--resolution", 32, "--epochs", 1, "--device", "cpu"],
+        "train-eval": ["train-eval", "--data", small_dir, "--input-size", 16, "--epochs", 1, "--device", "cpu"],
+    }
+    for name, argv in commands.items():
+        out = tmp_path / f"{name}.out"
+        state = tmp_path / f"{name}.out.train-state"
+        state.write_bytes(b"PK\x03\x04 not really a zip")
+        code, _, err = _cli([*argv, "--out", out, "--resume"], capsys)
+        assert code == 3 and "not a readable training state" in err, (name, err)
+        torch.save({"format": STATE_FORMAT, "version": 99, "epoch": 1, "fingerprint": {}}, state)
+        code, _, err = _cli([*argv, "--out", out, "--resume"], capsys)
+        assert code == 3 and "upgrade" in err, (name, err)
+        kind = "prior" if name == "prior" else "classifier"
+        torch.save({"format": STATE_FORMAT, "version": 1, "kind": kind, "epoch": 1, "fingerprint": {}}, state)
+        code, _, err = _cli([*argv, "--out", out, "--resume"], capsys)
+        assert code == 3 and "damaged training state" in err, (name, err)
+        assert not out.exists()
+
+
+def test_resume_with_nothing_to_resume_says_so(fmnist_dir, tmp_path, caplog):
+    data = _subset(fmnist_dir, 8, 0)
+    pre = Preprocessing((3, 32, 32), (0.5,) * 3, (0.5,) * 3)
+    with caplog.at_level("WARNING", logger="mishield.training"):
+        result = fit(_Explodes(after=10**6), data, pre, epochs=1, batch_size=8, device="cpu", workers=0,
+                     state_path=tmp_path / "none", resume=True)
+    assert result.resumed_from_epoch is None and len(result.history) == 1
+    assert "nothing to resume" in caplog.text and str(tmp_path / "none") in caplog.text
+
+
+def test_train_eval_refuses_a_single_class_and_a_leftover_state(small_dir, tmp_path, capsys):
+    import shutil
+
+    one = tmp_path / "one"
+    shutil.copytree(small_dir / "train" / "1_trouser", one / "1_trouser")
+    code, _, err = _cli(["train-eval", "--data", one, "--out", tmp_path / "e.pt", "--input-size", 16,
+                         "--epochs", 1, "--device", "cpu"], capsys)
+    assert code == 3 and "at least 2 classes" in err
+    assert not (tmp_path / "e.pt").exists()
+    # a state left by an interrupted run is neither ignored nor silently dropped
+    (tmp_path / "e.pt.train-state").write_bytes(b"x")
+    code, _, err = _cli(["train-eval", "--data", small_dir, "--out", tmp_path / "e.pt", "--input-size", 16,
+                         "--epochs", 1, "--device", "cpu"], capsys)
+    assert code == 2 and "--resume" in err
+
+
+def test_sigterm_handler_is_installed_only_while_training():
+    import signal
+    import time
+
+    from mishield.training import preemptible
+    from mishield.training.interrupt import Preempted
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted), preemptible():
+        assert signal.getsignal(signal.SIGTERM) is not before
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once; the sleep only gives it a point to run
+    assert signal.getsignal(signal.SIGTERM) is before

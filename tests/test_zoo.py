@@ -33,6 +33,8 @@ ZOO = [
     # its last module stage (features.7) has no skip: name the stage that has them
     ("torchvision:efficientnet_b0", 64, ["features.6"], True),
     ("torchvision:convnext_tiny", 64, None, False),
+    # its constructor copies data while initialising, which the meta device cannot do
+    ("torchvision:regnet_y_400mf", 64, None, False),
     ("torchvision:vit_b_16", 224, None, False),
     ("torchvision:swin_t", 224, None, False),
     ("timm:resnet50", 64, None, False),
@@ -132,3 +134,38 @@ def _float32_noise(model: nn.Module, size: int) -> float:
     twin = copy.deepcopy(model).double().eval()
     with torch.no_grad():
         return (model.eval()(x).double() - twin(x.double())).abs().max().item()
+
+
+def test_regnet_state_dict_loads_and_inspects_where_the_meta_build_fails(tmp_path, capsys):
+    import json
+
+    import torchvision
+    from clirun import run_cli
+
+    # The premise: building this architecture on the meta device fails, so the classes must be
+    # inferred from a real build.
+    with pytest.raises(NotImplementedError, match="meta tensor"), torch.device("meta"):
+        torchvision.models.regnet_y_400mf()
+    torch.manual_seed(0)
+    path = tmp_path / "regnet.pt"
+    torch.save(torchvision.models.regnet_y_400mf(num_classes=5).state_dict(), path)
+
+    loaded = load_model(path, arch="torchvision:regnet_y_400mf", input_size=64)
+    assert loaded.num_classes == 5  # inferred from fc.weight
+    code, out, err = run_cli(["inspect", str(path), "--arch", "torchvision:regnet_y_400mf", "--input-size", "64",
+                              "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["num_classes"] == 5 and doc["selected"] and all(s.startswith("trunk_output.block4") for s in doc["selected"])
+
+
+def test_a_broken_spec_still_fails_with_its_own_message(tmp_path):
+    from mishield.errors import BadInputError
+
+    torch.save({"fc.weight": torch.zeros(3, 4)}, tmp_path / "sd.pt")
+    with pytest.raises(BadInputError, match="Building tests.test_zoo:_broken_factory failed.*this factory is broken"):
+        load_model(tmp_path / "sd.pt", arch="tests.test_zoo:_broken_factory")
+
+
+def _broken_factory(num_classes: int = 10) -> nn.Module:
+    raise RuntimeError("this factory is broken")

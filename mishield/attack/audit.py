@@ -1,15 +1,15 @@
-"""`run_audit`: attack each model, judge the reconstructions, write one report (DESIGN.md §5).
+"""`audit` and `run_audit`: attack each model, judge the reconstructions, write one report.
 
-The library function behind `mishield audit`; the CLI only loads files and prints. Under
-`torchrun` every rank runs this with its own `Shard` of the classes and rank 0 writes the report.
+`audit` is the library call behind `mishield audit`: it loads what it is given (files, specs or
+`LoadedModel`s), runs `run_audit` and returns the typed `AuditReport` (`mishield.attack.results`)
+whose `to_dict()` is report.json. Under `torchrun` every rank runs this with its own shard of the
+classes and rank 0 writes the report (docs/architecture.md §3; the protocol and its concepts: §4).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,19 +23,17 @@ from mishield.attack.metrics import deltas, knn_distances, summarize, topk_hits
 from mishield.attack.ppa import AttackConfig, PPAAttack, out_of_memory_hint
 from mishield.attack.priors import PixelPrior, Prior
 from mishield.attack.report import (
-    SCHEMA,
-    SCHEMA_VERSION,
     SHOW_RECONSTRUCTIONS,
     class_row,
     real_images,
     write_report,
 )
-from mishield.errors import BadInputError, UsageError
+from mishield.attack.results import AuditReport, ModelAudit, PrivacyGate
+from mishield.errors import BadInputError, PrivacyGateError, UsageError
 from mishield.preprocessing import Preprocessing
+from mishield.progress import ProgressCallback
 from mishield.runtime import Runtime
 from mishield.training import evaluate_accuracy
-
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -55,7 +53,7 @@ class AuditTarget:
         label = name or (Path(source).name if source else str(loaded.arch))
         num_classes = loaded.num_classes
         if num_classes is None:
-            raise BadInputError(f"cannot tell how many classes {label} has; pass --num-classes.")
+            raise BadInputError(f"cannot tell how many classes {label} has; pass `num_classes`.")
         info = {
             "source": str(source) if source else None,
             "sha256": loaded.source_sha256,
@@ -67,7 +65,7 @@ class AuditTarget:
 
 
 def parse_classes(spec: str | None, num_classes: int) -> list[int]:
-    """`--classes "0-9,17"` -> [0, ..., 9, 17]; None -> every class."""
+    """`"0-9,17"` -> [0, ..., 9, 17]; None or "all" -> every class."""
     if spec is None or spec.strip().lower() in ("", "all"):
         return list(range(num_classes))
     out: list[int] = []
@@ -75,27 +73,16 @@ def parse_classes(spec: str | None, num_classes: int) -> list[int]:
         part = part.strip()
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if not m:
-            raise UsageError(f"--classes takes ids and ranges like 0-9,17; cannot read {part!r}.")
+            raise UsageError(f"`classes` takes ids and ranges like 0-9,17; cannot read {part!r}.")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
-            raise UsageError(f"--classes range {part} runs backwards; write it as {hi}-{lo}.")
+            raise UsageError(f"`classes` range {part} runs backwards; write it as {hi}-{lo}.")
         out.extend(range(lo, hi + 1))
     unknown = sorted({c for c in out if c >= num_classes})
     if unknown:
         shown = ", ".join(map(str, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
-        raise BadInputError(f"--classes names unknown class ids ({shown}); the model has classes 0-{num_classes - 1}.")
+        raise BadInputError(f"`classes` names unknown class ids ({shown}); the model has classes 0-{num_classes - 1}.")
     return sorted(set(out))
-
-
-def _finite(v):
-    """JSON has no NaN: missing numbers are null."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_finite(x) for x in v]
-    return v
 
 
 def _unique_names(targets: list[AuditTarget]) -> list[str]:
@@ -109,7 +96,7 @@ def _unique_names(targets: list[AuditTarget]) -> list[str]:
 
 def _check_inputs(targets: list[AuditTarget], evaluation: AuditTarget, data, classes: list[int]) -> None:
     if not data.train:
-        raise BadInputError("the private data folder holds no training images; --data must be an ImageFolder of the private classes.")
+        raise BadInputError("the private data folder holds no training images; `data` must be an ImageFolder of the private classes.")
     for t in targets:
         if t.num_classes != targets[0].num_classes:
             raise BadInputError(
@@ -119,13 +106,13 @@ def _check_inputs(targets: list[AuditTarget], evaluation: AuditTarget, data, cla
         if data.num_classes != t.num_classes:
             raise BadInputError(
                 f"the private data has {data.num_classes} class folders but {t.name} has {t.num_classes} classes; "
-                "--data must hold exactly the classes the model was trained on."
+                "`data` must hold exactly the classes the model was trained on."
             )
         check_compatible(evaluation.num_classes, t.num_classes, evaluation.name, t.name)
     present = {y for _, y in data.train}
     missing = [c for c in classes if c not in present]
     if missing:
-        raise BadInputError(f"the private data has no training images of class {missing[0]} ({data.classes[missing[0]]}); add some or leave it out of --classes.")
+        raise BadInputError(f"the private data has no training images of class {missing[0]} ({data.classes[missing[0]]}); add some or leave it out of `classes`.")
 
 
 def _attack_shard(
@@ -136,7 +123,7 @@ def _attack_shard(
     classes: list[int],
     config: AttackConfig,
     runtime: Runtime,
-    progress: ProgressFn | None,
+    progress: ProgressCallback | None,
 ) -> dict:
     """This rank's classes of one target: per-image outcomes plus the best images to show."""
     prior = prior if prior is not None else PixelPrior(target.preprocessing.input_size)
@@ -166,6 +153,11 @@ def _attack_shard(
     }
 
 
+def _check_gate_threshold(max_attack_acc: float | None) -> None:
+    if max_attack_acc is not None and not 0.0 <= max_attack_acc <= 1.0:
+        raise UsageError(f"`max_attack_acc` is a fraction between 0 and 1 (0.4 means 40 %), got {max_attack_acc}.")
+
+
 def run_audit(
     targets: list[AuditTarget],
     evaluation: AuditTarget,
@@ -178,30 +170,51 @@ def run_audit(
     runtime: Runtime | None = None,
     max_attack_acc: float | None = None,
     overwrite: bool = False,
-    progress: ProgressFn | None = None,
+    progress: ProgressCallback | None = None,
     provenance: dict | None = None,
-) -> dict | None:
+) -> AuditReport | None:
     """Audit `targets` (the first is the baseline of the Δ columns); returns the report on rank 0.
 
     `data` is `mishield.data.DataSplits` of the private data; `prior=None` is the generator-free
     (BatchNorm-statistics) mode; `runtime` (default CPU) is `mishield.runtime.make_runtime`'s, whose
     rank and world size shard the classes under torchrun. Writes report.json, report.html and grids/ into `out_dir`.
     """
-    if max_attack_acc is not None and not 0.0 <= max_attack_acc <= 1.0:
-        raise UsageError(f"--max-attack-acc is a fraction between 0 and 1, got {max_attack_acc}.")
+    _check_gate_threshold(max_attack_acc)
     if not targets:
-        raise UsageError("name at least one MODEL to audit.")
+        raise UsageError("name at least one model to audit.")
     classes = list(range(targets[0].num_classes)) if classes is None else list(classes)
     _check_inputs(targets, evaluation, data, classes)
     runtime = runtime or Runtime(torch.device("cpu"))
     if runtime.world > len(classes):
         raise UsageError(f"torchrun started {runtime.world} processes for {len(classes)} audited classes; start at most {len(classes)}.")
-    mine = shard_classes(classes, runtime)
     evaluator = Evaluator(evaluation.model, evaluation.preprocessing, runtime, config.batch_size)
-    mine_set = set(mine)
-    private_items = [item for item in data.train if item[1] in mine_set]
-    private = evaluator.dataset(private_items, progress)
+    parts_per_model, natural_accs = _attack_all(targets, prior, evaluator, data, classes, config, runtime, progress)
+    if not runtime.is_main:
+        return None
 
+    models, rows_per_model = _model_audits(targets, parts_per_model, natural_accs, data, classes)
+    failing = [m.name for m in models if max_attack_acc is not None and m.metrics["attack_acc1"] > max_attack_acc]
+    report = AuditReport(
+        models=models, classes=classes, seed=config.seed, prior=parts_per_model[0][0]["prior"],
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), mishield_version=__version__,
+        options={**config.to_dict(), "device": str(runtime.device), "bf16": runtime.amp_dtype is not None,
+                 "channels_last": runtime.channels_last, "world_size": runtime.world, "max_attack_acc": max_attack_acc,
+                 **(provenance or {})},
+        data={"classes": data.classes, "train_images": len(data.train), "val_images": len(data.val)},
+        eval_model={"name": evaluation.name, **evaluation.info, "preprocessing": evaluation.preprocessing.to_dict(),
+                    "features": evaluator.feature_source},
+        gate=None if max_attack_acc is None else PrivacyGate(max_attack_acc, not failing, failing),
+        warnings=_warnings(targets, evaluation),
+    )  # fmt: skip
+    report.files = {k: str(v) for k, v in write_report(Path(out_dir), report, rows_per_model, overwrite).items()}
+    return report
+
+
+def _attack_all(targets, prior, evaluator, data, classes, config, runtime, progress) -> tuple[list, list]:
+    """This rank's share of every target's attack, gathered on rank 0, and each target's natural accuracy."""
+    mine = shard_classes(classes, runtime)
+    mine_set = set(mine)
+    private = evaluator.dataset([item for item in data.train if item[1] in mine_set], progress)
     parts_per_model, natural_accs = [], []
     for target in targets:
         payload = _attack_shard(target, prior, evaluator, private, mine, config, runtime, progress)
@@ -212,71 +225,139 @@ def run_audit(
             if data.val
             else None
         )
-    if not runtime.is_main:
-        return None
+    return parts_per_model, natural_accs
 
+
+def _model_audits(targets, parts_per_model, natural_accs, data, classes) -> tuple[list[ModelAudit], dict]:
+    """One `ModelAudit` per target, Δ against the first, and the image strips of each class."""
     names = _unique_names(targets)
     models, rows_per_model = [], {}
     real: dict[tuple, torch.Tensor] = {}  # (class, image shape) -> private images to show, read once
     for mi, (target, parts) in enumerate(zip(targets, parts_per_model)):
-        where = {c: (p, i) for p in parts for i, c in enumerate(p["classes"])}
-        top1, top5, knn = (torch.cat([where[c][0][key][where[c][1]] for c in classes]) for key in ("top1", "top5", "knn"))
-        metrics = {"natural_acc": natural_accs[mi], "natural_acc_n": len(data.val), **summarize(top1, top5, knn)}
-        per_class, rows = [], {}
-        for c in classes:
-            p, i = where[c]
-            s = summarize(p["top1"][i], p["top5"][i], p["knn"][i])
-            per_class.append(
-                {"class": c, "name": data.classes[c], "n": s["n"], "attack_acc1": s["attack_acc1"], "attack_acc5": s["attack_acc5"],
-                 "knn_dist": s["knn_dist"], "target_confidence": float(p["target_conf"][i].mean())}
-            )  # fmt: skip
-            shown = p["shown"][i]
-            key = (c, tuple(shown.shape[1:]))
-            if key not in real:
-                real[key] = real_images(data.train, c, key[1])
-            rows[c] = class_row(shown, real[key])
-        rows_per_model[mi] = rows
-        image_steps = sum(p["image_steps"] for p in parts)
-        seconds = max(p["seconds"] for p in parts)
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", names[mi])[:60]
-        models.append(
-            {
-                "name": names[mi],
-                **target.info,
-                "num_classes": target.num_classes,
-                "preprocessing": target.preprocessing.to_dict(),
-                "metrics": metrics,
-                "per_class": per_class,
-                "grid": f"grids/{mi}_{slug}.png",
-                "timing": {"image_steps": image_steps, "seconds": seconds, "image_steps_per_s": image_steps / seconds if seconds else None,
-                           **{k: max(p["timings"][k] for p in parts) for k in parts[0]["timings"]}},
-            }
-        )  # fmt: skip
-    for m in models:
-        m["delta"] = deltas(models[0]["metrics"], m["metrics"]) if m is not models[0] else None
+        model, rows_per_model[mi] = _model_audit(mi, names[mi], target, parts, natural_accs[mi], data, classes, real)
+        models.append(model)
+    for m in models[1:]:
+        m.delta = deltas(models[0].metrics, m.metrics)
+    return models, rows_per_model
 
-    warnings = []
-    for t in targets:
-        if t.info.get("arch") and t.info.get("arch") == evaluation.info.get("arch"):
-            warnings.append(f"the evaluation model shares the architecture of {t.name} ({t.info['arch']}); the protocol asks for a different one.")
-    failing = [m["name"] for m in models if max_attack_acc is not None and m["metrics"]["attack_acc1"] > max_attack_acc]
-    report = {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "mishield_version": __version__,
-        "options": {**config.to_dict(), "device": str(runtime.device), "bf16": runtime.amp_dtype is not None,
-                    "channels_last": runtime.channels_last, "world_size": runtime.world, "max_attack_acc": max_attack_acc, **(provenance or {})},
-        "seed": config.seed,
-        "classes": classes,
-        "data": {"classes": data.classes, "train_images": len(data.train), "val_images": len(data.val)},
-        "prior": parts_per_model[0][0]["prior"],
-        "eval_model": {"name": evaluation.name, **evaluation.info, "preprocessing": evaluation.preprocessing.to_dict(),
-                       "features": evaluator.feature_source},
-        "models": models,
-        "gate": None if max_attack_acc is None else {"max_attack_acc": max_attack_acc, "passed": not failing, "failing": failing},
-        "warnings": warnings,
-    }  # fmt: skip
-    report = _finite(report)
-    report["files"] = {k: str(v) for k, v in write_report(Path(out_dir), report, rows_per_model, overwrite).items()}
+
+def _model_audit(mi, name, target, parts, natural_acc, data, classes, real) -> tuple[ModelAudit, dict]:
+    where = {c: (p, i) for p in parts for i, c in enumerate(p["classes"])}
+    top1, top5, knn = (torch.cat([where[c][0][key][where[c][1]] for c in classes]) for key in ("top1", "top5", "knn"))
+    per_class, rows = [], {}
+    for c in classes:
+        p, i = where[c]
+        s = summarize(p["top1"][i], p["top5"][i], p["knn"][i])
+        per_class.append(
+            {"class": c, "name": data.classes[c], "n": s["n"], "attack_acc1": s["attack_acc1"], "attack_acc5": s["attack_acc5"],
+             "knn_dist": s["knn_dist"], "target_confidence": float(p["target_conf"][i].mean())}
+        )  # fmt: skip
+        shown = p["shown"][i]
+        key = (c, tuple(shown.shape[1:]))
+        if key not in real:
+            real[key] = real_images(data.train, c, key[1])
+        rows[c] = class_row(shown, real[key])
+    image_steps = sum(p["image_steps"] for p in parts)
+    seconds = max(p["seconds"] for p in parts)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
+    model = ModelAudit(
+        name=name, info=dict(target.info), num_classes=target.num_classes, preprocessing=target.preprocessing.to_dict(),
+        metrics={"natural_acc": natural_acc, "natural_acc_n": len(data.val), **summarize(top1, top5, knn)},
+        per_class=per_class, grid=f"grids/{mi}_{slug}.png",
+        timing={"image_steps": image_steps, "seconds": seconds, "image_steps_per_s": image_steps / seconds if seconds else None,
+                **{k: max(p["timings"][k] for p in parts) for k in parts[0]["timings"]}},
+    )  # fmt: skip
+    return model, rows
+
+
+def _warnings(targets: list[AuditTarget], evaluation: AuditTarget) -> list[str]:
+    return [
+        f"the evaluation model shares the architecture of {t.name} ({t.info['arch']}); the protocol asks for a different one."
+        for t in targets
+        if t.info.get("arch") and t.info.get("arch") == evaluation.info.get("arch")
+    ]
+
+
+def audit(
+    models,
+    *,
+    data,
+    prior,
+    eval_model,
+    out: str | Path = "mishield-audit",
+    classes: str | list[int] | None = None,
+    preset: str = "quick",
+    attack: dict | None = None,
+    device: str = "auto",
+    max_attack_acc: float | None = None,
+    overwrite: bool = False,
+    load_options: dict | None = None,
+    eval_arch: str | None = None,
+    trust_checkpoint: bool = False,
+    progress: ProgressCallback | None = None,
+    provenance: dict | None = None,
+) -> AuditReport | None:
+    """Audit `models` (files, architecture specs or `LoadedModel`s; the first is the Δ baseline).
+
+    `data`: the private ImageFolder (a path, or `mishield.data.DataSplits`); `prior`: a prior
+    file or `package.module:factory`, a `Prior`, or None / "none" for the generator-free mode;
+    `eval_model`: the evaluation model (a path, spec or `LoadedModel`; `eval_arch` where its file
+    names none). `preset` (quick or paper) gives the attack size; `attack` overrides single
+    values (samples, candidates, iterations, keep, final_augmentations, batch_size, seed, lr,
+    compile). `load_options` go to `load_model` for each of `models`. Writes the report into
+    `out` and returns it. Under torchrun, ranks other than 0 return None, or raise
+    `PrivacyGateError` when the gate failed, so every process ends alike.
+    """
+    from mishield.attack.distributed import broadcast
+    from mishield.attack.ppa import make_config
+    from mishield.attack.report import check_outputs
+    from mishield.runtime import make_runtime
+
+    config = make_config(preset, **(attack or {}))
+    _check_gate_threshold(max_attack_acc)
+    # Refused before any loading: an existing report, or an output inside or over an input.
+    named = [m for m in (models if isinstance(models, (list, tuple)) else [models]) if isinstance(m, (str, Path))]
+    inputs = [x for x in (*named, eval_model, prior, data) if isinstance(x, (str, Path))]
+    check_outputs(Path(out), overwrite, inputs=inputs)
+    runtime = make_runtime(device)
+    try:
+        targets, evaluation, splits, image_prior = _load_inputs(
+            models, data, prior, eval_model, eval_arch, load_options, trust_checkpoint, config)
+        chosen = classes if isinstance(classes, list) else parse_classes(classes, targets[0].num_classes)
+        report = run_audit(
+            targets, evaluation, splits, prior=image_prior, config=config, out_dir=out, classes=chosen, runtime=runtime,
+            max_attack_acc=max_attack_acc, overwrite=overwrite, progress=progress, provenance=provenance,
+        )  # fmt: skip
+        failing = broadcast(report.gate.failing if report and report.gate else [], runtime)
+    finally:
+        runtime.close()
+    if failing and not runtime.is_main:
+        raise PrivacyGateError("the privacy gate failed; rank 0 names the models and writes the report.")
     return report
+
+
+def _load_inputs(models, data, prior, eval_model, eval_arch, load_options, trust_checkpoint, config):
+    from mishield.attack.priors import load_prior
+    from mishield.data import DataSplits, load_image_folders
+    from mishield.models import LoadedModel, load_model
+
+    def target(m, **options) -> AuditTarget:
+        if isinstance(m, LoadedModel):
+            return AuditTarget.from_loaded(m)
+        return AuditTarget.from_loaded(load_model(str(m), trust_checkpoint=trust_checkpoint, **options))
+
+    if isinstance(models, (str, Path)) or not isinstance(models, (list, tuple)):
+        models = [models]
+    if not models:
+        raise UsageError("name at least one model to audit.")
+    targets = [target(m, **(load_options or {})) for m in models]
+    evaluation = target(eval_model, arch=eval_arch)
+    splits = data if isinstance(data, DataSplits) else load_image_folders(data)
+    if prior is None or (isinstance(prior, str) and prior.strip().lower() == "none"):
+        image_prior = None
+    elif isinstance(prior, Prior):
+        image_prior = prior
+    else:
+        image_prior = load_prior(str(prior), target_input_size=targets[0].preprocessing.input_size,
+                                 trust_checkpoint=trust_checkpoint, truncation=config.truncation)
+    return targets, evaluation, splits, image_prior

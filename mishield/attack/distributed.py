@@ -1,4 +1,4 @@
-"""Sharding an audit across the processes `torchrun` starts (DESIGN.md §6: no home-made launcher).
+"""Sharding an audit across the processes `torchrun` starts (docs/architecture.md §7: no home-made launcher).
 
 The process group and device come from `mishield.runtime.make_runtime`, the project's one
 device policy. Each rank attacks its own share of the target classes; rank 0 gathers the

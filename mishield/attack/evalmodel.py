@@ -1,4 +1,4 @@
-"""The evaluation model: an independent classifier that judges the reconstructions (DESIGN.md §5).
+"""The evaluation model: an independent classifier that judges the reconstructions.
 
 PPA's protocol trains it on the same private data with a *different* architecture, so a
 reconstruction counts only if it shows features of the class that another network recognises,
@@ -7,7 +7,6 @@ not the target's own adversarial shortcuts. Its penultimate features also give t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from mishield.attack.ppa import chunks
 from mishield.errors import BadInputError
 from mishield.models import find_classifier
 from mishield.preprocessing import Preprocessing
+from mishield.progress import EpochCallback, ProgressCallback
 from mishield.runtime import Runtime, autocast
 
 DEFAULT_EVAL_ARCH = "mishield.models.plaincnn:plain_cnn"
@@ -58,7 +58,7 @@ class Evaluator:
             feats.append(fe)
         return torch.cat(logits), torch.cat(feats)
 
-    def dataset(self, items: list, progress: Callable[[str, int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def dataset(self, items: list, progress: ProgressCallback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Private `(path, label)` items, read the way the evaluation model was trained -> (features, labels)."""
         from torch.utils.data import DataLoader
 
@@ -97,24 +97,39 @@ def train_eval_model(
     device: torch.device | str = "cpu",
     seed: int = 0,
     overwrite: bool = False,
+    resume: bool = False,
+    workers: int | None = None,
+    progress: ProgressCallback | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> dict:
     """Train an evaluation model on the private data and save it as a self-describing mishield file.
 
-    Returns a summary (arch, classes, natural accuracy on the held-out split, output path).
+    Trained by `mishield.training.fit`, so it shares the other trainers' guarantees: the state
+    beside `out` (`<out>.train-state`) after every epoch, `resume=True` to continue an
+    interrupted run, a refusal of a state left by another run. Returns a summary (arch, classes,
+    natural accuracy on the held-out split, output path).
     """
     from mishield.data import load_image_folders
     from mishield.fileio import check_writable
     from mishield.models import build_architecture, default_preprocessing, save_model
     from mishield.training import evaluate_accuracy, fit
+    from mishield.training.state import refuse_stale_state, state_path_for
 
     arch = arch or DEFAULT_EVAL_ARCH
     out = Path(out)
     check_writable(out, overwrite)
+    state_path = state_path_for(out)
+    refuse_stale_state(state_path, resume, overwrite)
     splits = load_image_folders(data_dir, val_fraction=val_fraction, seed=seed)
+    if splits.num_classes < 2:
+        raise BadInputError(
+            f"{data_dir} has {splits.num_classes} class folder(s); an evaluation model needs at least 2 classes to tell apart."
+        )
     torch.manual_seed(seed)
     model = build_architecture(arch, splits.num_classes)
     preprocessing = default_preprocessing(model, arch).with_input_size(input_size)
-    fit(model, splits, preprocessing, epochs=epochs, lr=lr, batch_size=batch_size, device=device, seed=seed)
+    fit(model, splits, preprocessing, epochs=epochs, lr=lr, batch_size=batch_size, device=device, seed=seed,
+        workers=workers, state_path=state_path, resume=resume, progress=progress, on_epoch=on_epoch)
     model = model.eval().cpu()
     accuracy = (
         evaluate_accuracy(model, splits.val, preprocessing, device=device, batch_size=batch_size) if splits.val else None
@@ -131,4 +146,5 @@ def train_eval_model(
         extra={"training": training, "metrics": metrics, "classes": splits.classes},
         overwrite=overwrite,
     )
+    state_path.unlink(missing_ok=True)  # the finished model supersedes the resumable state
     return {"out": str(out), "arch": arch, "classes": splits.classes, "natural_acc": accuracy, "epochs": epochs}

@@ -1,4 +1,4 @@
-"""The audit's metrics (DESIGN.md §5.4): attack accuracy @1/@5, KNN distance, Δ against a baseline.
+"""The audit's metrics (docs/architecture.md §4, "metrics"): attack accuracy @1/@5, KNN distance, Δ against a baseline.
 
 All of them are judged by an *independent* evaluation model: the target itself would call its
 own adversarial-looking reconstructions perfect.

@@ -1,6 +1,6 @@
-"""The attack engine: PPA's initial selection, optimisation and final selection (DESIGN.md §5).
+"""The attack engine: PPA's initial selection, optimisation and final selection (docs/architecture.md §3, §4).
 
-Speed is a feature here (DESIGN.md §8): every step optimises one batch that mixes all target
+Speed is a feature here (docs/architecture.md §9): every step optimises one batch that mixes all target
 classes (PPA runs one class per batch), under bf16 autocast and channels_last on CUDA,
 optionally `torch.compile`d, and the step loop never waits for the device (no `.item()`, no
 host-side random numbers: crops come from `augment.uniforms`, hashed on the device).
@@ -59,11 +59,11 @@ class AttackConfig:
     def validate(self) -> AttackConfig:
         for name in ("samples", "candidates", "iterations", "keep", "final_augmentations", "batch_size"):
             if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+                raise UsageError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
         if self.candidates > self.samples:
-            raise UsageError(f"-C/--candidates ({self.candidates}) cannot exceed -S/--samples ({self.samples}).")
+            raise UsageError(f"`candidates` ({self.candidates}) cannot exceed `samples` ({self.samples}).")
         if self.keep > self.candidates:
-            raise UsageError(f"-K/--keep ({self.keep}) cannot exceed -C/--candidates ({self.candidates}).")
+            raise UsageError(f"`keep` ({self.keep}) cannot exceed `candidates` ({self.candidates}).")
         return self
 
     def to_dict(self) -> dict:
@@ -80,7 +80,7 @@ PRESETS: dict[str, dict] = {
 def make_config(preset: str = "quick", **overrides) -> AttackConfig:
     """A preset's values with every non-None override applied on top."""
     if preset not in PRESETS:
-        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}.")
+        raise UsageError(f"`preset` must be one of {', '.join(PRESETS)}, got {preset!r}.")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return AttackConfig(**values).validate()
 
@@ -281,4 +281,4 @@ def out_of_memory_hint(err: BaseException, batch_size: int) -> UsageError | None
     oom = isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
     if not oom:
         return None
-    return UsageError(f"the attack ran out of memory at --batch-size {batch_size}; rerun with a smaller --batch-size (e.g. {max(1, batch_size // 2)}).")
+    return UsageError(f"the attack ran out of memory at `batch_size` {batch_size}; rerun with a smaller `batch_size` (e.g. {max(1, batch_size // 2)}).")

@@ -1,9 +1,10 @@
-"""Image priors the attacker optimises through (DESIGN.md §5).
+"""Image priors the attacker optimises through.
 
 A prior turns latents into images in [-1, 1]. Four kinds plug into the same attack:
 
 * `GeneratorPrior`: any generator mapping z ~ N(0, I) to images, mishield's own DCGAN-like
-  generator (trained on public data by `train_prior`) being the default;
+  generator (`mishield.attack.generators`, trained on public data by
+  `mishield.attack.prior_training.train_prior`) being the default;
 * `StyleGANPrior`: generators with `mapping` and `synthesis` (StyleGAN2-ADA's layout); the
   attack optimises w, drawn with truncation psi = 0.5 at initial selection as PPA does;
 * `PixelPrior` (`--prior none`): the latents are the pixels, regularised DeepInversion-style by
@@ -13,115 +14,35 @@ A prior turns latents into images in [-1, 1]. Four kinds plug into the same atta
 from __future__ import annotations
 
 import inspect
-import itertools
-import json
 import math
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mishield.errors import BadInputError, UsageError, first_line
-from mishield.fileio import atomic_output
+from mishield.attack.generators import (
+    DCGANGenerator,
+    load_generator_file,
+    save_generator,
+)
+from mishield.errors import BadInputError, first_line
 
-PRIOR_FORMAT = "mishield.prior/dcgan"
-PRIOR_FORMAT_VERSION = 1
+# mishield's own generator and its file are used with the priors; importable from here too.
+__all__ = [
+    "DCGANGenerator",
+    "GeneratorPrior",
+    "PixelPrior",
+    "Prior",
+    "StyleGANPrior",
+    "load_generator_file",
+    "load_prior",
+    "save_generator",
+]
+
 LATENT_ATTRS = ("z_dim", "latent_dim", "nz")
 
-ProgressFn = Callable[[str, int, int], None]
-
-
-# ---------------------------------------------------------------------------------------------
-# mishield's own generator
-
-
-def _check_resolution(resolution: int) -> int:
-    if resolution not in (32, 64, 128, 256):
-        raise UsageError(f"--resolution must be 32, 64, 128 or 256, got {resolution}.")
-    return resolution
-
-
-class DCGANGenerator(nn.Module):
-    """DCGAN (Radford et al., 2016): a 4x4 seed doubled by strided transposed convolutions."""
-
-    def __init__(self, latent_dim: int = 128, resolution: int = 64, channels: int = 3, width: int = 64):
-        super().__init__()
-        _check_resolution(resolution)
-        self.latent_dim, self.resolution, self.channels, self.width = latent_dim, resolution, channels, width
-        ups = int(math.log2(resolution)) - 2
-        widths = [min(width * 2 ** (ups - 1 - i), 512) for i in range(ups)]
-        layers: list[nn.Module] = [
-            nn.ConvTranspose2d(latent_dim, widths[0], 4, 1, 0, bias=False),
-            nn.BatchNorm2d(widths[0]),
-            nn.ReLU(inplace=True),
-        ]
-        for cin, cout in itertools.pairwise(widths):
-            layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-        layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
-
-    @property
-    def z_dim(self) -> int:
-        return self.latent_dim
-
-    def config(self) -> dict:
-        return {"latent_dim": self.latent_dim, "resolution": self.resolution, "channels": self.channels, "width": self.width}
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z.view(z.shape[0], -1, 1, 1))
-
-
-class DCGANDiscriminator(nn.Module):
-    def __init__(self, resolution: int = 64, channels: int = 3, width: int = 64):
-        super().__init__()
-        downs = int(math.log2(resolution)) - 2
-        widths = [min(width * 2**i, 512) for i in range(downs)]
-        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
-        for cin, cout in itertools.pairwise(widths):
-            layers += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True)]
-        layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten()
-
-
-def save_generator(path: Path, generator: DCGANGenerator, training: dict, overwrite: bool = False) -> Path:
-    """A self-describing safetensors file: weights plus the config that rebuilds the generator."""
-    from safetensors.torch import save_file
-
-    meta = {"format": PRIOR_FORMAT, "version": PRIOR_FORMAT_VERSION, "config": generator.config(), "training": training}
-    state = {k: v.detach().float().contiguous().cpu() for k, v in generator.state_dict().items()}
-    with atomic_output(path, overwrite) as tmp:
-        save_file(state, str(tmp), metadata={"mishield": json.dumps(meta)})
-    return Path(path)
-
-
-def load_generator_file(path: Path) -> tuple[DCGANGenerator, dict]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:  # one read: metadata and tensors
-            meta = json.loads((f.metadata() or {}).get("mishield", "{}"))
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
-    except Exception as err:  # noqa: BLE001 - safetensors' own error types are not importable by a stable name
-        raise BadInputError(f"{path} is not a readable safetensors file ({err}); pass a prior made by `mishield prior train`.") from None
-    if meta.get("format") != PRIOR_FORMAT:
-        raise BadInputError(
-            f"{path} is a safetensors file without mishield prior metadata; pass a prior made by `mishield prior train` "
-            "or a generator factory as package.module:factory."
-        )
-    if int(meta.get("version", 0)) > PRIOR_FORMAT_VERSION:
-        raise BadInputError(f"{path} was written by a newer mishield (prior format {meta['version']}); upgrade mishield.")
-    generator = DCGANGenerator(**meta["config"])
-    try:
-        generator.load_state_dict(state)
-    except RuntimeError as err:
-        raise BadInputError(f"{path} holds weights that do not fit its own config ({str(err)[:120]}...); the file is damaged.") from None
-    return generator.eval(), meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,176 +397,3 @@ def _load_torchscript_prior(path: Path) -> nn.Module:
             return torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any failure here means a damaged archive
         raise BadInputError(f"--prior {path} looks like a TorchScript archive but cannot be loaded ({first_line(err)}); re-export it.") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Training mishield's own prior on public data
-
-
-@dataclass(frozen=True)
-class PriorTrainingConfig:
-    resolution: int = 64
-    channels: int | None = None  # None: 1 if every sampled image is greyscale, else 3
-    latent_dim: int = 128
-    width: int = 64
-    epochs: int = 25
-    batch_size: int = 64
-    lr: float = 2e-4
-    seed: int = 0
-
-
-def _infer_channels(items: list, probe: int = 64) -> int:
-    from PIL import Image
-
-    step = max(1, len(items) // probe)
-    for path, _ in items[::step]:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "LA", "I", "I;16", "1"):
-                return 3
-    return 1
-
-
-def _checkpoint_path(out: Path) -> Path:
-    return out.with_name(out.name + ".ckpt")
-
-
-def _recalibrate_bn(generator: DCGANGenerator, device: torch.device, rng: torch.Generator, batches: int = 32, batch: int = 256) -> None:
-    """Replace BatchNorm running statistics by exact averages over fresh latents.
-
-    The attack runs the generator in eval mode (so every image depends on its own latent only);
-    the exponential running averages from GAN training lag the generator and wash its images out.
-    """
-    bns = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    generator.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            generator(torch.randn(batch, generator.latent_dim, generator=rng).to(device))
-    for m in bns:
-        m.momentum = 0.1
-    generator.eval()
-
-
-def train_prior(
-    data_dir: str | Path,
-    out: str | Path,
-    config: PriorTrainingConfig = PriorTrainingConfig(),
-    *,
-    device: torch.device | str = "cpu",
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: ProgressFn | None = None,
-) -> Path:
-    """Train a DCGAN on the public images in `data_dir` (an ImageFolder; labels are ignored).
-
-    A checkpoint beside `out` (`<out>.ckpt`) is written after every epoch, so an interrupted run
-    continues with `resume=True`; it is removed once `out` is written.
-    """
-    from torch.utils.data import DataLoader
-    from torchvision import transforms as T
-
-    from mishield.data import ImageDataset, load_image_folders
-    from mishield.fileio import check_writable
-
-    out = Path(out)
-    check_writable(out, overwrite)
-    _check_resolution(config.resolution)
-    ckpt_path = _checkpoint_path(out)
-    if ckpt_path.exists() and not resume:
-        raise UsageError(f"{ckpt_path} holds an interrupted run; pass --resume to continue it or delete the file to start over.")
-    if resume and not ckpt_path.exists():
-        raise UsageError(f"--resume found no checkpoint at {ckpt_path}; run without --resume to start training.")
-
-    splits = load_image_folders(data_dir)
-    items = splits.train + splits.val
-    channels = config.channels or _infer_channels(items)
-    config = PriorTrainingConfig(**{**config.__dict__, "channels": channels})
-    device = torch.device(device)
-
-    torch.manual_seed(config.seed)
-    generator = DCGANGenerator(config.latent_dim, config.resolution, channels, config.width).to(device)
-    discriminator = DCGANDiscriminator(config.resolution, channels, config.width).to(device)
-    for m in list(generator.modules()) + list(discriminator.modules()):
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(0.5, 0.999))
-    start_epoch = 0
-    if resume:
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state.get("config") != config.__dict__:
-            raise UsageError(f"{ckpt_path} was written with other settings ({state.get('config')}); rerun with those or delete it.")
-        generator.load_state_dict(state["generator"])
-        discriminator.load_state_dict(state["discriminator"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        start_epoch = int(state["epoch"])
-
-    transform = T.Compose(
-        [
-            T.Resize(config.resolution),
-            T.CenterCrop(config.resolution),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize([0.5] * channels, [0.5] * channels),
-        ]
-    )
-    dataset = ImageDataset(items, transform, channels=channels)
-    workers = min(8, (torch.get_num_threads() or 1)) if device.type == "cuda" else 0
-    loss_fn = nn.BCEWithLogitsLoss()
-    steps_per_epoch = max(1, len(dataset) // config.batch_size)
-    total = config.epochs * steps_per_epoch
-    for epoch in range(start_epoch, config.epochs):
-        # Reseeded per epoch so a resumed run sees the same batches and noise as an uninterrupted one.
-        epoch_seed = config.seed * 1000003 + epoch
-        rng = torch.Generator().manual_seed(epoch_seed)
-        torch.manual_seed(epoch_seed)  # the random flips draw from the global generator
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=rng, num_workers=workers)
-        generator.train()
-        discriminator.train()
-        for step, (real, _) in enumerate(loader):
-            real = real.to(device, non_blocking=True)
-            n = real.shape[0]
-            z = torch.randn(n, config.latent_dim, generator=rng).to(device)
-            fake = generator(z)
-            ones = torch.ones(n, device=device)
-            zeros = torch.zeros(n, device=device)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d = loss_fn(discriminator(real), ones) + loss_fn(discriminator(fake.detach()), zeros)
-            loss_d.backward()
-            opt_d.step()
-            opt_g.zero_grad(set_to_none=True)
-            loss_g = loss_fn(discriminator(fake), ones)  # non-saturating generator loss
-            loss_g.backward()
-            opt_g.step()
-            if progress is not None:
-                progress("training prior", epoch * steps_per_epoch + step + 1, total)
-        state = {
-            "config": config.__dict__,
-            "epoch": epoch + 1,
-            "generator": generator.state_dict(),
-            "discriminator": discriminator.state_dict(),
-            "opt_g": opt_g.state_dict(),
-            "opt_d": opt_d.state_dict(),
-        }
-        with atomic_output(ckpt_path, overwrite=True) as tmp:
-            torch.save(state, tmp)
-
-    _recalibrate_bn(generator, device, torch.Generator().manual_seed(config.seed + 7))
-    training = {
-        "data": str(Path(data_dir)),
-        "classes": splits.classes,
-        "images": len(dataset),
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "lr": config.lr,
-        "seed": config.seed,
-    }
-    save_generator(out, generator.cpu(), training, overwrite=overwrite)
-    ckpt_path.unlink(missing_ok=True)
-    return out

@@ -1,4 +1,4 @@
-"""The audit report: `report.json` (versioned schema), a self-contained `report.html`, PNG grids.
+"""The audit report files: `report.json` (versioned schema), a self-contained `report.html`, PNG grids.
 
 The JSON holds every option and seed, so an audit can be rerun and compared; the HTML embeds
 its images (base64 PNG) and styles, so it can be mailed or archived as one file.
@@ -16,10 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mishield.attack.results import SCHEMA, SCHEMA_VERSION, AuditReport
 from mishield.fileio import atomic_output, check_writable, check_writable_dir
 
-SCHEMA = "mishield.audit-report"
-SCHEMA_VERSION = 1
+__all__ = [  # SCHEMA and SCHEMA_VERSION are defined with the report type and re-exported here
+    "MAX_SHOWN_CLASSES", "REPORT_FILES", "SCHEMA", "SCHEMA_VERSION", "SHOW_REAL", "SHOW_RECONSTRUCTIONS",
+    "check_outputs", "class_row", "png_bytes", "real_images", "render_html", "stack_rows", "summary_table",
+    "write_report",
+]
 REPORT_FILES = ("report.json", "report.html")
 # Columns of reconstructions / real images per class row, and rows shown in the HTML and grids.
 SHOW_RECONSTRUCTIONS = 8
@@ -109,17 +113,17 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}.bar{background:#d9534f;height:1
 """
 
 
-def _metrics_table(report: dict) -> str:
+def _metrics_table(report: AuditReport) -> str:
     head = (
         "<tr><th class=l>model</th><th>Acc %</th><th>AttAcc@1 %</th><th>95% CI</th><th>AttAcc@5 %</th>"
         "<th>KNN dist</th><th>n</th><th>ΔAcc</th><th>ΔAttAcc@1</th><th>Δ</th></tr>"
     )
     rows = []
-    for m in report["models"]:
-        s, d = m["metrics"], m.get("delta") or {}
+    for m in report.models:
+        s, d = m.metrics, m.delta or {}
         ci = s.get("attack_acc1_ci95") or [None, None]
         rows.append(
-            f"<tr><td class=l>{html.escape(m['name'])}</td><td>{_fmt_pct(s.get('natural_acc'))}</td>"
+            f"<tr><td class=l>{html.escape(m.name)}</td><td>{_fmt_pct(s.get('natural_acc'))}</td>"
             f"<td><b>{_fmt_pct(s['attack_acc1'])}</b></td><td>{_fmt_pct(ci[0])}–{_fmt_pct(ci[1])}</td>"
             f"<td>{_fmt_pct(s['attack_acc5'])}</td><td>{_fmt_num(s.get('knn_dist'))}</td><td>{s['n']}</td>"
             f"<td>{_fmt_signed_pct(d.get('natural_acc'))}</td><td>{_fmt_signed_pct(d.get('attack_acc1'))}</td>"
@@ -128,31 +132,31 @@ def _metrics_table(report: dict) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def render_html(report: dict, class_rows: dict[int, dict[int, bytes]]) -> str:
+def render_html(report: AuditReport, class_rows: dict[int, dict[int, bytes]]) -> str:
     """`class_rows[model_index][class_id]` are the PNG strips embedded beside each class."""
-    opts = report["options"]
+    opts = report.options
     parts = [
         "<!doctype html><html><head><meta charset=utf-8><title>mishield audit</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>mishield audit: model-inversion leakage</h1>",
         (
-            f"<p class=note>PPA-style attack, prior <code>{html.escape(str(report['prior'].get('source')))}</code> "
-        f"({html.escape(report['prior']['kind'])}), evaluation model <code>{html.escape(str(report['eval_model'].get('source')))}</code>; "
+            f"<p class=note>PPA-style attack, prior <code>{html.escape(str(report.prior.get('source')))}</code> "
+        f"({html.escape(report.prior['kind'])}), evaluation model <code>{html.escape(str(report.eval_model.get('source')))}</code>; "
         f"S={opts['samples']} C={opts['candidates']} I={opts['iterations']} K={opts['keep']} A={opts['final_augmentations']}, "
-        f"seed {opts['seed']}, {len(report['classes'])} classes audited. Attack accuracy is the evaluation model's "
+        f"seed {opts['seed']}, {len(report.classes)} classes audited. Attack accuracy is the evaluation model's "
         "agreement with the attacked class on the K kept reconstructions per class; Δ = attack-accuracy drop / "
             "accuracy drop against the first model.</p>"
         ),
         _metrics_table(report),
     ]
-    gate = report.get("gate")
+    gate = report.gate
     if gate:
-        verdict = "PASSED" if gate["passed"] else "FAILED"
-        parts.append(f"<p><b>Privacy gate {verdict}</b>: maximum attack accuracy @1 {_fmt_pct(gate['max_attack_acc'])} %.</p>")
-    for mi, m in enumerate(report["models"]):
-        parts.append(f"<h2>{html.escape(m['name'])}</h2>")
+        verdict = "PASSED" if gate.passed else "FAILED"
+        parts.append(f"<p><b>Privacy gate {verdict}</b>: maximum attack accuracy @1 {_fmt_pct(gate.max_attack_acc)} %.</p>")
+    for mi, m in enumerate(report.models):
+        parts.append(f"<h2>{html.escape(m.name)}</h2>")
         parts.append("<table><tr><th class=l>class</th><th class=l>attack acc @1</th><th>%</th><th>KNN</th><th class=l>best reconstructions | private images</th></tr>")
-        for row in m["per_class"][:MAX_SHOWN_CLASSES]:
+        for row in m.per_class[:MAX_SHOWN_CLASSES]:
             pct = row["attack_acc1"]
             bar = f"<span class=barbox><span class=bar style='width:{200 * pct:.0f}px'></span></span>"
             png = class_rows.get(mi, {}).get(row["class"])
@@ -162,13 +166,13 @@ def render_html(report: dict, class_rows: dict[int, dict[int, bytes]]) -> str:
                 f"<td>{_fmt_pct(pct)}</td><td>{_fmt_num(row.get('knn_dist'))}</td><td class=l>{img}</td></tr>"
             )
         parts.append("</table>")
-        if len(m["per_class"]) > MAX_SHOWN_CLASSES:
-            parts.append(f"<p class=note>{len(m['per_class']) - MAX_SHOWN_CLASSES} more classes in report.json.</p>")
+        if len(m.per_class) > MAX_SHOWN_CLASSES:
+            parts.append(f"<p class=note>{len(m.per_class) - MAX_SHOWN_CLASSES} more classes in report.json.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def write_report(out_dir: Path, report: dict, class_rows: dict[int, dict[int, np.ndarray]], overwrite: bool = False) -> dict[str, Path]:
+def write_report(out_dir: Path, report: AuditReport, class_rows: dict[int, dict[int, np.ndarray]], overwrite: bool = False) -> dict[str, Path]:
     """Write report.json, report.html and one PNG grid per model (grids/<index>_<name>.png)."""
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
@@ -177,7 +181,7 @@ def write_report(out_dir: Path, report: dict, class_rows: dict[int, dict[int, np
         pngs[mi] = {c: png_bytes(r, min_height=64) for c, r in rows.items()}
         if rows:
             shown = list(rows.values())[:MAX_SHOWN_CLASSES]
-            path = out_dir / report["models"][mi]["grid"]
+            path = out_dir / report.models[mi].grid
             with atomic_output(path, overwrite) as tmp:
                 tmp.write_bytes(png_bytes(stack_rows(shown)))
             written[f"grid{mi}"] = path
@@ -186,23 +190,23 @@ def write_report(out_dir: Path, report: dict, class_rows: dict[int, dict[int, np
     written["html"] = out_dir / "report.html"
     # The JSON goes last: its presence means the whole report is there.
     with atomic_output(out_dir / "report.json", overwrite) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     written["json"] = out_dir / "report.json"
     return written
 
 
-def summary_table(report: dict):
+def summary_table(report: AuditReport):
     """A rich table of the metrics, for the terminal (stderr)."""
     from rich.table import Table
 
     table = Table(title="mishield audit", show_lines=False)
     for col in ("model", "Acc %", "AttAcc@1 %", "95% CI", "AttAcc@5 %", "KNN dist", "n", "ΔAttAcc@1", "Δ"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    for m in report["models"]:
-        s, d = m["metrics"], m.get("delta") or {}
+    for m in report.models:
+        s, d = m.metrics, m.delta or {}
         ci = s.get("attack_acc1_ci95") or [None, None]
         table.add_row(
-            m["name"], _fmt_pct(s.get("natural_acc")), _fmt_pct(s["attack_acc1"]), f"{_fmt_pct(ci[0])}–{_fmt_pct(ci[1])}",
+            m.name, _fmt_pct(s.get("natural_acc")), _fmt_pct(s["attack_acc1"]), f"{_fmt_pct(ci[0])}–{_fmt_pct(ci[1])}",
             _fmt_pct(s["attack_acc5"]), _fmt_num(s.get("knn_dist")), str(s["n"]),
             _fmt_signed_pct(d.get("attack_acc1")), _fmt_num(d.get("delta")),
         )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,7 @@ import typer
 
 from mishield.cli import console
 from mishield.cli.options import (
+    LOAD_PARAMETERS,
     ArchOpt,
     InputSizeOpt,
     JsonOpt,
@@ -17,6 +19,7 @@ from mishield.cli.options import (
     OverwriteOpt,
     StdOpt,
     TrustOpt,
+    flags_in_errors,
     parse_floats,
 )
 
@@ -60,62 +63,42 @@ def audit(
     json_output: JsonOpt = False,
 ) -> None:
     """Attack each model with a Plug-and-Play-style inversion and report how much private data it gives away."""
-    from mishield.attack.audit import AuditTarget, parse_classes, run_audit
-    from mishield.attack.distributed import broadcast
-    from mishield.attack.ppa import make_config
-    from mishield.attack.priors import load_prior
-    from mishield.attack.report import check_outputs, summary_table
+    from mishield.attack.audit import audit as run
     from mishield.cli.progress import progress_bars
-    from mishield.data import load_image_folders
     from mishield.errors import PrivacyGateError, UsageError
-    from mishield.models import load_model
-    from mishield.runtime import make_runtime
 
-    config = make_config(
-        preset, samples=samples, candidates=candidates, iterations=iterations, keep=keep,
-        final_augmentations=final_augmentations, batch_size=batch_size, seed=seed, lr=lr, compile=compile_,
-    )  # fmt: skip
     if eval_model is None:
         raise UsageError(NO_EVAL_MODEL)
     if prior is None:
         raise UsageError(NO_PRIOR)
-    if max_attack_acc is not None and not 0.0 <= max_attack_acc <= 1.0:
-        raise UsageError(f"--max-attack-acc is a fraction between 0 and 1 (0.4 means 40 %), got {max_attack_acc}.")
-    check_outputs(out, overwrite, inputs=(*models, eval_model, prior, data))
-
-    runtime = make_runtime(device)
-    try:
-        load = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "input_size": input_size,
+    attack = {"samples": samples, "candidates": candidates, "iterations": iterations, "keep": keep, "lr": lr,
+              "final_augmentations": final_augmentations, "batch_size": batch_size, "seed": seed, "compile": compile_}
+    provenance = {"preset": preset, "prior": prior, "eval_model": eval_model, "data": str(data), "models": list(models)}
+    with flags_in_errors(run, extra=(*LOAD_PARAMETERS, *attack)), progress_bars(os.environ.get("RANK", "0") == "0") as progress:
+        load = {"arch": arch, "num_classes": num_classes, "input_size": input_size,
                 "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
-        targets = [AuditTarget.from_loaded(load_model(m, **load)) for m in models]
-        evaluation = AuditTarget.from_loaded(load_model(eval_model, arch=eval_arch, trust_checkpoint=trust_checkpoint))
-        splits = load_image_folders(data)
-        chosen = parse_classes(classes, targets[0].num_classes)
-        image_prior = None if prior.strip().lower() == "none" else load_prior(
-            prior, target_input_size=targets[0].preprocessing.input_size, trust_checkpoint=trust_checkpoint, truncation=config.truncation
+        report = run(
+            models, data=data, prior=prior, eval_model=eval_model, out=out, classes=classes, preset=preset, attack=attack,
+            device=device, max_attack_acc=max_attack_acc, overwrite=overwrite, load_options=load, eval_arch=eval_arch,
+            trust_checkpoint=trust_checkpoint, progress=progress, provenance=provenance,
         )  # fmt: skip
-        provenance = {"preset": preset, "prior": prior, "eval_model": eval_model, "data": str(data), "models": list(models)}
-        with progress_bars(runtime.is_main) as progress:
-            report = run_audit(
-                targets, evaluation, splits, prior=image_prior, config=config, out_dir=out, classes=chosen, runtime=runtime,
-                max_attack_acc=max_attack_acc, overwrite=overwrite, progress=progress, provenance=provenance,
-            )  # fmt: skip
-        failing = broadcast(report["gate"]["failing"] if report and report["gate"] else [], runtime)
-    finally:
-        runtime.close()
-
-    if runtime.is_main:
-        if json_output:
-            console.emit_json(report)
-        else:
-            console.err.print(summary_table(report))
-            for warning in report["warnings"]:
-                console.err.print(f"[yellow]warning:[/] {warning}")
-            console.err.print(f"report: [bold]{report['files']['html']}[/]")
-    if failing:
-        if not runtime.is_main:
-            raise typer.Exit(PrivacyGateError.exit_code)  # rank 0 says why
+    if report is None:  # another rank under torchrun; rank 0 prints
+        return
+    _print(report, json_output)
+    if not report.passed:
         raise PrivacyGateError(
-            f"attack accuracy @1 of {', '.join(failing)} exceeds --max-attack-acc {max_attack_acc}; "
+            f"attack accuracy @1 of {', '.join(report.gate.failing)} exceeds --max-attack-acc {max_attack_acc}; "
             f"harden the model (mishield harden) or review {out / 'report.html'}."
         )
+
+
+def _print(report, json_output: bool) -> None:
+    from mishield.attack.report import summary_table
+
+    if json_output:
+        console.emit_json(report.to_dict())
+        return
+    console.err.print(summary_table(report))
+    for warning in report.warnings:
+        console.err.print(f"[yellow]warning:[/] {warning}")
+    console.err.print(f"report: [bold]{report.files['html']}[/]")

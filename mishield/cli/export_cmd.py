@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from mishield.cli import console
 from mishield.cli.options import (
     ArchOpt,
     InputSizeOpt,
@@ -18,6 +18,7 @@ from mishield.cli.options import (
     OverwriteOpt,
     StdOpt,
     TrustOpt,
+    flags_in_errors,
     parse_floats,
 )
 
@@ -49,37 +50,38 @@ def export(
     Exit code 5 when onnxruntime's logits differ from PyTorch's by more than --atol or pick a
     different top-1 class on the probe batch; the file is then not written.
     """
-    from rich.console import Console
-
     from mishield.fileio import check_writable
     from mishield.models import load_model
     from mishield.onnx_export import export_onnx, loaded_model_metadata
 
-    check_writable(out, overwrite, inputs=(model,))  # before loading and exporting, which take a while
-    console = Console(stderr=True, soft_wrap=True)  # whole lines in CI logs
-    with console.status(f"loading {model}"):
-        loaded = load_model(
-            model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint, input_size=input_size,
-            mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
-        )
-    with console.status(f"exporting to {out} and checking it with onnxruntime"):
-        report = export_onnx(
-            loaded.model,
-            out,
-            input_size=loaded.preprocessing.input_size,
-            metadata=loaded_model_metadata(loaded),
-            overwrite=overwrite,
-            atol=atol,
-        )
+    with flags_in_errors(export_onnx):
+        check_writable(out, overwrite, inputs=(model,))  # before loading and exporting, which take a while
+        err = console.err
+        with err.status(f"loading {model}"):
+            loaded = load_model(
+                model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint, input_size=input_size,
+                mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
+            )
+        with err.status(f"exporting to {out} and checking it with onnxruntime"):
+            report = export_onnx(
+                loaded.model,
+                out,
+                input_size=loaded.preprocessing.input_size,
+                metadata=loaded_model_metadata(loaded),
+                overwrite=overwrite,
+                atol=atol,
+            )
 
     if json_output:
-        typer.echo(json.dumps(report.to_dict()))
+        console.emit_json(report.to_dict())
         return
     batch = "dynamic batch" if report.dynamic_batch else f"fixed batch {report.probe_batch}, as the program was exported"
     size = f"{report.file_bytes / 1e6:.1f} MB"
-    console.print(f"[bold green]exported[/] {report.path} ({size}, opset {report.opset}, {batch})")
-    console.print(
+    # soft_wrap: whole lines in CI logs, never folded at the console width
+    err.print(f"[bold green]exported[/] {report.path} ({size}, opset {report.opset}, {batch})", soft_wrap=True)
+    err.print(
         f"parity   max abs diff {report.max_abs_diff:.2g} <= {atol:.2g}, top-1 agreement "
-        f"{report.top1_agreement:.0%} ({report.probe_batch} probe images, onnxruntime CPU)"
+        f"{report.top1_agreement:.0%} ({report.probe_batch} probe images, onnxruntime CPU)",
+        soft_wrap=True,
     )
-    console.print(f"time     {report.seconds:.1f} s, exporter: {report.exporter}")
+    err.print(f"time     {report.seconds:.1f} s, exporter: {report.exporter}", soft_wrap=True)

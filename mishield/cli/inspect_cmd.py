@@ -16,6 +16,7 @@ from mishield.cli.options import (
     StageOpt,
     StdOpt,
     TrustOpt,
+    flags_in_errors,
     parse_floats,
 )
 
@@ -33,43 +34,23 @@ def inspect(
     json_output: JsonOpt = False,
 ) -> None:
     """List the model's skip connections and mark the ones RoLSS / SSF would change."""
-    from mishield.errors import BadInputError
-    from mishield.models import load_model
-    from mishield.surgery import plan_surgery
+    from mishield.inspection import inspect_model
 
-    loaded = load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint,
-                        input_size=input_size, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
-    if not loaded.supports_surgery:
-        raise BadInputError(
-            f"{model} is a {loaded.kind} archive, which cannot be traced for surgery; inspect the original "
-            "checkpoint instead (audit and export accept it as it is)."
-        )
-    plan = plan_surgery(loaded.model, "rolss", stage=stage, sites=sites,
-                        input_size=loaded.preprocessing.input_size)
-    analysis = plan.analysis
-    params = sum(p.numel() for p in loaded.model.parameters())
-    dropped = {m for name in plan.selected for m in analysis.site(name).shortcut_modules}
-    dropped_params = sum(
-        p.numel() for path in dropped for p in loaded.model.get_submodule(path).parameters()
-    )
+    with flags_in_errors(inspect_model):
+        load = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "input_size": input_size,
+                "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
+        found = inspect_model(model, stage=stage, sites=sites, load_options=load)
     if json_output:
-        console.emit_json({
-            "model": str(model),
-            "arch": loaded.arch,
-            "num_classes": loaded.num_classes,
-            "parameters": params,
-            "preprocessing": loaded.preprocessing.to_dict(),
-            "selection": plan.selection,
-            "selected": plan.selected,
-            "rolss_drops_modules": sorted(dropped),
-            "rolss_drops_parameters": dropped_params,
-            **analysis.to_dict(),
-        })
+        console.emit_json(found.to_dict())
         return
+    _print(found)
 
+
+def _print(found) -> None:
+    loaded, plan, analysis = found.loaded, found.plan, found.analysis
     out = console.out  # the result, so `mishield inspect m.pt > sites.txt` captures it
-    out.print(f"[bold]{model}[/]  arch={loaded.arch or '?'}  classes={loaded.num_classes}  "
-              f"parameters={params:,}  input={'x'.join(map(str, loaded.preprocessing.input_size))}")
+    out.print(f"[bold]{found.model}[/]  arch={loaded.arch or '?'}  classes={loaded.num_classes}  "
+              f"parameters={found.parameters:,}  input={'x'.join(map(str, loaded.preprocessing.input_size))}")
     table = Table(title="skip connections", title_justify="left")
     for col in ("site", "kind", "shortcut", "stage", "resolution", "output", "changed"):
         table.add_column(col, no_wrap=col == "site")
@@ -90,7 +71,7 @@ def inspect(
         stages.add_row(str(st.index), st.resolution, st.module or "(root)", str(len(st.sites)))
     out.print(stages)
     out.print(f"methods change [bold]{plan.selection}[/]: {len(plan.selected)} site(s); "
-              f"rolss drops {len(dropped)} projection module(s), {dropped_params:,} parameters.")
+              f"rolss drops {len(found.rolss_drops_modules)} projection module(s), {found.rolss_drops_parameters:,} parameters.")
     if analysis.skipless_tail:
         out.print(f"note: module stage(s) {', '.join(analysis.skipless_tail)} come after the last skip stage and "
                   "have no skip connection; the methods use the last resolution stage that has skips.")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -66,3 +70,37 @@ StdOpt = Annotated[
     str | None,
     typer.Option("--std", metavar="S[,S,S]", help="Normalisation std per channel (default: from the model or file)."),
 ]
+
+
+# Library errors name parameters in backticks (`val_fraction`); on the command line they are flags.
+# Names whose flag is not simply --name-with-dashes:
+_FLAG_EXCEPTIONS = {"model": "MODEL", "models": "MODEL", "samples": "-S/--samples", "candidates": "-C/--candidates",
+                    "iterations": "-I/--iterations", "keep": "-K/--keep", "final_augmentations": "-A/--final-augmentations"}
+# The options `load_options` passes to `load_model` in every command that loads models.
+LOAD_PARAMETERS = ("arch", "num_classes", "trust_checkpoint", "input_size", "mean", "std")
+
+
+def flag_for(param: str) -> str:
+    return _FLAG_EXCEPTIONS.get(param, "--" + param.replace("_", "-"))
+
+
+@contextmanager
+def flags_in_errors(*functions: Callable, extra: Iterable[str] = LOAD_PARAMETERS) -> Iterator[None]:
+    """Re-raise a library error with each of `functions`' parameters (and `extra`) that its message
+    names in backticks written as its CLI flag. Other backticked words (`none`, `z_dim`) stay."""
+    from mishield.errors import MishieldError
+
+    try:
+        yield
+    except MishieldError as err:
+        message = str(err)
+        if "`" not in message:
+            raise
+        names = set(extra).union(*(inspect.signature(f).parameters for f in functions))
+
+        def flag(m: re.Match) -> str:
+            return flag_for(m.group(1)) if m.group(1) in names else m.group(0)
+
+        # The same exception (type, exit code, attributes kept), its sentence reworded.
+        err.args = (re.sub(r"`([a-z][a-z0-9_]*)`", flag, message),)
+        raise

@@ -26,17 +26,14 @@ def train(
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 2e-4,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run checkpointed beside --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run whose state is beside --out (OUT.train-state); Ctrl-C exits 130, SIGTERM 143, both resumable.")] = False,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Train a DCGAN on public data; the result is the default prior of `mishield audit --prior FILE`."""
-    from mishield.attack.priors import (
-        PriorTrainingConfig,
-        load_generator_file,
-        train_prior,
-    )
-    from mishield.cli.progress import progress_bars
+    from mishield.attack.generators import load_generator_file
+    from mishield.attack.prior_training import PriorTrainingConfig, train_prior
+    from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.errors import UsageError
     from mishield.fileio import refuse_input_as_output
     from mishield.runtime import resolve_device
@@ -46,7 +43,8 @@ def train(
     refuse_input_as_output(out, (data,))
     config = PriorTrainingConfig(resolution, channels, latent_dim, width, epochs, batch_size, lr, seed)
     with progress_bars() as progress:
-        path = train_prior(data, out, config, device=resolve_device(device), resume=resume, overwrite=overwrite, progress=progress)
+        path = train_prior(data, out, config, device=resolve_device(device), resume=resume, overwrite=overwrite,
+                           progress=progress, on_epoch=epoch_printer())
     _, meta = load_generator_file(path)
     summary = {"out": str(path), **meta["config"], "training": meta["training"]}
     if json_output:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 PLAIN_INTERVAL_S = 10.0
@@ -100,3 +100,20 @@ def _rich_bars(err) -> Iterator[Callable[[str, int, int], None]]:
             bars.update(task, completed=done, total=total)
 
         yield update
+
+
+def epoch_printer(enabled: bool = True) -> Callable[[Mapping[str, object]], None] | None:
+    """The `on_epoch` callback of the trainers: one plain line per epoch on stderr.
+
+    Plain text on purpose: it is the whole record of a run whose stderr is a log file, and above a
+    live bar it reads the same.
+    """
+    if not enabled:
+        return None
+    from mishield.cli.console import err
+    from mishield.progress import format_epoch
+
+    def print_epoch(record: Mapping[str, object]) -> None:
+        err.print(format_epoch(record), markup=False, highlight=False, soft_wrap=True)
+
+    return print_epoch

@@ -22,19 +22,23 @@ def train_eval(
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Hold out this fraction when --data has no val/ folder.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run whose state is beside --out (OUT.train-state); Ctrl-C exits 130, SIGTERM 143, both resumable.")] = False,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Train an evaluation model (default: a skip-free VGG-style CNN) on the private data for `mishield audit`."""
     from mishield.attack.evalmodel import train_eval_model
+    from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.fileio import refuse_input_as_output
     from mishield.runtime import resolve_device
 
     refuse_input_as_output(out, (data,))
-    summary = train_eval_model(
-        data, out, arch=arch, input_size=input_size, epochs=epochs, lr=lr, batch_size=batch_size,
-        val_fraction=val_fraction, device=resolve_device(device), seed=seed, overwrite=overwrite,
-    )  # fmt: skip
+    with progress_bars() as progress:
+        summary = train_eval_model(
+            data, out, arch=arch, input_size=input_size, epochs=epochs, lr=lr, batch_size=batch_size,
+            val_fraction=val_fraction, device=resolve_device(device), seed=seed, overwrite=overwrite,
+            resume=resume, progress=progress, on_epoch=epoch_printer(),
+        )  # fmt: skip
     if json_output:
         console.emit_json(summary)
     else:

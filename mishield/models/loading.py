@@ -437,14 +437,30 @@ def _prefix_variants(state_dict: dict) -> list[dict]:
         variants.append({k[len(prefix):]: v for k, v in cur.items()})
 
 
+def _build_any_head(arch) -> nn.Module:
+    try:
+        return build_architecture(arch, None)
+    except BadInputError:  # a factory that insists on num_classes: any count names the same head
+        return build_architecture(arch, 1)
+
+
+def _skeleton(arch) -> nn.Module:
+    """The architecture's module tree, to find its classifier's name.
+
+    Built on the meta device first, which allocates and initialises no weights; constructors
+    that copy data while initialising (torchvision's RegNets, for one) fail there with "Cannot
+    copy out of meta tensor", and are built for real on the CPU instead. The only meta-device
+    build in mishield is this one.
+    """
+    try:
+        with torch.device("meta"):
+            return _build_any_head(arch)
+    except BadInputError:
+        return _build_any_head(arch)  # a spec that is really broken fails here with its own message
+
+
 def _infer_num_classes(arch, variants: list[dict]) -> int | None:
-    # The meta device builds the module tree without allocating or initialising any weights.
-    with torch.device("meta"):
-        try:
-            skeleton = build_architecture(arch, None)
-        except BadInputError:  # a factory that insists on num_classes: any count names the same head
-            skeleton = build_architecture(arch, 1)
-    found = find_classifier(skeleton)
+    found = find_classifier(_skeleton(arch))
     if found is None:
         return None
     key = f"{found[0]}.weight" if found[0] else "weight"

@@ -1,4 +1,4 @@
-"""mishield's own model files: weights plus the recipe that rebuilds the model (DESIGN.md §4).
+"""mishield's own model files: weights plus the recipe that rebuilds the model (docs/architecture.md §6).
 
 A file is either a torch zip holding `{"mishield": recipe, "state_dict": tensors}` (readable with
 `torch.load(weights_only=True)`: plain containers and tensors only) or, when the name ends in

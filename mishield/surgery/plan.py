@@ -1,4 +1,4 @@
-"""Architecture surgery: RoLSS and SSF on the skip connections of a trained model (DESIGN.md §3).
+"""Architecture surgery: RoLSS and SSF on the skip connections of a trained model (docs/architecture.md §4, §5).
 
     plan = plan_surgery(model, "rolss")          # which sites change, nothing touched yet
     result = apply_plan(model, plan)             # a rewritten copy; `model` is left as it was
@@ -114,7 +114,7 @@ def plan_surgery(
         kinds = {analysis.site(n).kind for n in selected}
         alpha = DEFAULT_SSF_ALPHA["concat" if kinds == {"concat"} else "add"]
     if not 0.0 <= alpha <= 1.0:
-        raise UsageError(f"--alpha must lie in [0, 1] (0 is RoLSS, 1 the original model), got {alpha}.")
+        raise UsageError(f"`alpha` must lie in [0, 1] (0 is RoLSS, 1 the original model), got {alpha}.")
     return SurgeryPlan(method, float(alpha), selected, description, analysis)
 
 

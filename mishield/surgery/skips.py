@@ -1,4 +1,4 @@
-"""Finding skip connections in a model's graph (DESIGN.md §3), without a list of class names.
+"""Finding skip connections in a model's graph (docs/architecture.md §5), without a list of class names.
 
 A skip site is an `add` or a `cat` whose inputs fork from a common ancestor, one input reaching
 it through a short path (the shortcut: identity, or a projection such as 1x1 conv + BN) and one
@@ -91,7 +91,7 @@ class SkipAnalysis:
             index = -1 if stage is None else stage
             if not -len(self.stages) <= index < len(self.stages):
                 raise UsageError(
-                    f"--stage {index} does not exist; this model has {len(self.stages)} skip stages "
+                    f"`stage` {index} does not exist; this model has {len(self.stages)} skip stages "
                     f"(0..{len(self.stages) - 1}); run `mishield inspect` to see them."
                 )
             chosen_stage = self.stages[index]
@@ -102,7 +102,7 @@ class SkipAnalysis:
             summary = "; ".join(f"stage {st.index}: {st.module or st.resolution}.*" for st in self.stages)
             raise UsageError(
                 f"the selection {description} contains no skip connection (skip sites are in {summary}); "
-                "choose --stage or --sites from `mishield inspect`."
+                "choose `stage` or `sites` from `mishield inspect`."
             )
         return chosen, description
 
@@ -247,7 +247,7 @@ def analyse(model: nn.Module, input_size: tuple[int, int, int]) -> SkipAnalysis:
     except Exception as err:
         raise BadInputError(
             f"the model does not run on a {input_size[0]}x{input_size[1]}x{input_size[2]} input ({first_line(err)}); "
-            "pass the right --input-size."
+            "pass the right `input_size`."
         ) from err
     finally:
         model.train(was_training)

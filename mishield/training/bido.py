@@ -1,4 +1,4 @@
-"""BiDO: bilateral dependency optimisation (Peng et al., KDD 2022), DESIGN.md §2.
+"""BiDO: bilateral dependency optimisation (Peng et al., KDD 2022).
 
     L = CE + sum_j [ lx * HSIC(X, Z_j) - ly * HSIC(Y, Z_j) ]
 
@@ -40,7 +40,7 @@ SIGMA = 5.0
 
 @dataclass(frozen=True)
 class BiDOConfig:
-    """The BiDO recipe. Defaults are the BiDO authors' (DESIGN.md §2)."""
+    """The BiDO recipe. Defaults are the BiDO authors'."""
 
     lx: float = 0.05
     ly: float = 0.5
@@ -312,7 +312,7 @@ def find_feature_modules(
     runs after it: the stage output itself for ResNets and DenseNets, even though their stages end
     in a functional `add`; a few parameter-free ops later where traced-through code sits between
     stages (ConvNeXt's LayerNorm2d). At the very end of the network: the output of its last leaf. Without declarations the
-    features are the outputs of the last leaf at each spatial resolution (DESIGN.md §3's notion
+    features are the outputs of the last leaf at each spatial resolution (docs/architecture.md's notion
     of a stage).
     """
     leaves = _leaves(model)

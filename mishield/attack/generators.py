@@ -1,0 +1,107 @@
+"""mishield's own image prior: a DCGAN generator (and the discriminator that trains it) and its file.
+
+The file is safetensors with the generator's config in the metadata, so loading it never runs
+code and rebuilds exactly the network that was saved.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mishield.errors import BadInputError, UsageError
+from mishield.fileio import atomic_output
+
+PRIOR_FORMAT = "mishield.prior/dcgan"
+PRIOR_FORMAT_VERSION = 1
+
+
+def _check_resolution(resolution: int) -> int:
+    if resolution not in (32, 64, 128, 256):
+        raise UsageError(f"--resolution must be 32, 64, 128 or 256, got {resolution}.")
+    return resolution
+
+
+class DCGANGenerator(nn.Module):
+    """DCGAN (Radford et al., 2016): a 4x4 seed doubled by strided transposed convolutions."""
+
+    def __init__(self, latent_dim: int = 128, resolution: int = 64, channels: int = 3, width: int = 64):
+        super().__init__()
+        _check_resolution(resolution)
+        self.latent_dim, self.resolution, self.channels, self.width = latent_dim, resolution, channels, width
+        ups = int(math.log2(resolution)) - 2
+        widths = [min(width * 2 ** (ups - 1 - i), 512) for i in range(ups)]
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(latent_dim, widths[0], 4, 1, 0, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        ]
+        for cin, cout in itertools.pairwise(widths):
+            layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    @property
+    def z_dim(self) -> int:
+        return self.latent_dim
+
+    def config(self) -> dict:
+        return {"latent_dim": self.latent_dim, "resolution": self.resolution, "channels": self.channels, "width": self.width}
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.view(z.shape[0], -1, 1, 1))
+
+
+class DCGANDiscriminator(nn.Module):
+    def __init__(self, resolution: int = 64, channels: int = 3, width: int = 64):
+        super().__init__()
+        downs = int(math.log2(resolution)) - 2
+        widths = [min(width * 2**i, 512) for i in range(downs)]
+        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+        for cin, cout in itertools.pairwise(widths):
+            layers += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True)]
+        layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten()
+
+
+def save_generator(path: Path, generator: DCGANGenerator, training: dict, overwrite: bool = False) -> Path:
+    """A self-describing safetensors file: weights plus the config that rebuilds the generator."""
+    from safetensors.torch import save_file
+
+    meta = {"format": PRIOR_FORMAT, "version": PRIOR_FORMAT_VERSION, "config": generator.config(), "training": training}
+    state = {k: v.detach().float().contiguous().cpu() for k, v in generator.state_dict().items()}
+    with atomic_output(path, overwrite) as tmp:
+        save_file(state, str(tmp), metadata={"mishield": json.dumps(meta)})
+    return Path(path)
+
+
+def load_generator_file(path: Path) -> tuple[DCGANGenerator, dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:  # one read: metadata and tensors
+            meta = json.loads((f.metadata() or {}).get("mishield", "{}"))
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types are not importable by a stable name
+        raise BadInputError(f"{path} is not a readable safetensors file ({err}); pass a prior made by `mishield prior train`.") from None
+    if meta.get("format") != PRIOR_FORMAT:
+        raise BadInputError(
+            f"{path} is a safetensors file without mishield prior metadata; pass a prior made by `mishield prior train` "
+            "or a generator factory as package.module:factory."
+        )
+    if int(meta.get("version", 0)) > PRIOR_FORMAT_VERSION:
+        raise BadInputError(f"{path} was written by a newer mishield (prior format {meta['version']}); upgrade mishield.")
+    generator = DCGANGenerator(**meta["config"])
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as err:
+        raise BadInputError(f"{path} holds weights that do not fit its own config ({str(err)[:120]}...); the file is damaged.") from None
+    return generator.eval(), meta

@@ -1,0 +1,380 @@
+"""`harden`: skip-connection surgery (RoLSS / SSF) and, given private data, fine-tuning (TTS or
+finetune, optionally with BiDO) in one call, returning a typed `HardenResult`.
+
+This is the policy layer `mishield harden` calls: defaults (schedule, learning rate, epochs),
+validation, the resumable-state and log files beside the output, and the training record written
+into the hardened model file all live here, once (docs/architecture.md §2).
+
+Errors name *parameters* in backticks (`` `alpha` must lie in [0, 1] ``); the CLI swaps each for
+its flag (`--alpha`), so the same check reads right from Python and from the shell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mishield.errors import BadInputError, UsageError
+from mishield.progress import EpochCallback, ProgressCallback
+
+if TYPE_CHECKING:  # torch-heavy types, named for readers and type checkers only
+    from torch import nn
+
+    from mishield.models import LoadedModel
+    from mishield.surgery import SurgeryPlan, SurgeryResult
+    from mishield.training import TrainingRecipe
+
+METHODS = ("rolss", "ssf")
+SCHEDULES = ("tts", "finetune")
+DEFAULT_EPOCHS_WITH_DATA = 10
+DEFAULT_STAGE1_EPOCHS = 5  # the paper's M
+
+_log = logging.getLogger(__name__)
+
+
+def state_path_for(out: Path) -> Path:
+    """The resumable training state written beside the output while training runs (the one
+    naming rule of every trainer, `mishield.training.state_path_for`; imported late: torch)."""
+    from mishield.training import state_path_for as rule
+
+    return rule(out)
+
+
+def log_path_for(out: Path) -> Path:
+    """The JSON-lines training log written beside the output."""
+    out = Path(out)
+    return out.with_name(out.name + ".train.jsonl")
+
+
+@dataclass
+class HardenResult:
+    """What `harden` did. `to_dict()` is the document `mishield harden --json` prints."""
+
+    model: nn.Module  # the rewritten (and, with data, fine-tuned) model, on the CPU, in eval mode
+    plan: SurgeryPlan
+    surgery: SurgeryResult
+    out: Path | None = None  # the hardened model file, when one was written
+    training: dict | None = None  # the record written under "training" in the model file; None: surgery only
+    recipe: TrainingRecipe | None = None  # the resolved fine-tuning recipe (defaults filled in)
+    metrics: dict = field(default_factory=dict)  # natural accuracy before / after surgery / after fine-tuning
+    history: list[dict] = field(default_factory=list)  # one row per epoch
+    log: Path | None = None
+    resumed_from: dict | None = None
+    seconds: float = 0.0
+    main_process: bool = True  # False on the other ranks under torchrun, which write nothing
+
+    @property
+    def accuracy_before(self) -> float | None:
+        return self.metrics.get("natural_acc_before")
+
+    @property
+    def accuracy_after(self) -> float | None:
+        return self.metrics.get("natural_acc_after")
+
+    def to_dict(self) -> dict[str, Any]:
+        head = {
+            "out": None if self.out is None else str(self.out),
+            **({"log": None if self.log is None else str(self.log)} if self.training is not None else {}),
+            "method": self.plan.method,
+            "alpha": self.plan.alpha,
+            "selection": self.plan.selection,
+            "sites": self.plan.selected,
+            "dropped_parameters": self.surgery.dropped_parameters,
+        }
+        if self.training is None:
+            return head | {"surgery_seconds": round(self.surgery.seconds, 3)}
+        t = self.training
+        final = self.history[-1] if self.history else {}
+        return head | {
+            "schedule": self.recipe.schedule,
+            "recipe": self.recipe.to_dict(),
+            "classes": t["classes"],
+            "train_images": t["train_images"],
+            "val_images": t["val_images"],
+            "metrics": self.metrics,
+            "epochs": self.history,
+            "final_train_loss": final.get("train_loss"),
+            "bido_features": t["bido_features"],
+            "resumed_from": self.resumed_from,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+@dataclass
+class _Training:
+    """The fine-tuning half of `harden`'s arguments, validated together."""
+
+    data: Path | None
+    val_data: Path | None
+    val_fraction: float | None
+    schedule: str | None
+    epochs: int | None
+    stage1_epochs: int | None
+    lr: float | None
+    batch_size: int
+    bido: bool
+    bido_lx: float
+    bido_ly: float
+    seed: int
+    device: str
+    workers: int | None
+    compile: bool
+    reset_head: bool
+    resume: bool
+    input_size_given: bool = True  # False: a plain state dict whose resolution the data must tell
+
+    def check(self) -> None:
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise UsageError(f"`schedule` must be tts or finetune, not {self.schedule!r}.")
+        for name in ("epochs", "stage1_epochs", "workers"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UsageError(f"`{name}` must be 0 or more, got {value}.")
+        if self.batch_size < 1:
+            raise UsageError(f"`batch_size` must be at least 1, got {self.batch_size}.")
+        if self.lr is not None and not self.lr > 0:
+            raise UsageError(f"`lr` must be a positive number, got {self.lr}.")
+        if self.bido_lx < 0 or self.bido_ly < 0:
+            raise UsageError("`bido_lx` and `bido_ly` must be 0 or more.")
+        if self.data is None:
+            self._check_no_training_options()
+        if self.schedule == "finetune" and self.stage1_epochs is not None:
+            raise UsageError("`stage1_epochs` applies to `schedule` tts only.")
+
+    def _check_no_training_options(self) -> None:
+        given = [name for name, value in (
+            ("epochs", self.epochs or None), ("val_data", self.val_data), ("val_fraction", self.val_fraction),
+            ("schedule", self.schedule), ("stage1_epochs", self.stage1_epochs), ("lr", self.lr),
+            ("bido", self.bido or None), ("resume", self.resume or None), ("reset_head", self.reset_head or None),
+            ("compile", self.compile or None),
+        ) if value is not None]
+        if given:
+            raise UsageError(
+                f"`{given[0]}` needs training data; pass `data` (an ImageFolder of your private images)."
+            )
+
+
+def _check_method(method: str, alpha: float | None) -> None:
+    if method not in METHODS:
+        raise UsageError(f"`method` must be rolss or ssf, not {method!r}.")
+    if alpha is not None and method == "rolss":
+        raise UsageError("`alpha` applies to `method` ssf only (rolss is ssf with k = 0).")
+
+
+def harden(
+    model: str | Path | LoadedModel,
+    *,
+    method: str = "rolss",
+    alpha: float | None = None,
+    stage: int | None = None,
+    sites: list[str] | str | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    data: str | Path | None = None,
+    val_data: str | Path | None = None,
+    val_fraction: float | None = None,
+    schedule: str | None = None,
+    epochs: int | None = None,
+    stage1_epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 128,
+    bido: bool = False,
+    bido_lx: float = 0.05,
+    bido_ly: float = 0.5,
+    seed: int = 0,
+    device: str = "auto",
+    workers: int | None = None,
+    compile: bool = False,
+    reset_head: bool = False,
+    resume: bool = False,
+    progress: ProgressCallback | None = None,
+    on_epoch: EpochCallback | None = None,
+    load_options: dict | None = None,
+) -> HardenResult:
+    """Rewrite `model`'s last-stage skips (or `stage` / `sites`) and, given `data`, fine-tune it.
+
+    `model` is a `LoadedModel` or anything `mishield.load_model` reads (a file or an architecture
+    spec, loaded with `load_options`). Without `data` only the surgery runs. With it the default
+    schedule is finetune for a trained checkpoint (its training was TTS stage 1) and tts for an
+    untrained spec; the default learning rate is 1e-4 for a trained checkpoint and 1e-3 for random
+    weights or `reset_head`. `progress(stage, step, steps)` and `on_epoch(record)` report the
+    training (`mishield.progress`; the main process only). `out` (optional) receives a mishield model file that reloads with no
+    options; while training, `OUT.train-state` (for `resume`) and `OUT.train.jsonl` sit beside it.
+    """
+    if isinstance(sites, str):
+        sites = [sites]
+    _check_method(method, alpha)
+    training = _Training(
+        Path(data) if data is not None else None, Path(val_data) if val_data is not None else None,
+        val_fraction, schedule, epochs, stage1_epochs, lr, batch_size, bido, bido_lx, bido_ly, seed, device,
+        workers, compile, reset_head, resume,
+        input_size_given=not isinstance(model, (str, Path)) or (load_options or {}).get("input_size") is not None,
+    )
+    training.check()
+    out = Path(out) if out is not None else None
+    if out is not None:
+        from mishield.fileio import check_writable
+
+        check_writable(out, overwrite, inputs=[x for x in (model, data, val_data) if isinstance(x, (str, Path))])
+    if resume and out is None:
+        raise UsageError("`resume` continues the run whose state sits beside `out`; pass `out` too.")
+    if data is not None and out is not None and state_path_for(out).exists() and not resume and not overwrite:
+        raise UsageError(f"{state_path_for(out)} holds an interrupted run; pass `resume` to continue it or "
+                         "`overwrite` to start over.")
+
+    loaded = _load(model, load_options)
+    if training.data is None:
+        return _surgery_only(loaded, method, alpha, stage, sites, out, overwrite)
+    return _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, training, (progress, on_epoch))
+
+
+def _load(model, load_options: dict | None) -> LoadedModel:
+    from mishield.models import LoadedModel, load_model
+
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        loaded = load_model(str(model), **(load_options or {}))
+    if not loaded.supports_surgery:
+        raise BadInputError(
+            f"{loaded.source or model} is a {loaded.kind} archive, which cannot be rewritten; "
+            "harden the original checkpoint."
+        )
+    return loaded
+
+
+def _plan(loaded: LoadedModel, method, alpha, stage, sites) -> SurgeryPlan:
+    from mishield.surgery import plan_surgery
+
+    return plan_surgery(loaded.model, method, alpha=alpha, stage=stage, sites=sites,
+                        input_size=loaded.preprocessing.input_size)
+
+
+def _previous_surgery(loaded: LoadedModel) -> list:
+    return list((loaded.recipe or {}).get("surgery") or [])
+
+
+def _surgery_only(loaded, method, alpha, stage, sites, out, overwrite) -> HardenResult:
+    from mishield.models import save_model
+    from mishield.surgery import apply_plan
+
+    plan = _plan(loaded, method, alpha, stage, sites)
+    result = apply_plan(loaded.model, plan)
+    if out is not None:
+        save_model(
+            out, result.model, arch=loaded.arch, num_classes=loaded.num_classes,
+            surgery=_previous_surgery(loaded) + [result.spec], preprocessing=loaded.preprocessing,
+            source=loaded.source, overwrite=overwrite,
+        )
+    return HardenResult(model=result.model, plan=plan, surgery=result, out=out, seconds=result.seconds)
+
+
+def _recipe(loaded, t: _Training):
+    from mishield.training import BiDOConfig, TrainingRecipe, default_lr
+
+    trained = loaded.kind != "spec"
+    return TrainingRecipe(
+        schedule=t.schedule or ("finetune" if trained else "tts"),
+        epochs=DEFAULT_EPOCHS_WITH_DATA if t.epochs is None else t.epochs,
+        stage1_epochs=DEFAULT_STAGE1_EPOCHS if t.stage1_epochs is None else t.stage1_epochs,
+        lr=t.lr if t.lr is not None else default_lr(trained, t.reset_head),
+        batch_size=t.batch_size,
+        seed=t.seed,
+        bido=BiDOConfig(lx=t.bido_lx, ly=t.bido_ly) if t.bido else None,
+    )
+
+
+def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training, report) -> HardenResult:
+    from mishield.data import check_num_classes, load_image_folders
+    from mishield.training import reset_head as reset_classifier
+    from mishield.training import run_schedule
+
+    splits = load_image_folders(t.data, val_dir=t.val_data, val_fraction=_val_fraction(t), seed=t.seed)
+    loaded = _fit_resolution(loaded, splits, t.input_size_given)
+    model_classes = loaded.num_classes
+    if t.reset_head:
+        reset_classifier(loaded.model, splits.num_classes)
+        model_classes = splits.num_classes
+    else:
+        check_num_classes(splits, model_classes)
+    recipe = _recipe(loaded, t)
+    plan = _plan(loaded, method, alpha, stage, sites)
+    state_path = log_path = None
+    is_main = int(os.environ.get("RANK", "0")) == 0  # torchrun: rank 0 alone writes files
+    if out is not None:
+        state_path, log_path = state_path_for(out), log_path_for(out)
+        if is_main and not t.resume and overwrite:
+            state_path.unlink(missing_ok=True)
+            log_path.unlink(missing_ok=True)
+    result = run_schedule(
+        loaded.model, plan, splits, loaded.preprocessing, recipe, device=t.device, workers=t.workers,
+        compile=t.compile, state_path=state_path, resume=t.resume, log_path=log_path,
+        progress=report[0] if is_main else None, on_epoch=report[1] if is_main else None, num_classes=model_classes,
+    )
+    record = result.training_record() | {"classes": list(splits.classes), "train_images": len(splits.train),
+                                         "val_images": len(splits.val), "bido_features": result.bido_features}
+    metrics = {k: result.metrics.get(k) for k in ("natural_acc_before", "natural_acc_after_surgery", "natural_acc_after")}
+    if is_main and out is not None:
+        _write_trained(loaded, out, result, model_classes, overwrite, record, metrics)
+        state_path.unlink(missing_ok=True)  # the finished model supersedes the resumable state
+    return HardenResult(
+        model=result.model, plan=plan, surgery=result.surgery, out=out if is_main else None, training=record,
+        recipe=recipe, metrics=result.metrics, history=result.history, log=log_path, resumed_from=result.resumed_from,
+        seconds=result.seconds, main_process=is_main,
+    )
+
+
+def _val_fraction(t: _Training) -> float | None:
+    """Hold out a seeded fraction of `data` when nothing else gives validation images, so that
+    natural accuracy is always measured (and say so: if the checkpoint was trained on all of `data`,
+    those images are not unseen by it)."""
+    from mishield.data import DEFAULT_VAL_FRACTION, has_validation
+
+    if t.val_fraction is not None or has_validation(t.data, t.val_data):
+        return t.val_fraction
+    _log.warning(
+        "%s has no val/ folder: holding out a seeded %d %% of it to measure natural accuracy "
+        "(pass `val_data` or `val_fraction` to choose).", t.data, round(100 * DEFAULT_VAL_FRACTION),
+    )
+    return DEFAULT_VAL_FRACTION
+
+
+def _fit_resolution(loaded: LoadedModel, splits, input_size_given: bool) -> LoadedModel:
+    """Use the data's resolution for a model whose file cannot say which one it was trained at.
+
+    A plain state dict gets its preprocessing from the architecture's defaults (224 px for most),
+    which would silently upsample 32 px images sevenfold and cost fifty times the compute. A mishield
+    file (or an explicit `input_size`) is kept, with a warning when it is far from the data's.
+    """
+    from mishield.data import typical_image_size
+
+    size = typical_image_size(splits.train)
+    current = min(loaded.preprocessing.input_size[1:])
+    if input_size_given or loaded.kind == "mishield":
+        if not 0.5 <= size / current <= 2.0:
+            _log.warning(
+                "the model takes %d px inputs but the images in the data are about %d px; "
+                "check `input_size` (--input-size).", current, size,
+            )
+        return loaded
+    if size != current:
+        _log.warning(
+            "%s does not record its input size; using the data's %d px instead of the architecture's "
+            "default %d px (pass `input_size` (--input-size) to choose).",
+            loaded.source or loaded.arch, size, current,
+        )
+    return dataclasses.replace(loaded, preprocessing=loaded.preprocessing.with_input_size(size))
+
+
+def _write_trained(loaded, out: Path, result, num_classes: int, overwrite: bool, record: dict, metrics: dict) -> None:
+    from mishield.models import save_model
+
+    save_model(
+        out, result.model, arch=loaded.arch, num_classes=num_classes,
+        surgery=_previous_surgery(loaded) + [result.surgery.spec], preprocessing=loaded.preprocessing,
+        source=loaded.source, overwrite=overwrite, extra={"training": record, "metrics": metrics},
+    )

@@ -1,0 +1,78 @@
+"""Training: the TTS / finetune schedule, BiDO, the shared loop and its resumable state.
+
+    recipe.py     TrainingRecipe, SCHEDULES, default_lr
+    state.py      the one resumable-state format (atomic, versioned, fingerprinted)
+    interrupt.py  divergence, Ctrl-C (exit 130) and SIGTERM (exit 143) stops
+    loop.py       TrainStep, epochs of a stage, fit, evaluate_accuracy
+    schedule.py   run_schedule (TTS / finetune stages), reset_head
+    bido.py       BiDO's HSIC terms and feature taps
+    log.py        the JSON-lines training log
+"""
+
+from mishield.training.bido import (
+    BiDOConfig,
+    FeatureTap,
+    bido_loss,
+    bido_terms,
+    find_feature_modules,
+)
+from mishield.training.interrupt import (
+    TrainingDiverged,
+    TrainingInterrupted,
+    TrainingPreempted,
+    preemptible,
+)
+from mishield.training.log import JsonlLog
+from mishield.training.loop import (
+    EpochRecord,
+    FitResult,
+    TrainStep,
+    evaluate_accuracy,
+    fit,
+)
+from mishield.training.recipe import (
+    RECIPE_LR,
+    SCHEDULES,
+    TRAINED_CHECKPOINT_LR,
+    TrainingRecipe,
+    default_lr,
+)
+from mishield.training.schedule import ScheduleResult, reset_head, run_schedule
+from mishield.training.state import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    load_state,
+    save_state,
+    state_path_for,
+)
+
+__all__ = [
+    "RECIPE_LR",
+    "SCHEDULES",
+    "STATE_FORMAT",
+    "STATE_VERSION",
+    "TRAINED_CHECKPOINT_LR",
+    "BiDOConfig",
+    "EpochRecord",
+    "FeatureTap",
+    "FitResult",
+    "JsonlLog",
+    "ScheduleResult",
+    "TrainStep",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "TrainingPreempted",
+    "TrainingRecipe",
+    "bido_loss",
+    "bido_terms",
+    "default_lr",
+    "evaluate_accuracy",
+    "find_feature_modules",
+    "fit",
+    "load_state",
+    "preemptible",
+    "reset_head",
+    "run_schedule",
+    "save_state",
+    "state_path_for",
+]
