@@ -109,8 +109,8 @@ def gate_message(gate, html: Path) -> str:
     leaky = [n for n in gate.failing if n not in gate.inconclusive]
     parts = []
     if inconclusive:
-        why = "; ".join(f"{n}: {gate.reasons.get(n, 'see the report')}" for n in inconclusive)
-        parts.append(f"the audit is inconclusive, which never passes the gate ({why.rstrip('.')})")
+        why = "; ".join(f"{n}: {gate.reasons.get(n, 'see the report').rstrip('.')}" for n in inconclusive)
+        parts.append(f"the audit is inconclusive, which never passes the gate ({why})")
     if leaky:
         parts.append(f"the upper end of the attack accuracy @1 interval of {', '.join(leaky)} exceeds --max-attack-acc {gate.max_attack_acc}")
     return f"{'; '.join(parts)}; harden the model (mishield harden) or audit more classes, and review {html}."
