@@ -86,7 +86,7 @@ def test_bar_chart_places_the_interval_and_the_threshold():
     report = _report()
     report.models[0].metrics = {**report.models[0].metrics, "attack_acc1_interval": {"low": 0.1, "high": 0.5}}
     chart = bar_chart(report, width=600)
-    span = 600 - 180 - 20
+    span = 600 - 180 - 200
     r = chart["rows"][0]
     assert r["w"] == pytest.approx(0.25 * span) and r["lo"] == pytest.approx(180 + 0.1 * span) and r["hi"] == pytest.approx(180 + 0.5 * span)
     assert chart["rows"][1]["hi"] == pytest.approx(180 + 0.5 * span)  # read from the bare ci95 pair [0.1, 0.5]

@@ -129,10 +129,10 @@ def _status(m) -> str:
     return (m.verdict or {}).get("status", "–")
 
 
-def bar_chart(report: AuditReport, width: int = 640, bar: int = 26, gap: int = 14) -> dict:
+def bar_chart(report: AuditReport, width: int = 820, bar: int = 26, gap: int = 14) -> dict:
     """Geometry of the SVG bar chart (attack accuracy @1 per model, its interval as a whisker,
     chance and the gate's threshold as vertical lines), laid out here and drawn by the template."""
-    left, right, top = 180, 20, 24
+    left, right, top = 180, 200, 24  # the right margin holds the label beside a whisker that reaches 100 %
     span = width - left - right
 
     def x(v: float | None) -> float:
@@ -162,11 +162,12 @@ def _side_by_side(report: AuditReport, shown: dict, real: dict) -> list[dict]:
     """Per class: the private examples, then every model's best reconstructions, as inline PNGs."""
     rows = []
     for c in report.classes[:MAX_SHOWN_CLASSES]:
-        cells = [_b64(tile(shown[mi][c])) if c in shown.get(mi, {}) else None for mi in range(len(report.models))]
+        # As many reconstructions per model as private examples, so that several models fit one row.
+        cells = [_b64(tile(shown[mi][c][:SHOW_REAL]), 48) if c in shown.get(mi, {}) else None for mi in range(len(report.models))]
         if not any(cells):
             continue
         name = next((r["name"] for r in report.models[0].per_class if r["class"] == c), str(c))
-        rows.append({"class": c, "name": name, "real": _b64(tile(real[c])) if c in real else None, "models": cells})
+        rows.append({"class": c, "name": name, "real": _b64(tile(real[c][:SHOW_REAL]), 48) if c in real else None, "models": cells})
     return rows
 
 
