@@ -139,6 +139,7 @@ def test_aggregation_gate_paired_difference_and_inconclusive(tiny, monkeypatch):
     models, shown, real = audit_module._model_audits(
         [target, target], [_parts(base, 0.9), _parts(better, 0.9)], [0.9, 0.8], data, [0, 1, 2], judging)
     m0, m1 = models
+    assert set(shown) == {0, 1} and set(shown[1]) == set(real) == {0, 1, 2}  # images for the side-by-side rows
     assert m0.attack_acc1 == pytest.approx(0.5) and m0.metrics["attack_acc1_interval"]["high"] > 0.6
     assert m0.verdict["status"] == "leaky"  # the point estimate alone would have passed
     assert m1.metrics["paired_diff_acc1"] == pytest.approx(-1 / 3)

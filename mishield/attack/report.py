@@ -143,7 +143,7 @@ def bar_chart(report: AuditReport, width: int = 820, bar: int = 26, gap: int = 1
         iv, y = _ci(m.metrics) or {}, top + i * (bar + gap)
         rows.append({"name": m.name, "y": y, "mid": y + bar / 2, "x0": left, "w": x(m.attack_acc1) - left,
                      "lo": x(iv.get("low")), "hi": x(iv.get("high")), "has_interval": bool(iv),
-                     "label": f"{_pct(m.attack_acc1)} % ({_interval(iv)})", "status": _status(m)})  # fmt: skip
+                     "label": f"{_pct(m.attack_acc1)} % ({_interval(iv)})", "status": (m.verdict or {}).get("status", "")})  # fmt: skip
     height = top + len(rows) * (bar + gap) + 24
     chance = report.models[0].metrics.get("chance_acc1") if report.models else None
     lines = [{"x": x(chance), "label": "chance", "cls": "chance"}] if chance is not None else []
