@@ -150,3 +150,11 @@ def test_aggregation_gate_paired_difference_and_inconclusive(tiny, monkeypatch):
     models, _, _ = audit_module._model_audits([target], [_parts(base, 0.2)], [0.9], data, [0, 1, 2], judging)
     assert models[0].verdict["status"] == "inconclusive" and "did not reach" in models[0].verdict["reason"]
     assert audit_module._gate(models, 1.0).inconclusive == ["t"]
+
+
+def test_without_a_threshold_a_conclusive_audit_is_not_gated_and_a_failed_one_still_inconclusive():
+    hot = np.array([[1, 1], [1, 0], [0, 1]])
+    iv = stats.class_bootstrap(hot)
+    v = stats.verdict(iv, None, chance=1 / 3, target_confidence=np.full(3, 0.9))
+    assert v.status == "not gated" and not v.passed
+    assert stats.verdict(iv, None, chance=1 / 3, target_confidence=[0.9, 0.1, 0.9]).status == "inconclusive"
