@@ -38,8 +38,8 @@ def _report() -> AuditReport:
 def test_writes_json_html_and_grids(tmp_path):
     report = _report()
     recon = torch.randint(0, 255, (8, 1, 16, 16), dtype=torch.uint8)
-    rows = {mi: {c: class_row(recon, recon[:2]) for c in range(3)} for mi in range(2)}
-    written = write_report(tmp_path, report, rows)
+    shown = {mi: {c: recon for c in range(3)} for mi in range(2)}
+    written = write_report(tmp_path, report, shown, {c: recon[:2] for c in range(3)})
     parsed = json.loads((tmp_path / "report.json").read_text())
     assert parsed["schema"] == SCHEMA and parsed["schema_version"] == 1 and parsed["models"][1]["delta"]["delta"] == 10.0
     from PIL import Image
@@ -49,8 +49,10 @@ def test_writes_json_html_and_grids(tmp_path):
     page = (tmp_path / "report.html").read_text()
     # self-contained: every image is inline, nothing is fetched
     assert not re.search(r"(src|href)=(?!['\"]?data:)", page)
-    assert page.count("data:image/png;base64,") == 6
-    assert "base &lt;b&gt;" in page and "FAILED" in page
+    # side by side: per class the private examples, then one strip per model
+    assert page.count("data:image/png;base64,") == 3 * (1 + 2) and page.count('class="class-row"') == 3
+    assert '<svg id="attack-chart"' in page and page.count('<rect class="bar') == 2
+    assert "base &lt;b&gt;" in page and "FAILED" in page and "upper end" in page
     assert set(written) == {"grid0", "grid1", "html", "json"}
     with pytest.raises(UsageError, match="--overwrite"):
         check_outputs(tmp_path, overwrite=False)
@@ -61,13 +63,35 @@ def test_html_and_terminal_table_show_missing_numbers_as_dashes():
     report = _report()
     report.models[0].metrics["natural_acc"] = None
     report.models[0].metrics["knn_dist"] = None
-    assert "–" in render_html(report, {})
+    assert "–" in render_html(report, {}, {})
     from rich.console import Console
 
     console = Console(record=True, width=200)
     console.print(summary_table(report))
     text = console.export_text()
     assert "base <b>" in text and "25.0" in text and "–" in text
+
+
+def test_class_row_tiles_reconstructions_a_gap_and_private_images():
+    recon = torch.full((3, 1, 8, 8), 7, dtype=torch.uint8)
+    real = torch.full((2, 1, 8, 8), 99, dtype=torch.uint8)
+    row = class_row(recon, real, pad=2)
+    assert row.shape == (8 + 4, 6 * (8 + 2) + 2, 1)  # 3 reconstructions + blank + 2 private, make_grid's padding
+    assert row[2, 2, 0] == 7 and row[2, 2 + 3 * 10, 0] == 255 and row[2, 2 + 4 * 10, 0] == 99
+
+
+def test_bar_chart_places_the_interval_and_the_threshold():
+    from mishield.attack.report import bar_chart
+
+    report = _report()
+    report.models[0].metrics = {**report.models[0].metrics, "attack_acc1_interval": {"low": 0.1, "high": 0.5}}
+    chart = bar_chart(report, width=600)
+    span = 600 - 180 - 200
+    r = chart["rows"][0]
+    assert r["w"] == pytest.approx(0.25 * span) and r["lo"] == pytest.approx(180 + 0.1 * span) and r["hi"] == pytest.approx(180 + 0.5 * span)
+    assert chart["rows"][1]["hi"] == pytest.approx(180 + 0.5 * span)  # read from the bare ci95 pair [0.1, 0.5]
+    assert [line["cls"] for line in chart["lines"]] == ["threshold"]
+    assert chart["lines"][0]["x"] == pytest.approx(180 + 0.2 * span)
 
 
 def test_real_images_match_the_reconstructions_size_and_channels(tmp_path):
@@ -89,7 +113,7 @@ def test_report_object_round_trips_through_the_json_layout():
     assert list(doc) == ["schema", "schema_version", "created", "mishield_version", "options", "seed", "classes",
                          "data", "prior", "eval_model", "models", "gate", "warnings"]
     assert list(doc["models"][0]) == ["name", "num_classes", "preprocessing", "metrics", "per_class", "grid",
-                                      "timing", "delta"]
+                                      "timing", "delta", "budget", "verdict"]
     assert doc["models"][1]["metrics"]["knn_dist"] is None
     back = AuditReport.from_dict(doc)
     assert isinstance(back.models[0], ModelAudit) and isinstance(back.gate, PrivacyGate)

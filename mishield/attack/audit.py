@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,13 +23,15 @@ from mishield.attack.evalmodel import Evaluator, check_compatible
 from mishield.attack.metrics import deltas, knn_distances, summarize, topk_hits
 from mishield.attack.ppa import AttackConfig, PPAAttack, out_of_memory_hint
 from mishield.attack.priors import PixelPrior, Prior
-from mishield.attack.report import (
-    SHOW_RECONSTRUCTIONS,
-    class_row,
-    real_images,
-    write_report,
-)
+from mishield.attack.report import SHOW_RECONSTRUCTIONS, real_images, write_report
 from mishield.attack.results import AuditReport, ModelAudit, PrivacyGate
+from mishield.attack.stats import (
+    MIN_TARGET_CONFIDENCE,
+    chance_level,
+    class_bootstrap,
+    paired_difference,
+)
+from mishield.attack.stats import verdict as stats_verdict
 from mishield.errors import BadInputError, PrivacyGateError, UsageError
 from mishield.preprocessing import Preprocessing
 from mishield.progress import ProgressCallback
@@ -124,33 +127,71 @@ def _attack_shard(
     config: AttackConfig,
     runtime: Runtime,
     progress: ProgressCallback | None,
+    seeds: int = 1,
 ) -> dict:
-    """This rank's classes of one target: per-image outcomes plus the best images to show."""
+    """This rank's classes of one target over `seeds` repeats (seed, seed + 1, ...): per-image
+    outcomes concatenated per class (seeds replicate the same classes), plus the images to show."""
+    runs = [_attack_once(target, prior, evaluator, private, classes, replace(config, seed=config.seed + i), runtime, progress)
+            for i in range(seeds)]  # fmt: skip
+    first = runs[0]
+    pooled = {key: None if any(r[key] is None for r in runs) else torch.cat([r[key] for r in runs], dim=1) for key in POOLED}
+    return {
+        **first, **pooled,
+        "image_steps": sum(r["image_steps"] for r in runs),
+        "seconds": sum(r["seconds"] for r in runs),
+        "timings": {k: sum(r["timings"][k] for r in runs) for k in first["timings"]},
+    }  # fmt: skip
+
+
+# Per-class outcomes that `--seeds` pools (concatenated along the image axis); None where absent.
+POOLED = ("top1", "top5", "knn", "target_conf", "unfiltered", "so_top1", "so_top5", "so_conf")
+
+
+def _attack_once(target, prior, evaluator, private, classes, config, runtime, progress) -> dict:
     prior = prior if prior is not None else PixelPrior(target.preprocessing.input_size)
+    candidates: list[torch.Tensor] = []
+
+    def judge(images: torch.Tensor, labels: torch.Tensor) -> None:
+        # Every optimised candidate, judged before final selection drops it: the unfiltered accuracy.
+        candidates.append(topk_hits(evaluator.images(images)[0], labels, 1))
+
     try:
-        result = PPAAttack(prior, target.model, target.preprocessing, config, runtime).run(classes, progress)
+        result = PPAAttack(prior, target.model, target.preprocessing, config, runtime).run(classes, progress, on_candidates=judge)
     except RuntimeError as err:  # torch.OutOfMemoryError is one
         hint = out_of_memory_hint(err, config.batch_size)
         if hint is None:
             raise
         raise hint from None
-    k = config.keep
+    n, k = len(classes), config.keep
     labels = torch.tensor(classes).repeat_interleave(k)
     logits, features = evaluator.images(result.images.flatten(0, 1))
     knn = knn_distances(features, labels, *private)
-    n = len(classes)
+    baseline = _selection_only(getattr(result, "selection_only", None), evaluator, classes)
     return {
         "classes": classes,
         "top1": topk_hits(logits, labels, 1).view(n, k),
         "top5": topk_hits(logits, labels, 5).view(n, k),
         "knn": knn.view(n, k),
         "target_conf": result.final_scores,
+        "unfiltered": torch.cat(candidates).view(n, -1) if candidates else None,
+        **baseline,
         "shown": result.images[:, :SHOW_RECONSTRUCTIONS].clone(),
         "image_steps": result.image_steps,
         "seconds": result.seconds,
         "timings": result.timings,
         "prior": {**prior.describe(), "lr": config.lr if config.lr is not None else prior.default_lr},
     }
+
+
+def _selection_only(result, evaluator: Evaluator, classes: list[int]) -> dict:
+    """The evaluator's verdict on the selection-only (I = 0) baseline, where the engine made one."""
+    if result is None:
+        return {"so_top1": None, "so_top5": None, "so_conf": None}
+    n, k = result.images.shape[:2]
+    labels = torch.tensor(classes).repeat_interleave(k)
+    logits, _ = evaluator.images(result.images.flatten(0, 1))
+    return {"so_top1": topk_hits(logits, labels, 1).view(n, k), "so_top5": topk_hits(logits, labels, 5).view(n, k),
+            "so_conf": result.final_scores.float()}  # fmt: skip
 
 
 def _check_gate_threshold(max_attack_acc: float | None) -> None:
@@ -172,14 +213,18 @@ def run_audit(
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
     provenance: dict | None = None,
+    seeds: int = 1,
 ) -> AuditReport | None:
     """Audit `targets` (the first is the baseline of the Δ columns); returns the report on rank 0.
 
     `data` is `mishield.data.DataSplits` of the private data; `prior=None` is the generator-free
     (BatchNorm-statistics) mode; `runtime` (default CPU) is `mishield.runtime.make_runtime`'s, whose
     rank and world size shard the classes under torchrun. Writes report.json, report.html and grids/ into `out_dir`.
+    `seeds` repeats every attack with seeds config.seed, config.seed + 1, ... and pools them per class.
     """
     _check_gate_threshold(max_attack_acc)
+    if seeds < 1:
+        raise UsageError(f"`seeds` must be at least 1, got {seeds}.")
     if not targets:
         raise UsageError("name at least one model to audit.")
     classes = list(range(targets[0].num_classes)) if classes is None else list(classes)
@@ -188,36 +233,37 @@ def run_audit(
     if runtime.world > len(classes):
         raise UsageError(f"torchrun started {runtime.world} processes for {len(classes)} audited classes; start at most {len(classes)}.")
     evaluator = Evaluator(evaluation.model, evaluation.preprocessing, runtime, config.batch_size)
-    parts_per_model, natural_accs = _attack_all(targets, prior, evaluator, data, classes, config, runtime, progress)
+    parts_per_model, natural_accs = _attack_all(targets, prior, evaluator, data, classes, config, runtime, progress, seeds)
     if not runtime.is_main:
         return None
 
-    models, rows_per_model = _model_audits(targets, parts_per_model, natural_accs, data, classes)
-    failing = [m.name for m in models if max_attack_acc is not None and m.metrics["attack_acc1"] > max_attack_acc]
+    budget = {**config.to_dict(), "lr": parts_per_model[0][0]["prior"]["lr"], "seeds": [config.seed + i for i in range(seeds)]}
+    judged = Judging(max_attack_acc, budget, evaluation.info.get("evaluator_acc"))
+    models, shown, real = _model_audits(targets, parts_per_model, natural_accs, data, classes, judged)
     report = AuditReport(
         models=models, classes=classes, seed=config.seed, prior=parts_per_model[0][0]["prior"],
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), mishield_version=__version__,
         options={**config.to_dict(), "device": str(runtime.device), "bf16": runtime.amp_dtype is not None,
                  "channels_last": runtime.channels_last, "world_size": runtime.world, "max_attack_acc": max_attack_acc,
-                 **(provenance or {})},
+                 "seeds": budget["seeds"], **(provenance or {})},
         data={"classes": data.classes, "train_images": len(data.train), "val_images": len(data.val)},
         eval_model={"name": evaluation.name, **evaluation.info, "preprocessing": evaluation.preprocessing.to_dict(),
                     "features": evaluator.feature_source},
-        gate=None if max_attack_acc is None else PrivacyGate(max_attack_acc, not failing, failing),
+        gate=None if max_attack_acc is None else _gate(models, max_attack_acc),
         warnings=_warnings(targets, evaluation),
     )  # fmt: skip
-    report.files = {k: str(v) for k, v in write_report(Path(out_dir), report, rows_per_model, overwrite).items()}
+    report.files = {k: str(v) for k, v in write_report(Path(out_dir), report, shown, real, overwrite).items()}
     return report
 
 
-def _attack_all(targets, prior, evaluator, data, classes, config, runtime, progress) -> tuple[list, list]:
+def _attack_all(targets, prior, evaluator, data, classes, config, runtime, progress, seeds=1) -> tuple[list, list]:
     """This rank's share of every target's attack, gathered on rank 0, and each target's natural accuracy."""
     mine = shard_classes(classes, runtime)
     mine_set = set(mine)
     private = evaluator.dataset([item for item in data.train if item[1] in mine_set], progress)
     parts_per_model, natural_accs = [], []
     for target in targets:
-        payload = _attack_shard(target, prior, evaluator, private, mine, config, runtime, progress)
+        payload = _attack_shard(target, prior, evaluator, private, mine, config, runtime, progress, seeds)
         parts_per_model.append(gather(payload, runtime))
         # Every rank takes part: evaluate_accuracy shards the held-out images itself.
         natural_accs.append(
@@ -228,46 +274,102 @@ def _attack_all(targets, prior, evaluator, data, classes, config, runtime, progr
     return parts_per_model, natural_accs
 
 
-def _model_audits(targets, parts_per_model, natural_accs, data, classes) -> tuple[list[ModelAudit], dict]:
-    """One `ModelAudit` per target, Δ against the first, and the image strips of each class."""
+@dataclass(frozen=True)
+class Judging:
+    """What every model is judged against: the gate's threshold (None: no gate), the attack budget
+    that ran, and the evaluator's own accuracy where it was measured (None otherwise)."""
+
+    threshold: float | None
+    budget: dict
+    evaluator_acc: float | None = None
+
+
+def _gate(models: list[ModelAudit], threshold: float) -> PrivacyGate:
+    """Passes only when every model's verdict is "passes"; inconclusive audits fail it too."""
+    failing = [m.name for m in models if not (m.verdict or {}).get("passed")]
+    inconclusive = [m.name for m in models if (m.verdict or {}).get("status") == "inconclusive"]
+    reasons = {m.name: m.verdict["reason"] for m in models if m.name in failing}
+    return PrivacyGate(threshold, not failing, failing, inconclusive=inconclusive, reasons=reasons)
+
+
+def _model_audits(targets, parts_per_model, natural_accs, data, classes, judging: Judging) -> tuple[list[ModelAudit], dict, dict]:
+    """One `ModelAudit` per target, Δ and the paired difference against the first, and the images
+    to show: `shown[model][class]` reconstructions, `real[class]` private images."""
     names = _unique_names(targets)
-    models, rows_per_model = [], {}
-    real: dict[tuple, torch.Tensor] = {}  # (class, image shape) -> private images to show, read once
+    models, shown, hits = [], {}, []
+    real: dict[int, torch.Tensor] = {}  # class -> private images to show, read once
     for mi, (target, parts) in enumerate(zip(targets, parts_per_model)):
-        model, rows_per_model[mi] = _model_audit(mi, names[mi], target, parts, natural_accs[mi], data, classes, real)
+        model, shown[mi], top1 = _model_audit(mi, names[mi], target, parts, natural_accs[mi], data, classes, judging)
+        for c, images in shown[mi].items():
+            if c not in real:
+                real[c] = real_images(data.train, c, tuple(images.shape[1:]))
         models.append(model)
-    for m in models[1:]:
+        hits.append(top1)
+    for m, h in zip(models[1:], hits[1:]):
         m.delta = deltas(models[0].metrics, m.metrics)
-    return models, rows_per_model
+        paired = paired_difference(hits[0], h)
+        m.metrics["paired_diff_acc1"] = paired.estimate
+        m.metrics["paired_diff_acc1_interval"] = paired.to_dict()
+    return models, shown, real
 
 
-def _model_audit(mi, name, target, parts, natural_acc, data, classes, real) -> tuple[ModelAudit, dict]:
+def _per_class(parts, classes: list[int], key: str) -> torch.Tensor | None:
+    """[classes, images] of one pooled outcome, rows in `classes` order (None where not measured)."""
     where = {c: (p, i) for p in parts for i, c in enumerate(p["classes"])}
-    top1, top5, knn = (torch.cat([where[c][0][key][where[c][1]] for c in classes]) for key in ("top1", "top5", "knn"))
-    per_class, rows = [], {}
-    for c in classes:
-        p, i = where[c]
-        s = summarize(p["top1"][i], p["top5"][i], p["knn"][i])
+    if any(where[c][0][key] is None for c in classes):
+        return None
+    return torch.stack([where[c][0][key][where[c][1]] for c in classes]).float()
+
+
+def _model_audit(mi, name, target, parts, natural_acc, data, classes, judging: Judging) -> tuple[ModelAudit, dict, np.ndarray]:
+    top1, top5, knn, conf, unfiltered, so_top1 = (
+        _per_class(parts, classes, key) for key in ("top1", "top5", "knn", "target_conf", "unfiltered", "so_top1"))
+    per_class = []
+    for row, c in enumerate(classes):
+        s = summarize(top1[row], top5[row], knn[row])
         per_class.append(
             {"class": c, "name": data.classes[c], "n": s["n"], "attack_acc1": s["attack_acc1"], "attack_acc5": s["attack_acc5"],
-             "knn_dist": s["knn_dist"], "target_confidence": float(p["target_conf"][i].mean())}
+             "knn_dist": s["knn_dist"], "target_confidence": float(conf[row].mean()),
+             "reached": bool(conf[row].mean() >= MIN_TARGET_CONFIDENCE),
+             "unfiltered_acc1": None if unfiltered is None else float(unfiltered[row].mean()),
+             "selection_only_acc1": None if so_top1 is None else float(so_top1[row].mean())}
         )  # fmt: skip
-        shown = p["shown"][i]
-        key = (c, tuple(shown.shape[1:]))
-        if key not in real:
-            real[key] = real_images(data.train, c, key[1])
-        rows[c] = class_row(shown, real[key])
+    metrics = {"natural_acc": natural_acc, "natural_acc_n": len(data.val), **summarize(top1.flatten(), top5.flatten(), knn.flatten()),
+               **_interval_metrics(top1, top5, unfiltered, so_top1, target.num_classes),
+               "target_confidence": float(conf.mean()), "evaluator_acc": judging.evaluator_acc,
+               "paired_diff_acc1": None, "paired_diff_acc1_interval": None}  # fmt: skip
+    iv1 = class_bootstrap(top1.numpy())
+    judged = stats_verdict(iv1, judging.threshold, chance=metrics["chance_acc1"], target_confidence=conf.numpy())
+    where = {c: (p, i) for p in parts for i, c in enumerate(p["classes"])}
     image_steps = sum(p["image_steps"] for p in parts)
     seconds = max(p["seconds"] for p in parts)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
     model = ModelAudit(
         name=name, info=dict(target.info), num_classes=target.num_classes, preprocessing=target.preprocessing.to_dict(),
-        metrics={"natural_acc": natural_acc, "natural_acc_n": len(data.val), **summarize(top1, top5, knn)},
-        per_class=per_class, grid=f"grids/{mi}_{slug}.png",
+        metrics=metrics, per_class=per_class, grid=f"grids/{mi}_{slug}.png", budget=dict(judging.budget), verdict=judged.to_dict(),
         timing={"image_steps": image_steps, "seconds": seconds, "image_steps_per_s": image_steps / seconds if seconds else None,
                 **{k: max(p["timings"][k] for p in parts) for k in parts[0]["timings"]}},
     )  # fmt: skip
-    return model, rows
+    return model, {c: where[c][0]["shown"][where[c][1]] for c in classes}, top1.numpy()
+
+
+def _interval_metrics(top1, top5, unfiltered, so_top1, num_classes: int) -> dict:
+    """Class-bootstrap intervals @1 and @5, chance levels, unfiltered and selection-only accuracy."""
+    iv1, iv5 = class_bootstrap(top1.numpy()), class_bootstrap(top5.numpy())
+    so = None if so_top1 is None else class_bootstrap(so_top1.numpy())
+    return {
+        "interval_method": iv1.method,
+        "attack_acc1_ci95": [iv1.low, iv1.high],
+        "attack_acc1_interval": iv1.to_dict(),
+        "attack_acc5_ci95": [iv5.low, iv5.high],
+        "attack_acc5_interval": iv5.to_dict(),
+        "chance_acc1": chance_level(num_classes, 1),
+        "chance_acc5": chance_level(num_classes, 5),
+        "unfiltered_acc1": None if unfiltered is None else float(unfiltered.mean()),
+        "unfiltered_n": None if unfiltered is None else int(unfiltered.numel()),
+        "selection_only_acc1": None if so is None else so.estimate,
+        "selection_only_acc1_interval": None if so is None else so.to_dict(),
+    }
 
 
 def _warnings(targets: list[AuditTarget], evaluation: AuditTarget) -> list[str]:
@@ -296,6 +398,7 @@ def audit(
     trust_checkpoint: bool = False,
     progress: ProgressCallback | None = None,
     provenance: dict | None = None,
+    seeds: int = 1,
 ) -> AuditReport | None:
     """Audit `models` (files, architecture specs or `LoadedModel`s; the first is the Δ baseline).
 
@@ -304,7 +407,7 @@ def audit(
     `eval_model`: the evaluation model (a path, spec or `LoadedModel`; `eval_arch` where its file
     names none). `preset` (quick or paper) gives the attack size; `attack` overrides single
     values (samples, candidates, iterations, keep, final_augmentations, batch_size, seed, lr,
-    compile). `load_options` go to `load_model` for each of `models`. Writes the report into
+    compile); `seeds` repeats the attack with seeds seed, seed + 1, ... pooled per class. `load_options` go to `load_model` for each of `models`. Writes the report into
     `out` and returns it. Under torchrun, ranks other than 0 return None, or raise
     `PrivacyGateError` when the gate failed, so every process ends alike.
     """
@@ -326,7 +429,7 @@ def audit(
         chosen = classes if isinstance(classes, list) else parse_classes(classes, targets[0].num_classes)
         report = run_audit(
             targets, evaluation, splits, prior=image_prior, config=config, out_dir=out, classes=chosen, runtime=runtime,
-            max_attack_acc=max_attack_acc, overwrite=overwrite, progress=progress, provenance=provenance,
+            max_attack_acc=max_attack_acc, overwrite=overwrite, progress=progress, provenance=provenance, seeds=seeds,
         )  # fmt: skip
         failing = broadcast(report.gate.failing if report and report.gate else [], runtime)
     finally:

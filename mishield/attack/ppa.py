@@ -213,7 +213,9 @@ class PPAAttack:
             total += self._probabilities(images, theta)[rows, labels]
         return total / cfg.final_augmentations
 
-    def run(self, classes: list[int], progress: ProgressFn | None = None) -> InversionResult:
+    def run(self, classes: list[int], progress: ProgressFn | None = None, on_candidates: Callable | None = None) -> InversionResult:
+        """`on_candidates(images, labels)`, if given, sees every optimised candidate (uint8, CPU) in
+        chunks before final selection drops all but K per class (the audit's unfiltered accuracy)."""
         cfg, device = self.config, self.runtime.device
         t0 = time.perf_counter()
         latents, initial = self.initial_selection(classes)
@@ -237,6 +239,9 @@ class PPAAttack:
         t2 = _now(device)
         for part in chunks(n, cfg.batch_size):
             scores[part] = self.final_scores(latents[part], labels[part], keys[part])
+            if on_candidates is not None:
+                with torch.no_grad(), autocast(self.runtime):
+                    on_candidates(to_uint8(self.prior.generate(latents[part])).cpu(), labels[part].cpu())
 
         flat, kept_scores = select_top(scores, len(classes), cfg.keep)
         images = []

@@ -7,7 +7,6 @@ its images (base64 PNG) and styles, so it can be mailed or archived as one file.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
@@ -21,7 +20,7 @@ from mishield.fileio import atomic_output, check_writable, check_writable_dir
 
 __all__ = [  # SCHEMA and SCHEMA_VERSION are defined with the report type and re-exported here
     "MAX_SHOWN_CLASSES", "REPORT_FILES", "SCHEMA", "SCHEMA_VERSION", "SHOW_REAL", "SHOW_RECONSTRUCTIONS",
-    "check_outputs", "class_row", "png_bytes", "real_images", "render_html", "stack_rows", "summary_table",
+    "bar_chart", "check_outputs", "class_row", "png_bytes", "real_images", "render_html", "stack_rows", "summary_table", "tile",
     "write_report",
 ]
 REPORT_FILES = ("report.json", "report.html")
@@ -43,16 +42,21 @@ def check_outputs(out_dir: Path, overwrite: bool, inputs=()) -> None:
 # Images
 
 
+def tile(images: torch.Tensor, pad: int = 2) -> np.ndarray:
+    """uint8 (N, C, H, W) images side by side on white, as one HWC uint8 strip (torchvision's make_grid)."""
+    from torchvision.utils import make_grid
+
+    if images.shape[0] == 0:
+        return np.full((1, 1, 1), 255, dtype=np.uint8)
+    grid = make_grid(images, nrow=images.shape[0], padding=pad, pad_value=255)  # 1-channel input comes back as 3
+    out = grid.permute(1, 2, 0).numpy()
+    return out[..., :1].copy() if images.shape[1] == 1 else out.copy()
+
+
 def class_row(reconstructions: torch.Tensor, real: torch.Tensor, pad: int = 2) -> np.ndarray:
-    """One class as an HWC uint8 strip: reconstructions, a gap, real private images (all C,H,W uint8)."""
-    c, h, w = reconstructions.shape[1:]
-    tiles = list(reconstructions[:SHOW_RECONSTRUCTIONS]) + [None] + list(real[:SHOW_REAL])
-    row = np.full((h + 2 * pad, len(tiles) * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, tile in enumerate(tiles):
-        if tile is not None:
-            x = pad + i * (w + pad)
-            row[pad : pad + h, x : x + w] = tile.permute(1, 2, 0).numpy()
-    return row
+    """One class as an HWC uint8 strip: reconstructions, a blank tile, real private images (all C,H,W uint8)."""
+    blank = torch.full((1, *reconstructions.shape[1:]), 255, dtype=torch.uint8)
+    return tile(torch.cat([reconstructions[:SHOW_RECONSTRUCTIONS], blank, real[:SHOW_REAL].to(torch.uint8)]), pad)
 
 
 def stack_rows(rows: list[np.ndarray]) -> np.ndarray:
@@ -92,101 +96,111 @@ def real_images(items: list, label: int, shape: tuple[int, int, int], count: int
 # Writing
 
 
-def _fmt_pct(v: float | None) -> str:
+def _pct(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
-def _fmt_num(v: float | None, digits: int = 2) -> str:
+def _num(v: float | None, digits: int = 2) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-def _fmt_signed_pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:+.1f}"
+def _signed_pct(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:+.1f}"
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222;max-width:1200px}
-table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f3f3f3}td.l,th.l{text-align:left}.bar{background:#d9534f;height:12px;display:inline-block}
-.barbox{width:200px;background:#eee;display:inline-block}.row img{image-rendering:pixelated;display:block}
-.note{color:#666;font-size:90%}h2{margin-top:2em;border-bottom:1px solid #ddd}code{background:#f6f6f6;padding:1px 3px}
-"""
+def _interval(iv: dict | None, signed: bool = False) -> str:
+    """"12.0–48.0" (or "+1.0 to +9.0" for a difference); "–" when there is none."""
+    if not iv:
+        return "–"
+    if signed:
+        return f"{_signed_pct(iv.get('low'))} to {_signed_pct(iv.get('high'))}"
+    return f"{_pct(iv.get('low'))}–{_pct(iv.get('high'))}"
 
 
-def _metrics_table(report: AuditReport) -> str:
-    head = (
-        "<tr><th class=l>model</th><th>Acc %</th><th>AttAcc@1 %</th><th>95% CI</th><th>AttAcc@5 %</th>"
-        "<th>KNN dist</th><th>n</th><th>ΔAcc</th><th>ΔAttAcc@1</th><th>Δ</th></tr>"
-    )
+def _ci(metrics: dict) -> dict | None:
+    """The @1 interval as {low, high}: the full record, or the bare ci95 pair of older reports."""
+    if metrics.get("attack_acc1_interval"):
+        return metrics["attack_acc1_interval"]
+    pair = metrics.get("attack_acc1_ci95")
+    return {"low": pair[0], "high": pair[1]} if pair else None
+
+
+def _status(m) -> str:
+    return (m.verdict or {}).get("status", "–")
+
+
+def bar_chart(report: AuditReport, width: int = 820, bar: int = 26, gap: int = 14) -> dict:
+    """Geometry of the SVG bar chart (attack accuracy @1 per model, its interval as a whisker,
+    chance and the gate's threshold as vertical lines), laid out here and drawn by the template."""
+    left, right, top = 180, 200, 24  # the right margin holds the label beside a whisker that reaches 100 %
+    span = width - left - right
+
+    def x(v: float | None) -> float:
+        return left + span * min(max(v or 0.0, 0.0), 1.0)
+
     rows = []
-    for m in report.models:
-        s, d = m.metrics, m.delta or {}
-        ci = s.get("attack_acc1_ci95") or [None, None]
-        rows.append(
-            f"<tr><td class=l>{html.escape(m.name)}</td><td>{_fmt_pct(s.get('natural_acc'))}</td>"
-            f"<td><b>{_fmt_pct(s['attack_acc1'])}</b></td><td>{_fmt_pct(ci[0])}–{_fmt_pct(ci[1])}</td>"
-            f"<td>{_fmt_pct(s['attack_acc5'])}</td><td>{_fmt_num(s.get('knn_dist'))}</td><td>{s['n']}</td>"
-            f"<td>{_fmt_signed_pct(d.get('natural_acc'))}</td><td>{_fmt_signed_pct(d.get('attack_acc1'))}</td>"
-            f"<td>{_fmt_num(d.get('delta'))}</td></tr>"
-        )
-    return f"<table>{head}{''.join(rows)}</table>"
+    for i, m in enumerate(report.models):
+        iv, y = _ci(m.metrics) or {}, top + i * (bar + gap)
+        rows.append({"name": m.name, "y": y, "mid": y + bar / 2, "x0": left, "w": x(m.attack_acc1) - left,
+                     "lo": x(iv.get("low")), "hi": x(iv.get("high")), "has_interval": bool(iv),
+                     "label": f"{_pct(m.attack_acc1)} % ({_interval(iv)})", "status": (m.verdict or {}).get("status", "")})  # fmt: skip
+    height = top + len(rows) * (bar + gap) + 24
+    chance = report.models[0].metrics.get("chance_acc1") if report.models else None
+    lines = [{"x": x(chance), "label": "chance", "cls": "chance"}] if chance is not None else []
+    if report.gate is not None:
+        lines.append({"x": x(report.gate.max_attack_acc), "label": "threshold", "cls": "threshold"})
+    ticks = [{"x": x(t / 4), "label": f"{25 * t} %"} for t in range(5)]
+    return {"width": width, "height": height, "bar": bar, "rows": rows, "lines": lines, "ticks": ticks,
+            "top": top, "bottom": height - 20}  # fmt: skip
 
 
-def render_html(report: AuditReport, class_rows: dict[int, dict[int, bytes]]) -> str:
-    """`class_rows[model_index][class_id]` are the PNG strips embedded beside each class."""
-    opts = report.options
-    parts = [
-        "<!doctype html><html><head><meta charset=utf-8><title>mishield audit</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>mishield audit: model-inversion leakage</h1>",
-        (
-            f"<p class=note>PPA-style attack, prior <code>{html.escape(str(report.prior.get('source')))}</code> "
-        f"({html.escape(report.prior['kind'])}), evaluation model <code>{html.escape(str(report.eval_model.get('source')))}</code>; "
-        f"S={opts['samples']} C={opts['candidates']} I={opts['iterations']} K={opts['keep']} A={opts['final_augmentations']}, "
-        f"seed {opts['seed']}, {len(report.classes)} classes audited. Attack accuracy is the evaluation model's "
-        "agreement with the attacked class on the K kept reconstructions per class; Δ = attack-accuracy drop / "
-            "accuracy drop against the first model.</p>"
-        ),
-        _metrics_table(report),
-    ]
-    gate = report.gate
-    if gate:
-        verdict = "PASSED" if gate.passed else "FAILED"
-        parts.append(f"<p><b>Privacy gate {verdict}</b>: maximum attack accuracy @1 {_fmt_pct(gate.max_attack_acc)} %.</p>")
-    for mi, m in enumerate(report.models):
-        parts.append(f"<h2>{html.escape(m.name)}</h2>")
-        parts.append("<table><tr><th class=l>class</th><th class=l>attack acc @1</th><th>%</th><th>KNN</th><th class=l>best reconstructions | private images</th></tr>")
-        for row in m.per_class[:MAX_SHOWN_CLASSES]:
-            pct = row["attack_acc1"]
-            bar = f"<span class=barbox><span class=bar style='width:{200 * pct:.0f}px'></span></span>"
-            png = class_rows.get(mi, {}).get(row["class"])
-            img = f"<img alt='class {row['class']}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>" if png else ""
-            parts.append(
-                f"<tr class=row><td class=l>{row['class']} {html.escape(row['name'])}</td><td class=l>{bar}</td>"
-                f"<td>{_fmt_pct(pct)}</td><td>{_fmt_num(row.get('knn_dist'))}</td><td class=l>{img}</td></tr>"
-            )
-        parts.append("</table>")
-        if len(m.per_class) > MAX_SHOWN_CLASSES:
-            parts.append(f"<p class=note>{len(m.per_class) - MAX_SHOWN_CLASSES} more classes in report.json.</p>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+def _b64(array: np.ndarray, min_height: int = 64) -> str:
+    return base64.b64encode(png_bytes(array, min_height=min_height)).decode()
 
 
-def write_report(out_dir: Path, report: AuditReport, class_rows: dict[int, dict[int, np.ndarray]], overwrite: bool = False) -> dict[str, Path]:
-    """Write report.json, report.html and one PNG grid per model (grids/<index>_<name>.png)."""
+def _side_by_side(report: AuditReport, shown: dict, real: dict) -> list[dict]:
+    """Per class: the private examples, then every model's best reconstructions, as inline PNGs."""
+    rows = []
+    for c in report.classes[:MAX_SHOWN_CLASSES]:
+        # As many reconstructions per model as private examples, so that several models fit one row.
+        cells = [_b64(tile(shown[mi][c][:SHOW_REAL]), 48) if c in shown.get(mi, {}) else None for mi in range(len(report.models))]
+        if not any(cells):
+            continue
+        name = next((r["name"] for r in report.models[0].per_class if r["class"] == c), str(c))
+        rows.append({"class": c, "name": name, "real": _b64(tile(real[c][:SHOW_REAL]), 48) if c in real else None, "models": cells})
+    return rows
+
+
+def render_html(report: AuditReport, shown: dict | None = None, real: dict | None = None) -> str:
+    """The self-contained page: `shown[model_index][class]` reconstructions and `real[class]` private
+    images (uint8 N, C, H, W) become inline PNGs; the template is attack/templates/report.html.j2."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("mishield.attack", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+    )
+    env.filters.update(pct=_pct, num=_num, signed=_signed_pct, interval=_interval)
+    return env.get_template("report.html.j2").render(
+        report=report, options=report.options, chart=bar_chart(report), ci=_ci,
+        side_by_side=_side_by_side(report, shown or {}, real or {}), max_classes=MAX_SHOWN_CLASSES,
+    )  # fmt: skip
+
+
+def write_report(out_dir: Path, report: AuditReport, shown: dict, real: dict, overwrite: bool = False) -> dict[str, Path]:
+    """Write report.json, report.html and one PNG grid per model (grids/<index>_<name>.png: per class,
+    the reconstructions, a gap, the private images). `shown[model_index][class]` and `real[class]`
+    are uint8 (N, C, H, W) images."""
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
-    pngs: dict[int, dict[int, bytes]] = {}
-    for mi, rows in class_rows.items():
-        pngs[mi] = {c: png_bytes(r, min_height=64) for c, r in rows.items()}
+    for mi, per_class in shown.items():
+        rows = [class_row(images, real.get(c, images[:0])) for c, images in list(per_class.items())[:MAX_SHOWN_CLASSES]]
         if rows:
-            shown = list(rows.values())[:MAX_SHOWN_CLASSES]
             path = out_dir / report.models[mi].grid
             with atomic_output(path, overwrite) as tmp:
-                tmp.write_bytes(png_bytes(stack_rows(shown)))
+                tmp.write_bytes(png_bytes(stack_rows(rows)))
             written[f"grid{mi}"] = path
     with atomic_output(out_dir / "report.html", overwrite) as tmp:
-        tmp.write_text(render_html(report, pngs), encoding="utf-8")
+        tmp.write_text(render_html(report, shown, real), encoding="utf-8")
     written["html"] = out_dir / "report.html"
     # The JSON goes last: its presence means the whole report is there.
     with atomic_output(out_dir / "report.json", overwrite) as tmp:
@@ -199,15 +213,18 @@ def summary_table(report: AuditReport):
     """A rich table of the metrics, for the terminal (stderr)."""
     from rich.table import Table
 
-    table = Table(title="mishield audit", show_lines=False)
-    for col in ("model", "Acc %", "AttAcc@1 %", "95% CI", "AttAcc@5 %", "KNN dist", "n", "ΔAttAcc@1", "Δ"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    table = Table(title="mishield audit (intervals: 95 % class bootstrap; the gate reads the upper end)", show_lines=False)
+    cols = ("model", "Acc %", "AttAcc@1 %", "95% interval", "chance %", "unfiltered %", "I=0 %", "AttAcc@5 %",
+            "KNN dist", "paired diff (95%)", "Δ", "verdict")  # fmt: skip
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("model", "verdict") else "right")
     for m in report.models:
         s, d = m.metrics, m.delta or {}
-        ci = s.get("attack_acc1_ci95") or [None, None]
+        paired = s.get("paired_diff_acc1_interval")
         table.add_row(
-            m.name, _fmt_pct(s.get("natural_acc")), _fmt_pct(s["attack_acc1"]), f"{_fmt_pct(ci[0])}–{_fmt_pct(ci[1])}",
-            _fmt_pct(s["attack_acc5"]), _fmt_num(s.get("knn_dist")), str(s["n"]),
-            _fmt_signed_pct(d.get("attack_acc1")), _fmt_num(d.get("delta")),
+            m.name, _pct(s.get("natural_acc")), _pct(s.get("attack_acc1")), _interval(_ci(s)), _pct(s.get("chance_acc1")),
+            _pct(s.get("unfiltered_acc1")), _pct(s.get("selection_only_acc1")), _pct(s.get("attack_acc5")),
+            _num(s.get("knn_dist")), "–" if not paired else f"{_signed_pct(paired['estimate'])} ({_interval(paired, True)})",
+            _num(d.get("delta")), _status(m),
         )  # fmt: skip
     return table

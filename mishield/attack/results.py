@@ -3,9 +3,8 @@
 
 `AuditReport.to_dict()` is exactly the layout of `report.json` (schema `mishield.audit-report`,
 version 1; docs/architecture.md §3); `AuditReport.from_dict()` reads one back, so saved reports can be
-compared from Python. Metrics stay plain dicts (`mishield.attack.metrics.summarize`'s keys:
-`n`, `attack_acc1`, `attack_acc1_ci95`, `attack_acc5`, `knn_dist`, plus `natural_acc`,
-`natural_acc_n`), because the schema lets later versions add numbers without a new type.
+compared from Python. Metrics stay plain dicts (the keys are listed in docs/audit.md, "The
+numbers in the report"), because the schema lets later versions add numbers without a new type.
 
 No torch here: a report can be read back without it.
 """
@@ -33,16 +32,24 @@ def finite(v: Any) -> Any:
     return v
 
 
+GATE_RULE = "upper end of the 95 % class-bootstrap interval of attack accuracy @1 at or below max_attack_acc; inconclusive never passes"
+
+
 @dataclass
 class PrivacyGate:
-    """Whether every model's attack accuracy @1 stayed at or below `max_attack_acc`."""
+    """Whether every model passed: the upper end of its attack-accuracy @1 interval at or below
+    `max_attack_acc`, and a conclusive audit (an inconclusive one never passes)."""
 
     max_attack_acc: float
     passed: bool
-    failing: list[str] = field(default_factory=list)  # names of the models above the threshold
+    failing: list[str] = field(default_factory=list)  # every model that did not pass (leaky or inconclusive)
+    inconclusive: list[str] = field(default_factory=list)  # those of `failing` whose audit was inconclusive
+    reasons: dict[str, str] = field(default_factory=dict)  # failing model -> why, in one sentence
+    rule: str = GATE_RULE
 
     def to_dict(self) -> dict:
-        return {"max_attack_acc": self.max_attack_acc, "passed": self.passed, "failing": list(self.failing)}
+        return {"max_attack_acc": self.max_attack_acc, "passed": self.passed, "failing": list(self.failing),
+                "inconclusive": list(self.inconclusive), "reasons": dict(self.reasons), "rule": self.rule}  # fmt: skip
 
 
 @dataclass
@@ -50,7 +57,7 @@ class ModelAudit:
     """One audited model: where it came from, its metrics overall and per class, its image grid."""
 
     name: str
-    metrics: dict  # natural_acc, natural_acc_n, n, attack_acc1, attack_acc1_ci95, attack_acc5, knn_dist
+    metrics: dict  # natural_acc, attack_acc1 and its class-bootstrap interval, paired difference, ... (docs/audit.md)
     per_class: list[dict] = field(default_factory=list)  # class, name, n, attack_acc1, attack_acc5, knn_dist, ...
     grid: str = ""  # the PNG grid, relative to the report directory
     info: dict = field(default_factory=dict)  # MODEL_INFO_KEYS
@@ -58,6 +65,8 @@ class ModelAudit:
     preprocessing: dict | None = None
     timing: dict | None = None
     delta: dict | None = None  # against the report's first model (None for the first itself)
+    budget: dict | None = None  # the attack configuration that ran (S, C, I, K, A, lr, seeds, ...)
+    verdict: dict | None = None  # mishield.attack.stats.Verdict.to_dict(): status, passed, reason
 
     @property
     def attack_acc1(self) -> float | None:
@@ -78,6 +87,8 @@ class ModelAudit:
             "grid": self.grid,
             "timing": self.timing,
             "delta": self.delta,
+            "budget": self.budget,
+            "verdict": self.verdict,
         }
 
     @classmethod
@@ -86,6 +97,7 @@ class ModelAudit:
             name=d["name"], metrics=d["metrics"], per_class=d.get("per_class", []), grid=d.get("grid", ""),
             info={k: d[k] for k in MODEL_INFO_KEYS if k in d}, num_classes=d.get("num_classes"),
             preprocessing=d.get("preprocessing"), timing=d.get("timing"), delta=d.get("delta"),
+            budget=d.get("budget"), verdict=d.get("verdict"),
         )
 
 

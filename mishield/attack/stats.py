@@ -59,7 +59,8 @@ class Interval:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The audit's conclusion for one model: "leaky", "passes" or "inconclusive" (never passes)."""
+    """The audit's conclusion for one model: "leaky", "passes", "inconclusive" (never passes) or
+    "not gated" (conclusive, but no threshold was given)."""
 
     status: str
     reason: str
@@ -259,7 +260,7 @@ def unreached_classes(target_confidence, min_confidence: float = MIN_TARGET_CONF
 
 def verdict(
     interval: Interval,
-    threshold: float,
+    threshold: float | None,
     *,
     chance: float,
     target_confidence,
@@ -273,7 +274,8 @@ def verdict(
     significantly below chance, which means the evaluator systematically files reconstructions
     under other classes (a failed attack or a broken evaluator), not that the model is private;
     (3) the interval is degenerate with no between-class information (one class). Otherwise
-    the gate decides on the interval's upper end.
+    the gate decides on the interval's upper end; without a threshold (no gate) a conclusive
+    audit is "not gated": the interval is the result.
     """
     missed = unreached_classes(target_confidence, min_target_confidence)
     if missed:
@@ -285,5 +287,7 @@ def verdict(
                                        f"({chance:.1%}): the attack or the evaluation model failed.")  # fmt: skip
     if interval.classes < 2:
         return Verdict("inconclusive", "one audited class gives no interval; audit at least two classes.")
+    if threshold is None:
+        return Verdict("not gated", "no threshold was given; read the interval against your own bar (the gate would use its upper end).")
     passed, reason = gate_decision(interval, threshold)
     return Verdict("passes" if passed else "leaky", reason)

@@ -1,0 +1,160 @@
+"""The audit's verdict wired end to end: class-bootstrap intervals in report.json, the gate on the
+interval's upper end, inconclusive audits failing the gate (exit 4), `--seeds`, the HTML's pictures."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mishield.attack import audit as audit_module
+from mishield.attack import stats
+from mishield.attack.results import PrivacyGate
+from mishield.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """Three classes of random 16x16 greyscale images and an evaluation model trained 1 epoch on them."""
+    from mishield.attack.evalmodel import train_eval_model
+
+    root = tmp_path_factory.mktemp("verdict")
+    gen = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for c in ("a", "b", "c"):
+            folder = root / "data" / split / c
+            folder.mkdir(parents=True)
+            for i in range(count):
+                arr = (torch.rand(16, 16, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr, mode="L").save(folder / f"{i}.png")
+    evaluation = root / "eval.pt"
+    train_eval_model(root / "data", evaluation, arch="attack_support:small_plain_cnn", input_size=16, epochs=1,
+                     batch_size=8, device="cpu")  # fmt: skip
+    return {"data": root / "data", "eval": evaluation}
+
+
+def _run(args: list, capsys) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _audit(tiny: dict, out: Path, *extra) -> list:
+    return [
+        "audit", "attack_support:tiny_resnet", "attack_support:tiny_resnet", "--num-classes", "3", "--input-size", "16",
+        "--data", tiny["data"], "--out", out, "--device", "cpu", "--eval-model", tiny["eval"],
+        "--eval-arch", "attack_support:small_plain_cnn", "--prior", "attack_support:tiny_generator",
+        "-S", "12", "-C", "3", "-I", "2", "-K", "2", "-A", "2", "--json", *extra,
+    ]  # fmt: skip
+
+
+def test_a_failed_attack_is_inconclusive_and_fails_the_gate(tiny, tmp_path, capsys):
+    # Untrained 3-class targets: their softmax stays near 1/3, so no class is reached (confidence
+    # < 0.5) and the audit says nothing about privacy; even a 100 % threshold must not pass it.
+    code, out, err = _run(_audit(tiny, tmp_path / "a", "--max-attack-acc", "1.0"), capsys)
+    assert code == 4, err
+    assert "inconclusive" in err and "did not reach" in err
+    doc = json.loads(out)
+    assert doc["gate"]["passed"] is False and doc["gate"]["inconclusive"] == doc["gate"]["failing"]
+    assert all(m["verdict"]["status"] == "inconclusive" and m["verdict"]["passed"] is False for m in doc["models"])
+    assert all(not row["reached"] for m in doc["models"] for row in m["per_class"])
+
+
+def test_report_json_carries_every_number_per_model(tiny, tmp_path, capsys):
+    code, out, err = _run(_audit(tiny, tmp_path / "b", "--seeds", "2"), capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["options"]["seeds"] == [0, 1]
+    first, second = doc["models"]
+    for m in doc["models"]:
+        s = m["metrics"]
+        assert m["budget"]["iterations"] == 2 and m["budget"]["keep"] == 2 and m["budget"]["seeds"] == [0, 1]
+        assert s["interval_method"] == stats.METHOD
+        iv = s["attack_acc1_interval"]
+        assert {"low", "high", "level", "method", "classes", "images", "degenerate", "note"} <= set(iv)
+        assert iv["classes"] == 3 and iv["images"] == 3 * 2 * 2  # K = 2 images x 2 seeds, pooled per class
+        assert s["attack_acc1_ci95"] == [iv["low"], iv["high"]] and iv["low"] <= s["attack_acc1"] <= iv["high"]
+        assert s["attack_acc5_interval"]["images"] == 12
+        assert s["chance_acc1"] == pytest.approx(1 / 3) and s["chance_acc5"] == 1.0
+        assert s["unfiltered_n"] == 3 * 3 * 2 and 0 <= s["unfiltered_acc1"] <= 1  # every C candidate, both seeds
+        assert "evaluator_acc" in s and "selection_only_acc1" in s
+        assert m["verdict"]["status"] in ("inconclusive", "not gated")
+        assert all(len(row) and 0 <= row["target_confidence"] <= 1 for row in m["per_class"])
+    assert first["metrics"]["paired_diff_acc1"] is None
+    # Two copies of one architecture with the same seeds: different weights, but the same classes.
+    paired = second["metrics"]["paired_diff_acc1_interval"]
+    assert paired["method"] and paired["low"] <= second["metrics"]["paired_diff_acc1"] <= paired["high"]
+    assert second["metrics"]["paired_diff_acc1"] == pytest.approx(second["metrics"]["attack_acc1"] - first["metrics"]["attack_acc1"])
+    page = Path(doc["files"]["html"]).read_text()
+    assert '<svg id="attack-chart"' in page and page.count("<rect class=\"bar") == 2
+    assert '<table id="side-by-side">' in page and page.count('class="class-row"') == 3
+    # per class row: private examples + one strip per model
+    assert page.count("data:image/png;base64,") == 3 * (1 + 2)
+
+
+def test_the_gate_reads_the_upper_end_of_the_interval(tiny, tmp_path, capsys, monkeypatch):
+    # Make the untrained targets count as "reached" so that the gate, not the inconclusive rule, decides.
+    monkeypatch.setattr(audit_module, "stats_verdict", functools.partial(stats.verdict, min_target_confidence=0.0))
+    code, out, err = _run(_audit(tiny, tmp_path / "c"), capsys)
+    assert code == 0, err
+    s = json.loads(out)["models"][0]["metrics"]
+    est, high = s["attack_acc1"], s["attack_acc1_interval"]["high"]
+    assert est < high  # 3 classes x 2 images: the interval is wide
+    threshold = round((est + high) / 2, 4)  # above the point estimate, below the upper end
+    code, out, err = _run(_audit(tiny, tmp_path / "d", "--max-attack-acc", threshold), capsys)
+    assert code == 4, err
+    assert "upper end" in err and "inconclusive" not in err
+    doc = json.loads(out)
+    assert doc["models"][0]["verdict"]["status"] == "leaky" and doc["gate"]["failing"][0] == doc["models"][0]["name"]
+
+
+def _parts(hits: np.ndarray, conf: float) -> list[dict]:
+    n, k = hits.shape
+    t = torch.tensor(hits, dtype=torch.bool)
+    return [{"classes": list(range(n)), "top1": t, "top5": torch.ones_like(t), "knn": torch.ones(n, k, dtype=torch.float64),
+             "target_conf": torch.full((n, k), conf), "unfiltered": t, "so_top1": None, "so_top5": None, "so_conf": None,
+             "shown": torch.zeros(n, 1, 1, 4, 4, dtype=torch.uint8), "image_steps": 1, "seconds": 1.0, "timings": {}}]  # fmt: skip
+
+
+def test_aggregation_gate_paired_difference_and_inconclusive(tiny, monkeypatch):
+    from mishield.data import load_image_folders
+
+    data = load_image_folders(tiny["data"])
+    monkeypatch.setattr(audit_module, "real_images", lambda items, c, shape: torch.zeros(1, *shape, dtype=torch.uint8))
+    target = audit_module.AuditTarget("t", torch.nn.Identity(), None, 3)
+    target.preprocessing = type("P", (), {"to_dict": lambda self: {}})()
+    # 3 classes: 2/2, 1/2 and 0/2 hits -> estimate 50 %, wide interval; a 0.6 threshold is above the estimate.
+    base = np.array([[1, 1], [1, 0], [0, 0]])
+    better = np.array([[1, 0], [0, 0], [0, 0]])
+    judging = audit_module.Judging(0.6, {"iterations": 1}, None)
+    models, shown, real = audit_module._model_audits(
+        [target, target], [_parts(base, 0.9), _parts(better, 0.9)], [0.9, 0.8], data, [0, 1, 2], judging)
+    m0, m1 = models
+    assert set(shown) == {0, 1} and set(shown[1]) == set(real) == {0, 1, 2}  # images for the side-by-side rows
+    assert m0.attack_acc1 == pytest.approx(0.5) and m0.metrics["attack_acc1_interval"]["high"] > 0.6
+    assert m0.verdict["status"] == "leaky"  # the point estimate alone would have passed
+    assert m1.metrics["paired_diff_acc1"] == pytest.approx(-1 / 3)
+    assert m1.metrics["paired_diff_acc1_interval"]["method"] == stats.PAIRED_METHOD
+    gate = audit_module._gate(models, 0.6)
+    assert isinstance(gate, PrivacyGate) and not gate.passed and m0.name in gate.failing
+    # The same outcomes with the target unconvinced by its own reconstructions: inconclusive.
+    models, _, _ = audit_module._model_audits([target], [_parts(base, 0.2)], [0.9], data, [0, 1, 2], judging)
+    assert models[0].verdict["status"] == "inconclusive" and "did not reach" in models[0].verdict["reason"]
+    assert audit_module._gate(models, 1.0).inconclusive == ["t"]
+
+
+def test_without_a_threshold_a_conclusive_audit_is_not_gated_and_a_failed_one_still_inconclusive():
+    hot = np.array([[1, 1], [1, 0], [0, 1]])
+    iv = stats.class_bootstrap(hot)
+    v = stats.verdict(iv, None, chance=1 / 3, target_confidence=np.full(3, 0.9))
+    assert v.status == "not gated" and not v.passed
+    assert stats.verdict(iv, None, chance=1 / 3, target_confidence=[0.9, 0.1, 0.9]).status == "inconclusive"
