@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from clirun import run_cli
+
 from mishield.errors import BadInputError
 
 EVAL_ARCH = "attack_support:small_plain_cnn"
@@ -74,12 +74,12 @@ def test_fingerprint_ignores_names_and_order_but_not_content(world, tmp_path):
     fp, hashes = data_fingerprint(splits.train, splits.classes)
     copy = tmp_path / "copy"
     shutil.copytree(world["private"] / "train", copy)
-    first = sorted((copy / splits.classes[0]).iterdir())[0]
+    first = min((copy / splits.classes[0]).iterdir())
     first.rename(first.with_name("renamed.png"))
     again = load_image_folders(copy)
     assert data_fingerprint(list(reversed(again.train)), again.classes)[0]["sha256"] == fp["sha256"]
-    victim = sorted((copy / splits.classes[1]).iterdir())[0]
-    shutil.copy(sorted((copy / splits.classes[2]).iterdir())[0], victim)  # one image replaced by another
+    victim = min((copy / splits.classes[1]).iterdir())
+    shutil.copy(min((copy / splits.classes[2]).iterdir()), victim)  # one image replaced by another
     assert data_fingerprint(load_image_folders(copy).train, again.classes)[0]["sha256"] != fp["sha256"]
     assert len(set(hashes.tolist())) == len(hashes) == len(splits.train)
 
@@ -174,7 +174,11 @@ def test_prior_train_records_hashes_losses_and_writes_samples(tmp_path, capsys):
     from PIL import Image
 
     from mishield.attack.generators import read_prior_hashes, read_prior_meta
-    from mishield.data import data_fingerprint, load_image_folders, materialize_fashion_mnist
+    from mishield.data import (
+        data_fingerprint,
+        load_image_folders,
+        materialize_fashion_mnist,
+    )
 
     public = materialize_fashion_mnist(tmp_path / "public", classes=[5, 6], train_per_class=31, val_per_class=1)
     out = tmp_path / "prior.safetensors"

@@ -240,6 +240,11 @@ def _trust(targets, evaluation, evaluator, data, prior, config, runtime, max_att
         raise UsageError("`allow_weak_evaluator` is for smoke tests and cannot be combined with the `max_attack_acc` gate.")
     record, warnings = trust.check_evaluator(evaluator, evaluation, targets, data, _attack_shape(prior, targets),
                                              allow_weak=allow_weak)
+    quality = trust.prior_quality(prior, evaluator, data, seed=config.seed)
+    if quality is not None:  # in the report's `prior` (describe() carries the description)
+        prior.description["quality"] = quality
+        if quality["weak"]:
+            warnings.append(trust.weak_prior_warning(quality))
     if max_attack_acc is None:
         return record, warnings, None
     natural_accs = [_natural_acc(t, data, config, runtime) for t in targets]

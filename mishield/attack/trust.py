@@ -211,3 +211,58 @@ def check_prior_overlap(prior_file: str | Path | None, data) -> dict:
             "the attack would recall them rather than reconstruct them; train the prior on public data disjoint from the private data."
         )
     return {"checked": True, "prior_images": int(hashes.numel()), "private_images": len(items), "overlap": 0}
+
+
+# A prior whose samples lie this many times farther (in the evaluator's features) from the private
+# validation images than the private training images do cannot express the private data: the audit
+# says so. Measured on Fashion-MNIST (docs/audit.md "Trust checks"): see PRIOR_WEAK_RATIO's note there.
+PRIOR_WEAK_RATIO = 2.0
+
+
+@torch.no_grad()
+def prior_quality(prior, evaluator, data, *, n: int = 256, seed: int = 0, max_private: int = 512) -> dict | None:
+    """A measured quality figure of a generator prior, in the evaluation model's feature space.
+
+    `nn_ratio`: the median distance from a private validation image to its nearest of `n` prior
+    samples, over its distance to its nearest private training image (both degraded to the
+    prior's resolution). Near 1: the prior's random samples already look like private data to
+    the evaluator; large: its images lie far from anything real (a prior of grey blobs), and
+    the attack must travel far — or cannot. Also the evaluator's mean top-1 probability on the
+    samples and how many private classes it assigns at least one sample to. None for the pixel prior.
+    """
+    if prior is None or prior.kind == "pixels" or not data.val:
+        return None
+    from mishield.attack.ppa import chunks
+
+    device = evaluator.runtime.device
+    prior.to(device)
+    rng = torch.Generator().manual_seed(seed)
+    latents = prior.sample(n, rng, device)
+    images = torch.cat([((prior.generate(latents[p]).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+                        for p in chunks(n, evaluator.batch_size)])
+    logits, sample_feats = evaluator.images(images)
+    val_feats = _features(evaluator, _spread(data.val, max_private), prior.image_shape)
+    train_feats = _features(evaluator, _spread(data.train, 2 * max_private), prior.image_shape)
+    to_prior = torch.cdist(val_feats, sample_feats).min(1).values.median()
+    to_real = torch.cdist(val_feats, train_feats).min(1).values.median()
+    probs = logits.softmax(1)
+    ratio = float(to_prior / to_real) if to_real > 0 else float("inf")
+    return {"samples": n, "nn_ratio": ratio, "weak_ratio": PRIOR_WEAK_RATIO,
+            "evaluator_confidence": float(probs.max(1).values.mean()),
+            "classes_reached": int(probs.argmax(1).unique().numel()), "weak": ratio > PRIOR_WEAK_RATIO}
+
+
+def _spread(items: Sequence, k: int) -> list:
+    step = max(1, len(items) // k)
+    return list(items)[::step][:k]
+
+
+def _features(evaluator, items: Sequence, image_shape) -> torch.Tensor:
+    return torch.cat([evaluator.images(x)[1] for x, _ in degraded_batches(items, image_shape, evaluator.batch_size)])
+
+
+def weak_prior_warning(quality: dict) -> str:
+    return (f"the prior looks too weak for a meaningful audit: its samples lie {quality['nn_ratio']:.1f}x farther from the "
+            f"private validation images than the private training images do (in the evaluation model's features; over "
+            f"{quality['weak_ratio']:.0f}x is weak), so a low attack accuracy may only mean the prior cannot draw the data; "
+            "train the prior longer or on closer public data and look at its samples (PRIOR.samples.png).")
