@@ -132,7 +132,7 @@ def test_audit_at_the_smallest_budget(private, public, tmp_path, capsys):
     assert code == 0, err
     doc = validate("audit", out)
     assert doc["gate"] is None and len(doc["models"]) == 2
-    assert doc["eval_model"]["trust"]["floor"] > 0 and doc["prior"]["quality"]["weak"] is True
+    assert doc["eval_model"]["trust"]["floor"] > 0 and doc["prior"]["quality"]["nn_ratio"] > 0
     assert doc["models"][0]["delta"] is None and isinstance(doc["models"][1]["delta"], dict)
     # stdout and report.json carry the same document.
     assert json.loads(Path(doc["files"]["json"]).read_text())["models"] == doc["models"]
