@@ -168,6 +168,9 @@ def test_private_images_among_the_priors_training_images_are_refused(world, tmp_
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["prior"]["provenance_check"] == {"checked": True, "prior_images": 100, "private_images": 450, "overlap": 0}
+    # An untrained generator draws noise: the measured quality figure calls it too weak.
+    assert report["prior"]["quality"]["nn_ratio"] > report["prior"]["quality"]["weak_ratio"]
+    assert any("prior looks too weak" in w for w in report["warnings"])
 
 
 def test_prior_train_records_hashes_losses_and_writes_samples(tmp_path, capsys):
