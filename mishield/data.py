@@ -340,3 +340,71 @@ def train_transform(pre: Preprocessing) -> Callable:
 def eval_transform(pre: Preprocessing) -> Callable:
     size = tuple(pre.input_size[1:])
     return T.Compose([T.Resize(size, interpolation=_interpolation(pre)), T.ToTensor(), _normalize(pre)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints and native size (provenance of evaluation models and priors; docs/audit.md "Trust checks")
+
+# Allowed prior resolutions (mishield.attack.generators); the default input size of `prior train`
+# and `train-eval` is the smallest of these that holds the images' native size.
+RESOLUTIONS = (32, 64, 128, 256)
+
+
+def image_hash(path: str | Path) -> int:
+    """A 64-bit hash of an image's decoded pixels (as 8-bit RGB), not of its file bytes.
+
+    Pixels, so a copy under another name or re-saved losslessly (other PNG compression, BMP)
+    still matches, and RGB, so a greyscale copy stored as RGB matches too; a lossy re-encoding
+    (JPEG) or a resized copy does not (a documented limit, docs/audit.md "Trust checks").
+    64 bits: a chance collision among a million images has probability ~3e-8.
+    """
+    import hashlib
+
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+        raise BadInputError(f"{path} could not be decoded ({err.__class__.__name__}); remove or replace that file.") from None
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}\n".encode() + rgb.tobytes()).digest()
+    return int.from_bytes(digest[:8], "little", signed=True)  # signed: fits an int64 tensor
+
+
+def item_hashes(items: Sequence[Item]) -> list[int]:
+    """`image_hash` of every item, in item order (threads: PIL's decoding releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        return list(pool.map(image_hash, [p for p, _ in items]))
+
+
+def data_fingerprint(items: Sequence[Item], classes: Sequence[str]) -> tuple[dict, np.ndarray]:
+    """What a model or prior records about its training images, and their sorted pixel hashes.
+
+    The fingerprint's digest is sha256 over the sorted (class name, pixel hash) pairs: independent
+    of file names, order and location; changed by any added, removed, relabelled or edited image.
+    The hashes (int64) let an audit find private images among a prior's training images.
+    """
+    import hashlib
+
+    hashes = item_hashes(items)
+    pairs = sorted((classes[label], h) for (_, label), h in zip(items, hashes))
+    digest = hashlib.sha256("".join(f"{c}\t{h & (2**64 - 1):016x}\n" for c, h in pairs).encode()).hexdigest()
+    fingerprint = {"images": len(items), "classes": list(classes), "sha256": digest,
+                   "method": "sha256 over sorted (class, sha256(RGB pixels)[:8])"}
+    return fingerprint, np.sort(np.asarray(hashes, dtype=np.int64))
+
+
+def native_size(items: Sequence[Item], probe: int = 64) -> int:
+    """The larger side of the largest of up to `probe` images spread over `items` (header reads only)."""
+    step = max(1, len(items) // probe)
+    size = 0
+    for path, _ in list(items)[::step][:probe]:
+        with Image.open(path) as img:
+            size = max(size, *img.size)
+    return size
+
+
+def default_resolution(items: Sequence[Item]) -> int:
+    """The smallest prior resolution that holds the images' native size (28 px Fashion-MNIST -> 32), at most 256."""
+    size = native_size(items)
+    return next((r for r in RESOLUTIONS if r >= size), RESOLUTIONS[-1])

@@ -213,14 +213,14 @@ def test_audit_returns_the_report_object_it_writes(tmp_path):
         eval_model=mishield.load_model("attack_support:small_plain_cnn", num_classes=3, input_size=16),
         out=tmp_path / "out", classes="0,2", attack={"samples": 6, "candidates": 2, "iterations": 1, "keep": 1,
                                                     "final_augmentations": 1, "batch_size": 6},
-        device="cpu", max_attack_acc=0.0, load_options={"num_classes": 3, "input_size": 16},
+        device="cpu", load_options={"num_classes": 3, "input_size": 16},
+        allow_weak_evaluator=True,  # random evaluator on random images: a smoke run, which may not be gated
     )  # fmt: skip
     assert isinstance(report, mishield.AuditReport) and isinstance(report.models[0], mishield.ModelAudit)
     assert report.classes == [0, 2] and [m.metrics["n"] for m in report.models] == [2, 2]
     assert report.models[0].delta is None and report.models[1].delta is not None
-    # the gate is a verdict in the report; the library does not raise on the main process
-    assert isinstance(report.gate, mishield.PrivacyGate) and report.gate.max_attack_acc == 0.0
-    assert report.passed == (not report.gate.failing)
+    assert report.gate is None and report.passed  # no gate on a smoke run (the gate: tests/test_attack_fmnist.py)
+    assert any("below the floor" in w for w in report.warnings)
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved == {k: v for k, v in report.to_dict().items() if k != "files"}
     assert mishield.AuditReport.from_dict(saved).to_dict() == saved
@@ -229,6 +229,9 @@ def test_audit_returns_the_report_object_it_writes(tmp_path):
     with pytest.raises(mishield.UsageError, match="`max_attack_acc` is a fraction"):
         mishield.audit([target], data=tmp_path / "data", prior=None, eval_model=target, out=tmp_path / "o2",
                        max_attack_acc=40)
+    with pytest.raises(mishield.UsageError, match="cannot be combined with the `max_attack_acc` gate"):
+        mishield.audit([target], data=tmp_path / "data", prior=None, eval_model=target, out=tmp_path / "o3",
+                       max_attack_acc=0.5, allow_weak_evaluator=True, device="cpu")
 
 
 def test_no_citation_of_a_file_outside_the_repository():

@@ -48,6 +48,7 @@ class AuditTarget:
     preprocessing: Preprocessing
     num_classes: int
     info: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)  # what its file records: classes, training, metrics (trust checks)
 
     @classmethod
     def from_loaded(cls, loaded, name: str | None = None) -> AuditTarget:
@@ -64,7 +65,9 @@ class AuditTarget:
             "kind": loaded.kind,
             "surgery": (loaded.recipe or {}).get("surgery"),
         }
-        return cls(label, loaded.model, loaded.preprocessing, int(num_classes), info)
+        recipe = loaded.recipe or {}
+        provenance = {k: recipe[k] for k in ("classes", "training", "metrics") if recipe.get(k) is not None}
+        return cls(label, loaded.model, loaded.preprocessing, int(num_classes), info, provenance)
 
 
 def parse_classes(spec: str | None, num_classes: int) -> list[int]:
@@ -214,6 +217,7 @@ def run_audit(
     progress: ProgressCallback | None = None,
     provenance: dict | None = None,
     seeds: int = 1,
+    allow_weak_evaluator: bool = False,
 ) -> AuditReport | None:
     """Audit `targets` (the first is the baseline of the Δ columns); returns the report on rank 0.
 
@@ -221,6 +225,8 @@ def run_audit(
     (BatchNorm-statistics) mode; `runtime` (default CPU) is `mishield.runtime.make_runtime`'s, whose
     rank and world size shard the classes under torchrun. Writes report.json, report.html and grids/ into `out_dir`.
     `seeds` repeats every attack with seeds config.seed, config.seed + 1, ... and pools them per class.
+    The trust checks (`mishield.attack.trust`) run first; `allow_weak_evaluator` turns an evaluator
+    below the accuracy floor from a refusal into a warning, and then no gate may be set.
     """
     _check_gate_threshold(max_attack_acc)
     if seeds < 1:
@@ -233,12 +239,15 @@ def run_audit(
     if runtime.world > len(classes):
         raise UsageError(f"torchrun started {runtime.world} processes for {len(classes)} audited classes; start at most {len(classes)}.")
     evaluator = Evaluator(evaluation.model, evaluation.preprocessing, runtime, config.batch_size)
-    parts_per_model, natural_accs = _attack_all(targets, prior, evaluator, data, classes, config, runtime, progress, seeds)
+    trust, trust_warnings, natural_accs = _trust(targets, evaluation, evaluator, data, prior, config, runtime,
+                                                 max_attack_acc, allow_weak_evaluator)
+    parts_per_model, natural_accs = _attack_all(targets, prior, evaluator, data, classes, config, runtime, progress,
+                                                seeds, natural_accs)
     if not runtime.is_main:
         return None
 
     budget = {**config.to_dict(), "lr": parts_per_model[0][0]["prior"]["lr"], "seeds": [config.seed + i for i in range(seeds)]}
-    judged = Judging(max_attack_acc, budget, evaluation.info.get("evaluator_acc"))
+    judged = Judging(max_attack_acc, budget, (trust or {}).get("accuracy"))
     models, shown, real = _model_audits(targets, parts_per_model, natural_accs, data, classes, judged)
     report = AuditReport(
         models=models, classes=classes, seed=config.seed, prior=parts_per_model[0][0]["prior"],
@@ -248,29 +257,61 @@ def run_audit(
                  "seeds": budget["seeds"], **(provenance or {})},
         data={"classes": data.classes, "train_images": len(data.train), "val_images": len(data.val)},
         eval_model={"name": evaluation.name, **evaluation.info, "preprocessing": evaluation.preprocessing.to_dict(),
-                    "features": evaluator.feature_source},
+                    "features": evaluator.feature_source, "trust": trust},
         gate=None if max_attack_acc is None else _gate(models, max_attack_acc),
-        warnings=_warnings(targets, evaluation),
+        warnings=_warnings(targets, evaluation) + trust_warnings,
     )  # fmt: skip
     report.files = {k: str(v) for k, v in write_report(Path(out_dir), report, shown, real, overwrite).items()}
     return report
 
 
-def _attack_all(targets, prior, evaluator, data, classes, config, runtime, progress, seeds=1) -> tuple[list, list]:
+def _attack_shape(prior: Prior | None, targets: list[AuditTarget]) -> tuple[int, int, int]:
+    """The images the attack makes: the prior's output, or the (first) target's input for the pixel prior."""
+    return tuple(prior.image_shape) if prior is not None else tuple(targets[0].preprocessing.input_size)
+
+
+def _natural_acc(target: AuditTarget, data, config: AttackConfig, runtime: Runtime) -> float | None:
+    # Every rank takes part: evaluate_accuracy shards the held-out images itself.
+    if not data.val:
+        return None
+    return evaluate_accuracy(target.model, data.val, target.preprocessing, batch_size=config.batch_size, runtime=runtime)
+
+
+def _trust(targets, evaluation, evaluator, data, prior, config, runtime, max_attack_acc, allow_weak) -> tuple[dict, list, list | None]:
+    """The trust checks before any attack (`mishield.attack.trust`): the evaluator's record, warnings,
+    and, for a gate, every target's natural accuracy (measured early so a chance-level target is refused before the attack)."""
+    from mishield.attack import trust
+
+    if allow_weak and max_attack_acc is not None:
+        raise UsageError("`allow_weak_evaluator` is for smoke tests and cannot be combined with the `max_attack_acc` gate.")
+    record, warnings = trust.check_evaluator(evaluator, evaluation, targets, data, _attack_shape(prior, targets),
+                                             allow_weak=allow_weak)
+    quality = trust.prior_quality(prior, evaluator, data, seed=config.seed)
+    if quality is not None:  # in the report's `prior` (describe() carries the description)
+        prior.description["quality"] = quality
+        if quality["weak"]:
+            warnings.append(trust.weak_prior_warning(quality))
+    if max_attack_acc is None:
+        return record, warnings, None
+    natural_accs = [_natural_acc(t, data, config, runtime) for t in targets]
+    for t, acc in zip(targets, natural_accs):
+        trust.check_target_for_gate(t.name, acc, len(data.val), t.num_classes)
+    return record, warnings, natural_accs
+
+
+def _attack_all(targets, prior, evaluator, data, classes, config, runtime, progress, seeds=1, natural_accs=None) -> tuple[list, list]:
     """This rank's share of every target's attack, gathered on rank 0, and each target's natural accuracy."""
     mine = shard_classes(classes, runtime)
     mine_set = set(mine)
-    private = evaluator.dataset([item for item in data.train if item[1] in mine_set], progress)
-    parts_per_model, natural_accs = [], []
+    # Private images degraded to the attack's resolution, so KNN compares like with like (docs/audit.md "Trust checks").
+    private = evaluator.dataset([item for item in data.train if item[1] in mine_set], progress,
+                                image_shape=_attack_shape(prior, targets))
+    parts_per_model = []
     for target in targets:
         payload = _attack_shard(target, prior, evaluator, private, mine, config, runtime, progress, seeds)
         parts_per_model.append(gather(payload, runtime))
-        # Every rank takes part: evaluate_accuracy shards the held-out images itself.
-        natural_accs.append(
-            evaluate_accuracy(target.model, data.val, target.preprocessing, batch_size=config.batch_size, runtime=runtime)
-            if data.val
-            else None
-        )
+    if natural_accs is None:
+        natural_accs = [_natural_acc(t, data, config, runtime) for t in targets]
     return parts_per_model, natural_accs
 
 
@@ -399,6 +440,7 @@ def audit(
     progress: ProgressCallback | None = None,
     provenance: dict | None = None,
     seeds: int = 1,
+    allow_weak_evaluator: bool = False,
 ) -> AuditReport | None:
     """Audit `models` (files, architecture specs or `LoadedModel`s; the first is the Δ baseline).
 
@@ -409,7 +451,10 @@ def audit(
     values (samples, candidates, iterations, keep, final_augmentations, batch_size, seed, lr,
     compile); `seeds` repeats the attack with seeds seed, seed + 1, ... pooled per class. `load_options` go to `load_model` for each of `models`. Writes the report into
     `out` and returns it. Under torchrun, ranks other than 0 return None, or raise
-    `PrivacyGateError` when the gate failed, so every process ends alike.
+    `PrivacyGateError` when the gate failed, so every process ends alike. The trust checks
+    (docs/audit.md "Trust checks") refuse an untrustworthy evaluator, a chance-level target under
+    a gate and private images found among a prior file's training images; `allow_weak_evaluator`
+    (smoke tests only, never with a gate) lets an evaluator below the accuracy floor through with a warning.
     """
     from mishield.attack.distributed import broadcast
     from mishield.attack.ppa import make_config
@@ -430,6 +475,7 @@ def audit(
         report = run_audit(
             targets, evaluation, splits, prior=image_prior, config=config, out_dir=out, classes=chosen, runtime=runtime,
             max_attack_acc=max_attack_acc, overwrite=overwrite, progress=progress, provenance=provenance, seeds=seeds,
+            allow_weak_evaluator=allow_weak_evaluator,
         )  # fmt: skip
         failing = broadcast(report.gate.failing if report and report.gate else [], runtime)
     finally:
@@ -441,6 +487,7 @@ def audit(
 
 def _load_inputs(models, data, prior, eval_model, eval_arch, load_options, trust_checkpoint, config):
     from mishield.attack.priors import load_prior
+    from mishield.attack.trust import check_prior_overlap
     from mishield.data import DataSplits, load_image_folders
     from mishield.models import LoadedModel, load_model
 
@@ -463,4 +510,6 @@ def _load_inputs(models, data, prior, eval_model, eval_arch, load_options, trust
     else:
         image_prior = load_prior(str(prior), target_input_size=targets[0].preprocessing.input_size,
                                  trust_checkpoint=trust_checkpoint, truncation=config.truncation)
+        # A prior file that lists its training images' hashes: refuse private images among them.
+        image_prior.description["provenance_check"] = check_prior_overlap(prior, splits)
     return targets, evaluation, splits, image_prior

@@ -58,19 +58,31 @@ class Evaluator:
             feats.append(fe)
         return torch.cat(logits), torch.cat(feats)
 
-    def dataset(self, items: list, progress: ProgressCallback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Private `(path, label)` items, read the way the evaluation model was trained -> (features, labels)."""
+    def dataset(self, items: list, progress: ProgressCallback | None = None,
+                image_shape: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Private `(path, label)` items -> (features, labels).
+
+        With `image_shape` (the prior's output) the images are first degraded to that resolution
+        and then resized as reconstructions are (`mishield.attack.trust.degraded_batches`), so the
+        KNN distance compares like with like; without, they are read the way the model was trained.
+        """
         from torch.utils.data import DataLoader
 
+        from mishield.attack.trust import degraded_batches
         from mishield.data import ImageDataset, eval_transform
 
-        dataset = ImageDataset(items, eval_transform(self.preprocessing), channels=self.preprocessing.input_size[0])
+        if image_shape is not None:
+            batches = ((self.images(x)[1], y) for x, y in degraded_batches(items, image_shape, self.batch_size))
+        else:
+            dataset = ImageDataset(items, eval_transform(self.preprocessing), channels=self.preprocessing.input_size[0])
+            loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+            batches = ((self._forward(x.to(self.runtime.device))[1], y) for x, y in loader)
         feats, labels = [], []
-        for x, y in DataLoader(dataset, batch_size=self.batch_size, shuffle=False):
-            feats.append(self._forward(x.to(self.runtime.device))[1])
+        for f, y in batches:
+            feats.append(f)
             labels.append(y)
             if progress is not None:
-                progress("private features", sum(len(t) for t in labels), len(dataset))
+                progress("private features", sum(len(t) for t in labels), len(items))
         if not feats:
             return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
         return torch.cat(feats), torch.cat(labels)
@@ -89,7 +101,8 @@ def train_eval_model(
     out: str | Path,
     *,
     arch: str | None = None,
-    input_size: int = 224,
+    input_size: int | None = None,
+    prior: str | Path | None = None,
     epochs: int = 20,
     lr: float = 1e-3,
     batch_size: int = 128,
@@ -106,10 +119,15 @@ def train_eval_model(
 
     Trained by `mishield.training.fit`, so it shares the other trainers' guarantees: the state
     beside `out` (`<out>.train-state`) after every epoch, `resume=True` to continue an
-    interrupted run, a refusal of a state left by another run. Returns a summary (arch, classes,
-    natural accuracy on the held-out split, output path).
+    interrupted run, a refusal of a state left by another run. `input_size` defaults to the
+    attack's resolution: that of `prior` (a mishield prior file) when given, else the smallest
+    prior resolution holding the images' native size (`mishield.data.default_resolution`: 28 px
+    Fashion-MNIST -> 32), the same rule `prior train` follows. The file records the class names,
+    the held-out accuracy and a fingerprint of the training images (`mishield.data.data_fingerprint`),
+    which `mishield audit` checks (`mishield.attack.trust`). Returns a summary (arch, classes,
+    natural accuracy on the held-out split, input size, fingerprint, output path).
     """
-    from mishield.data import load_image_folders
+    from mishield.data import data_fingerprint, default_resolution, load_image_folders
     from mishield.fileio import check_writable
     from mishield.models import build_architecture, default_preprocessing, save_model
     from mishield.training import evaluate_accuracy, fit
@@ -125,6 +143,9 @@ def train_eval_model(
         raise BadInputError(
             f"{data_dir} has {splits.num_classes} class folder(s); an evaluation model needs at least 2 classes to tell apart."
         )
+    if input_size is None:
+        input_size = prior_resolution(prior) if prior is not None else default_resolution(splits.train)
+    fingerprint, _ = data_fingerprint(splits.train, splits.classes)
     torch.manual_seed(seed)
     model = build_architecture(arch, splits.num_classes)
     preprocessing = default_preprocessing(model, arch).with_input_size(input_size)
@@ -134,7 +155,8 @@ def train_eval_model(
     accuracy = (
         evaluate_accuracy(model, splits.val, preprocessing, device=device, batch_size=batch_size) if splits.val else None
     )
-    training = {"data": str(data_dir), "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "role": "evaluation"}
+    training = {"data": str(data_dir), "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "role": "evaluation",
+                "data_fingerprint": fingerprint}
     metrics = {"natural_acc": accuracy, "val_images": len(splits.val)}
     save_model(
         out,
@@ -147,4 +169,12 @@ def train_eval_model(
         overwrite=overwrite,
     )
     state_path.unlink(missing_ok=True)  # the finished model supersedes the resumable state
-    return {"out": str(out), "arch": arch, "classes": splits.classes, "natural_acc": accuracy, "epochs": epochs}
+    return {"out": str(out), "arch": arch, "classes": splits.classes, "natural_acc": accuracy, "epochs": epochs,
+            "input_size": input_size, "data_fingerprint": fingerprint}
+
+
+def prior_resolution(prior: str | Path) -> int:
+    """The output resolution recorded in a mishield prior file (no weights are read)."""
+    from mishield.attack.generators import read_prior_meta
+
+    return int(read_prior_meta(Path(prior))["config"]["resolution"])

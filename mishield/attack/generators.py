@@ -72,12 +72,24 @@ class DCGANDiscriminator(nn.Module):
         return self.net(x).flatten()
 
 
-def save_generator(path: Path, generator: DCGANGenerator, training: dict, overwrite: bool = False) -> Path:
-    """A self-describing safetensors file: weights plus the config that rebuilds the generator."""
+# The sorted 64-bit pixel hashes of the prior's training images (`mishield.data.image_hash`), kept
+# as a tensor beside the weights rather than in the JSON header: 8 bytes an image, so 1 M images
+# add 8 MB and the header stays small. An audit refuses private images found among them.
+HASHES_KEY = "provenance.image_hashes"
+
+
+def save_generator(path: Path, generator: DCGANGenerator, training: dict, overwrite: bool = False,
+                   image_hashes=None) -> Path:
+    """A self-describing safetensors file: weights plus the config that rebuilds the generator.
+
+    `image_hashes` (int64, optional): the training images' pixel hashes, stored under `HASHES_KEY`.
+    """
     from safetensors.torch import save_file
 
     meta = {"format": PRIOR_FORMAT, "version": PRIOR_FORMAT_VERSION, "config": generator.config(), "training": training}
     state = {k: v.detach().float().contiguous().cpu() for k, v in generator.state_dict().items()}
+    if image_hashes is not None:
+        state[HASHES_KEY] = torch.as_tensor(image_hashes, dtype=torch.int64).contiguous()
     with atomic_output(path, overwrite) as tmp:
         save_file(state, str(tmp), metadata={"mishield": json.dumps(meta)})
     return Path(path)
@@ -89,7 +101,7 @@ def load_generator_file(path: Path) -> tuple[DCGANGenerator, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:  # one read: metadata and tensors
             meta = json.loads((f.metadata() or {}).get("mishield", "{}"))
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+            state = {k: f.get_tensor(k) for k in f.keys() if k != HASHES_KEY}  # noqa: SIM118 - safe_open is not iterable
     except Exception as err:  # noqa: BLE001 - safetensors' own error types are not importable by a stable name
         raise BadInputError(f"{path} is not a readable safetensors file ({err}); pass a prior made by `mishield prior train`.") from None
     if meta.get("format") != PRIOR_FORMAT:
@@ -105,3 +117,28 @@ def load_generator_file(path: Path) -> tuple[DCGANGenerator, dict]:
     except RuntimeError as err:
         raise BadInputError(f"{path} holds weights that do not fit its own config ({str(err)[:120]}...); the file is damaged.") from None
     return generator.eval(), meta
+
+
+def read_prior_meta(path: Path) -> dict:
+    """A mishield prior file's metadata (config, training), without reading its weights."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("mishield", "{}"))
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types are not importable by a stable name
+        raise BadInputError(f"{path} is not a readable safetensors file ({err}); pass a prior made by `mishield prior train`.") from None
+    if meta.get("format") != PRIOR_FORMAT:
+        raise BadInputError(f"{path} is not a mishield prior (no prior metadata); pass a prior made by `mishield prior train`.")
+    return meta
+
+
+def read_prior_hashes(path: Path) -> torch.Tensor | None:
+    """The sorted pixel hashes of a mishield prior's training images, or None (an older prior, or not ours)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(HASHES_KEY) if HASHES_KEY in f.keys() else None  # noqa: SIM118
+    except Exception:  # noqa: BLE001 - not a safetensors file: a StyleGAN pickle or TorchScript prior
+        return None

@@ -37,7 +37,7 @@ from mishield.training.state import (
 
 @dataclass(frozen=True)
 class PriorTrainingConfig:
-    resolution: int = 64
+    resolution: int | None = None  # None: the smallest of 32/64/128/256 holding the images (data.default_resolution)
     channels: int | None = None  # None: 1 if every sampled image is greyscale, else 3
     latent_dim: int = 128
     width: int = 64
@@ -169,19 +169,29 @@ def train_prior(
     The resumable state (`<out>.train-state`) is written after every epoch, so an interrupted
     run continues with `resume=True`; it is removed once `out` is written. A state left by an
     interrupted run is refused unless `resume` (continue it) or `overwrite` (drop it) is given.
+    The file records the per-epoch losses and the training images' fingerprint and pixel hashes
+    (an audit refuses private data among them); a grid of samples goes to `samples_path(out)`.
     """
-    from mishield.data import ImageDataset, load_image_folders
+    from mishield.data import (
+        ImageDataset,
+        data_fingerprint,
+        default_resolution,
+        load_image_folders,
+    )
     from mishield.fileio import check_writable
 
     out = Path(out)
     check_writable(out, overwrite)
-    _check_resolution(config.resolution)
+    if config.resolution is not None:
+        _check_resolution(config.resolution)
     state_path = state_path_for(out)
     refuse_stale_state(state_path, resume, overwrite)
 
     splits = load_image_folders(data_dir)
     items = splits.train + splits.val
-    config = PriorTrainingConfig(**{**asdict(config), "channels": config.channels or _infer_channels(items)})
+    config = PriorTrainingConfig(**{**asdict(config), "channels": config.channels or _infer_channels(items),
+                                    "resolution": config.resolution or default_resolution(items)})
+    provenance, hashes = data_fingerprint(items, splits.classes)
     device = torch.device(device)
     gan = _GAN(config, device)
     fingerprint = {"config": asdict(config), "images": len(items), "data": data_signature(items)}
@@ -192,11 +202,14 @@ def train_prior(
     dataset = ImageDataset(items, _transform(config), channels=config.channels)
     workers = default_workers(Runtime(device))
     epoch = start = int(state["epoch"]) if state else 0
+    # Each epoch's mean losses travel in the state (a resumed run keeps the earlier ones) and end in the file.
+    losses = list(state.get("losses", [])) if state else []
     try:
         with preemptible():
             for epoch in range(start, config.epochs):
                 record = _epoch(gan, dataset, epoch, workers, progress)
-                save_state(state_path, new_state("prior", epoch + 1, fingerprint, **gan.payload()))
+                losses.append({"epoch": epoch + 1, "loss_d": record["loss_d"], "loss_g": record["loss_g"]})
+                save_state(state_path, new_state("prior", epoch + 1, fingerprint, **gan.payload(), losses=losses))
                 if on_epoch is not None:
                     on_epoch(record)
     except KeyboardInterrupt as err:
@@ -204,10 +217,37 @@ def train_prior(
 
     _recalibrate_bn(gan.generator, device, torch.Generator().manual_seed(config.seed + 7))
     training = {"data": str(Path(data_dir)), "classes": splits.classes, "images": len(dataset), "epochs": config.epochs,
-                "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed}
-    save_generator(out, gan.generator.cpu(), training, overwrite=overwrite)
+                "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed, "data_fingerprint": provenance,
+                "losses": losses}
+    save_generator(out, gan.generator.cpu(), training, overwrite=overwrite, image_hashes=hashes)
     state_path.unlink(missing_ok=True)
+    write_samples(gan.generator, samples_path(out), seed=config.seed)
     return out
+
+
+def samples_path(out: str | Path) -> Path:
+    """Where `train_prior` puts its grid of samples: `<out>.samples.png` beside the prior."""
+    out = Path(out)
+    return out.with_name(out.name + ".samples.png")
+
+
+@torch.no_grad()
+def write_samples(generator: nn.Module, path: Path, *, seed: int = 0, n: int = 64) -> Path:
+    """An 8x8 grid of the generator's images from seeded latents, so a user can judge the prior by eye."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from mishield.fileio import atomic_output
+
+    generator = generator.eval().cpu()
+    z = torch.randn(n, generator.latent_dim, generator=torch.Generator().manual_seed(seed + 11))
+    grid = make_grid(generator(z).clamp(-1, 1) * 0.5 + 0.5, nrow=8, padding=2, pad_value=1.0)
+    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    if generator.channels == 1:
+        array = array[:, :, 0]
+    with atomic_output(path, True) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+    return path
 
 
 def _transform(config: PriorTrainingConfig):

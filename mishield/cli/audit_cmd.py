@@ -53,6 +53,7 @@ def audit(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the attack step (pays off on long GPU runs).")] = False,
     max_attack_acc: Annotated[float | None, typer.Option("--max-attack-acc", help="Privacy gate: exit 4 unless every model's audit is conclusive and the upper end of its attack accuracy @1 interval is at or below this fraction.")] = None,
+    allow_weak_evaluator: Annotated[bool, typer.Option("--allow-weak-evaluator", help="Smoke tests only: let an evaluation model below the accuracy floor through with a warning (never with --max-attack-acc).")] = False,
     arch: ArchOpt = None,
     eval_arch: Annotated[str | None, typer.Option("--eval-arch", help="Architecture of the evaluation model file, where the file records none or a factory.")] = None,
     num_classes: NumClassesOpt = None,
@@ -82,6 +83,7 @@ def audit(
             models, data=data, prior=prior, eval_model=eval_model, out=out, classes=classes, preset=preset, attack=attack,
             device=device, max_attack_acc=max_attack_acc, overwrite=overwrite, load_options=load, eval_arch=eval_arch,
             trust_checkpoint=trust_checkpoint, progress=progress, provenance=provenance, seeds=seeds,
+            allow_weak_evaluator=allow_weak_evaluator,
         )  # fmt: skip
     if report is None:  # another rank under torchrun; rank 0 prints
         return

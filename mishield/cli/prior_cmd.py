@@ -17,7 +17,7 @@ app = typer.Typer(help="Image priors for `mishield audit`.", no_args_is_help=Tru
 def train(
     data: Annotated[Path, typer.Option("--data", help="Public images (ImageFolder; labels are ignored), e.g. classes the target never saw.")],
     out: Annotated[Path, typer.Option("--out", help="Prior file to write (.safetensors).")],
-    resolution: Annotated[int, typer.Option("--resolution", help="Image size: 32, 64, 128 or 256.")] = 64,
+    resolution: Annotated[int | None, typer.Option("--resolution", help="Image size: 32, 64, 128 or 256 (default: the smallest that holds the images, e.g. 32 for 28 px Fashion-MNIST).")] = None,
     channels: Annotated[int | None, typer.Option("--channels", help="1 or 3 (default: 1 if the data is greyscale).")] = None,
     latent_dim: Annotated[int, typer.Option("--latent-dim", min=1, help="Latent size z.")] = 128,
     width: Annotated[int, typer.Option("--width", min=4, help="Channel width of the last generator layer.")] = 64,
@@ -32,7 +32,11 @@ def train(
 ) -> None:
     """Train a DCGAN on public data; the result is the default prior of `mishield audit --prior FILE`."""
     from mishield.attack.generators import load_generator_file
-    from mishield.attack.prior_training import PriorTrainingConfig, train_prior
+    from mishield.attack.prior_training import (
+        PriorTrainingConfig,
+        samples_path,
+        train_prior,
+    )
     from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.errors import UsageError
     from mishield.fileio import refuse_input_as_output
@@ -46,9 +50,10 @@ def train(
         path = train_prior(data, out, config, device=resolve_device(device), resume=resume, overwrite=overwrite,
                            progress=progress, on_epoch=epoch_printer())
     _, meta = load_generator_file(path)
-    summary = {"out": str(path), **meta["config"], "training": meta["training"]}
+    summary = {"out": str(path), "samples": str(samples_path(path)), **meta["config"], "training": meta["training"]}
     if json_output:
         console.emit_json(summary)
     else:
         c = meta["config"]
         console.err.print(f"prior {c['resolution']} px, {c['channels']} channel(s), z={c['latent_dim']} -> [bold]{path}[/]")
+        console.err.print(f"samples: [bold]{summary['samples']}[/] (judge them by eye: blobs make a weak audit)")

@@ -15,7 +15,8 @@ def train_eval(
     data: Annotated[Path, typer.Option("--data", help="Private data the audited models were trained on (ImageFolder).")],
     out: Annotated[Path, typer.Option("--out", help="Evaluation model file to write.")],
     arch: Annotated[str | None, typer.Option("--arch", help="Architecture, different from the audited models' (timm:NAME, torchvision:NAME, package.module:factory; default: mishield's skip-free VGG-style CNN).")] = None,
-    input_size: Annotated[int, typer.Option("--input-size", min=8, help="Square input size in pixels.")] = 224,
+    input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Square input size in pixels (default: --prior's resolution, else the smallest of 32/64/128/256 holding the images).")] = None,
+    prior: Annotated[Path | None, typer.Option("--prior", help="The mishield prior the audit will use: its resolution becomes the default --input-size.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
@@ -32,10 +33,10 @@ def train_eval(
     from mishield.fileio import refuse_input_as_output
     from mishield.runtime import resolve_device
 
-    refuse_input_as_output(out, (data,))
+    refuse_input_as_output(out, (data,) if prior is None else (data, prior))
     with progress_bars() as progress:
         summary = train_eval_model(
-            data, out, arch=arch, input_size=input_size, epochs=epochs, lr=lr, batch_size=batch_size,
+            data, out, arch=arch, input_size=input_size, prior=prior, epochs=epochs, lr=lr, batch_size=batch_size,
             val_fraction=val_fraction, device=resolve_device(device), seed=seed, overwrite=overwrite,
             resume=resume, progress=progress, on_epoch=epoch_printer(),
         )  # fmt: skip
@@ -44,4 +45,5 @@ def train_eval(
     else:
         acc = summary["natural_acc"]
         shown = "no held-out data" if acc is None else f"held-out accuracy {100 * acc:.1f} %"
-        console.err.print(f"evaluation model {summary['arch']}, {len(summary['classes'])} classes, {shown} -> [bold]{summary['out']}[/]")
+        console.err.print(f"evaluation model {summary['arch']}, {len(summary['classes'])} classes, {summary['input_size']} px, "
+                          f"{shown} -> [bold]{summary['out']}[/]")
