@@ -213,7 +213,7 @@ def test_audit_returns_the_report_object_it_writes(tmp_path):
         eval_model=mishield.load_model("attack_support:small_plain_cnn", num_classes=3, input_size=16),
         out=tmp_path / "out", classes="0,2", attack={"samples": 6, "candidates": 2, "iterations": 1, "keep": 1,
                                                     "final_augmentations": 1, "batch_size": 6},
-        device="cpu", max_attack_acc=0.0, load_options={"num_classes": 3, "input_size": 16},
+        device="cpu", max_attack_acc=0.0, load_options={"num_classes": 3, "input_size": 16}, allow_weak_budget=True,
     )  # fmt: skip
     assert isinstance(report, mishield.AuditReport) and isinstance(report.models[0], mishield.ModelAudit)
     assert report.classes == [0, 2] and [m.metrics["n"] for m in report.models] == [2, 2]

@@ -102,7 +102,7 @@ def _cli_args(world, out: Path) -> list[str]:
     return [
         "audit", str(world.root / "target.pt"), "--arch", TARGET_ARCH, "--data", str(world.root / "private"),
         "--prior", str(world.prior), "--eval-model", str(world.root / "eval.pt"), "--eval-arch", EVAL_ARCH,
-        "--out", str(out), "--device", "cpu", "--max-attack-acc", "0.0", "--json", *CLI_ATTACK,
+        "--out", str(out), "--device", "cpu", "--max-attack-acc", "0.0", "--allow-weak-budget", "--json", *CLI_ATTACK,
     ]  # fmt: skip
 
 

@@ -126,7 +126,7 @@ def test_audit_at_the_smallest_budget(private, public, tmp_path, capsys):
                      batch_size=20, device="cpu")  # fmt: skip
     args = ["audit", RESNET, "attack_support:tiny_resnet", *SMALL, "--data", private, "--out", tmp_path / "audit",
             "--prior", prior, "--eval-model", evaluation, "--eval-arch", "attack_support:small_plain_cnn",
-            "--device", "cpu", "-S", "8", "-C", "1", "-I", "1", "-K", "1", "-A", "1", "--max-attack-acc", "1.0", "--json"]  # fmt: skip
+            "--device", "cpu", "-S", "8", "-C", "1", "-I", "1", "-K", "1", "-A", "1", "--max-attack-acc", "1.0", "--allow-weak-budget", "--json"]  # fmt: skip
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     doc = validate("audit", out)

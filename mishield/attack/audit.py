@@ -149,7 +149,7 @@ def _attack_shard(
         "image_steps": result.image_steps,
         "seconds": result.seconds,
         "timings": result.timings,
-        "prior": {**prior.describe(), "lr": config.lr if config.lr is not None else prior.default_lr},
+        "prior": {**prior.describe(), "lr": config.resolve(prior).lr, "budget": config.resolve(prior).to_dict()},
     }
 
 
@@ -172,16 +172,20 @@ def run_audit(
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
     provenance: dict | None = None,
+    allow_weak_budget: bool = False,
 ) -> AuditReport | None:
     """Audit `targets` (the first is the baseline of the Δ columns); returns the report on rank 0.
 
     `data` is `mishield.data.DataSplits` of the private data; `prior=None` is the generator-free
     (BatchNorm-statistics) mode; `runtime` (default CPU) is `mishield.runtime.make_runtime`'s, whose
     rank and world size shard the classes under torchrun. Writes report.json, report.html and grids/ into `out_dir`.
+    A gate below the documented minimum budget (`mishield.attack.budgets`) is refused unless
+    `allow_weak_budget`; the report then carries `weak_audit` warnings.
     """
     _check_gate_threshold(max_attack_acc)
     if not targets:
         raise UsageError("name at least one model to audit.")
+    weak = _weak_budget(targets, prior, config, max_attack_acc, allow_weak_budget)
     classes = list(range(targets[0].num_classes)) if classes is None else list(classes)
     _check_inputs(targets, evaluation, data, classes)
     runtime = runtime or Runtime(torch.device("cpu"))
@@ -204,7 +208,7 @@ def run_audit(
         eval_model={"name": evaluation.name, **evaluation.info, "preprocessing": evaluation.preprocessing.to_dict(),
                     "features": evaluator.feature_source},
         gate=None if max_attack_acc is None else PrivacyGate(max_attack_acc, not failing, failing),
-        warnings=_warnings(targets, evaluation),
+        warnings=_warnings(targets, evaluation) + weak,
     )  # fmt: skip
     report.files = {k: str(v) for k, v in write_report(Path(out_dir), report, rows_per_model, overwrite).items()}
     return report
@@ -270,6 +274,18 @@ def _model_audit(mi, name, target, parts, natural_acc, data, classes, real) -> t
     return model, rows
 
 
+def _weak_budget(targets, prior, config, max_attack_acc, allow_weak_budget) -> list[str]:
+    """`weak_audit: ...` warnings for a budget below the minimum; refuses such a gate unless allowed."""
+    from mishield.attack.budgets import budget_warnings
+
+    image_prior = prior if prior is not None else PixelPrior(targets[0].preprocessing.input_size)
+    weak = budget_warnings(config, image_prior, [t.model for t in targets])
+    if weak and max_attack_acc is not None and not allow_weak_budget:
+        raise UsageError(f"the attack budget is too weak to gate a release ({weak[0]}); raise the budget "
+                         "(e.g. --preset default) or pass --allow-weak-budget to gate anyway with the audit flagged weak.")
+    return [f"weak_audit: {w}." for w in weak]
+
+
 def _warnings(targets: list[AuditTarget], evaluation: AuditTarget) -> list[str]:
     return [
         f"the evaluation model shares the architecture of {t.name} ({t.info['arch']}); the protocol asks for a different one."
@@ -286,7 +302,7 @@ def audit(
     eval_model,
     out: str | Path = "mishield-audit",
     classes: str | list[int] | None = None,
-    preset: str = "quick",
+    preset: str = "default",
     attack: dict | None = None,
     device: str = "auto",
     max_attack_acc: float | None = None,
@@ -296,15 +312,18 @@ def audit(
     trust_checkpoint: bool = False,
     progress: ProgressCallback | None = None,
     provenance: dict | None = None,
+    allow_weak_budget: bool = False,
 ) -> AuditReport | None:
     """Audit `models` (files, architecture specs or `LoadedModel`s; the first is the Δ baseline).
 
     `data`: the private ImageFolder (a path, or `mishield.data.DataSplits`); `prior`: a prior
     file or `package.module:factory`, a `Prior`, or None / "none" for the generator-free mode;
     `eval_model`: the evaluation model (a path, spec or `LoadedModel`; `eval_arch` where its file
-    names none). `preset` (quick or paper) gives the attack size; `attack` overrides single
-    values (samples, candidates, iterations, keep, final_augmentations, batch_size, seed, lr,
-    compile). `load_options` go to `load_model` for each of `models`. Writes the report into
+    names none). `preset` (`mishield.attack.ppa.PRESETS`: ci, default, ppa-facescrub, ppa-celeba,
+    koh2024-facescrub) gives the attack size; `attack` overrides single values (samples,
+    candidates, iterations, keep, final_augmentations, batch_size, seed, lr, betas, milestones,
+    gamma, center_crop, selection_baseline, compile). `allow_weak_budget` lets a gate run below
+    the minimum budget, flagged in the report. `load_options` go to `load_model` for each of `models`. Writes the report into
     `out` and returns it. Under torchrun, ranks other than 0 return None, or raise
     `PrivacyGateError` when the gate failed, so every process ends alike.
     """
@@ -327,6 +346,7 @@ def audit(
         report = run_audit(
             targets, evaluation, splits, prior=image_prior, config=config, out_dir=out, classes=chosen, runtime=runtime,
             max_attack_acc=max_attack_acc, overwrite=overwrite, progress=progress, provenance=provenance,
+            allow_weak_budget=allow_weak_budget,
         )  # fmt: skip
         failing = broadcast(report.gate.failing if report and report.gate else [], runtime)
     finally:
@@ -359,5 +379,5 @@ def _load_inputs(models, data, prior, eval_model, eval_arch, load_options, trust
         image_prior = prior
     else:
         image_prior = load_prior(str(prior), target_input_size=targets[0].preprocessing.input_size,
-                                 trust_checkpoint=trust_checkpoint, truncation=config.truncation)
+                                 trust_checkpoint=trust_checkpoint, truncation=config.truncation, center_crop=config.center_crop)
     return targets, evaluation, splits, image_prior

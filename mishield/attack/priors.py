@@ -157,7 +157,7 @@ class GeneratorPrior(Prior):
     def __init__(self, generator: nn.Module, latent_dim: int, description: dict, center_crop: float | None = None):
         self.generator = generator.eval().requires_grad_(False)
         self.center_crop = center_crop
-        shape = _probe_output(self.generator, torch.randn(2, latent_dim), description.get("source", "the prior"), _device_of(generator))
+        shape = _probe_output(self.generate, torch.randn(2, latent_dim), description.get("source", "the prior"), _device_of(generator))
         super().__init__(shape, (latent_dim,), {**description, "center_crop": center_crop})
 
     def modules(self) -> list[nn.Module]:
