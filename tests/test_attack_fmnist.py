@@ -119,7 +119,7 @@ def test_gate_exits_4_after_writing_the_report(single_process_run, capsys):
     assert code == 4
     report = json.loads((out / "report.json").read_text())
     assert report["gate"] == {"max_attack_acc": 0.0, "passed": False, "failing": ["target.pt"]}
-    assert report["options"]["samples"] == 60 and report["options"]["preset"] == "quick"
+    assert report["options"]["samples"] == 60 and report["options"]["preset"] == "default"
 
 
 def _comparable(report: dict) -> dict:
