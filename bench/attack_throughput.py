@@ -99,7 +99,7 @@ def mishield_step(generator, target, s: dict, runtime: Runtime, compile_: bool):
         target.to(memory_format=torch.channels_last)
         generator.to(memory_format=torch.channels_last)
     prior = GeneratorPrior(generator, s["latent"], {"source": "bench"})
-    config = make_config("quick", samples=s["batch"], candidates=s["per_class"], keep=1, batch_size=s["batch"], compile=compile_)
+    config = make_config("default", samples=s["batch"], candidates=s["per_class"], keep=1, batch_size=s["batch"], compile=compile_)
     step = InversionStep(prior, target, Preprocessing((3, s["input"], s["input"])), config, runtime)
     n = s["batch"]
     labels = torch.arange(n, device=runtime.device) % s["classes"]

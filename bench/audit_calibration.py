@@ -79,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--final-augmentations", type=int, default=8, help="A")
     p.add_argument("--steps", type=_csv(int), default=[0, 10, 30, 100, 300])
     p.add_argument("--lrs", type=_csv(float), default=[0.005, 0.02, 0.05, 0.1])
+    p.add_argument("--milestones", type=_csv(float), default=[], help="lr cuts x0.1 (fractions of the largest step count, or steps); "
+                   "with cuts a snapshot at a smaller count is no longer that shorter attack (default: none)")
     p.add_argument("--betas", type=_csv(str), default=["ppa", "adam"], help="ppa = (0.1, 0.1), adam = (0.9, 0.999)")
     p.add_argument("--targets", type=_csv(str), default=["untrained", "trained", "rolss"])
     p.add_argument("--target-epochs", type=int, default=4)
@@ -151,9 +153,13 @@ def attack_curve(attack: PPAAttack, pool: torch.Tensor, classes: list[int], step
                 attack.prior.attach(attack.target)
             if step == max(steps):
                 break
+            for group in optimizer.param_groups:  # the config's MultiStep schedule, as InversionStep.run applies it
+                group["lr"] = cfg.lr_at(step)
             optimizer.zero_grad(set_to_none=True)
             inv.forward(latents, labels, keys, torch.tensor(step)).backward()
             optimizer.step()
+            with torch.no_grad():
+                attack.prior.constrain_(latents)  # the prior's latent constraint, as in the audit
     finally:
         attack.prior.detach()
     return out
@@ -185,7 +191,8 @@ def run_grid(args, setup: dict, on_rows=None) -> list[dict]:
             for lr in args.lrs:
                 t0 = time.perf_counter()
                 cfg = AttackConfig(samples=args.samples, candidates=args.candidates, iterations=max(args.steps), keep=args.keep,
-                                   final_augmentations=args.final_augmentations, batch_size=512, seed=args.seed, lr=lr, betas=betas[bname])  # fmt: skip
+                                   final_augmentations=args.final_augmentations, batch_size=512, seed=args.seed, lr=lr, betas=betas[bname],
+                                   milestones=tuple(args.milestones), gamma=0.1)  # fmt: skip
                 attack = PPAAttack(prior, setup["models"][name], PRE, cfg, runtime)
                 pool, _ = attack.initial_selection(classes)
                 for step, res in attack_curve(attack, pool, classes, args.steps, evaluator).items():

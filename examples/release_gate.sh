@@ -17,7 +17,7 @@
 #   MISHIELD_EVAL_EPOCHS      epochs of the evaluation model (default 20)
 #   MISHIELD_PRIOR_EPOCHS     epochs of the image prior (default 25)
 #   MISHIELD_PRIOR_ARGS       extra `prior train` flags, e.g. "--resolution 32 --width 16" for small images
-#   MISHIELD_AUDIT_ARGS       audit budget flags (default "--preset quick"), e.g. "-S 8 -C 1 -I 1 -K 1 -A 1" for a smoke test
+#   MISHIELD_AUDIT_ARGS       audit budget flags (default "--preset default"), e.g. "-S 8 -C 1 -I 1 -K 1 -A 1 --allow-weak-budget" for a smoke test
 #   MISHIELD_INPUT_SIZE       input size of the evaluation model (default 224)
 #   EVAL_MODEL, PRIOR         reuse an existing evaluation model / prior instead of training one
 #
@@ -33,7 +33,7 @@ model=$1 private=$2 public=$3 out=$4
 read -r -a mishield <<<"${MISHIELD:-mishield}"
 read -r -a harden_args <<<"${MISHIELD_HARDEN_ARGS:-}"
 read -r -a prior_args <<<"${MISHIELD_PRIOR_ARGS:-}"
-read -r -a audit_args <<<"${MISHIELD_AUDIT_ARGS:---preset quick}"
+read -r -a audit_args <<<"${MISHIELD_AUDIT_ARGS:---preset default}"
 max_attack_acc=${MISHIELD_MAX_ATTACK_ACC:-0.5}
 mkdir -p "$out"
 

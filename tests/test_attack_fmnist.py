@@ -129,7 +129,7 @@ def _cli_args(world, out: Path) -> list[str]:
     return [
         "audit", str(world.root / "target.pt"), "--arch", TARGET_ARCH, "--data", str(world.root / "private"),
         "--prior", str(world.prior), "--eval-model", str(world.root / "eval.pt"), "--eval-arch", EVAL_ARCH,
-        "--out", str(out), "--device", "cpu", "--max-attack-acc", "0.0", "--json", *CLI_ATTACK,
+        "--out", str(out), "--device", "cpu", "--max-attack-acc", "0.0", "--allow-weak-budget", "--json", *CLI_ATTACK,
     ]  # fmt: skip
 
 
@@ -149,7 +149,7 @@ def test_gate_exits_4_after_writing_the_report(single_process_run, capsys):
     assert (gate["max_attack_acc"], gate["passed"], gate["failing"]) == (0.0, False, ["target.pt"])
     # whichever rule failed it, the gate says why
     assert set(gate["reasons"]) == {"target.pt"} and report["models"][0]["verdict"]["passed"] is False
-    assert report["options"]["samples"] == 60 and report["options"]["preset"] == "quick"
+    assert report["options"]["samples"] == 60 and report["options"]["preset"] == "default"
 
 
 def _comparable(report: dict) -> dict:

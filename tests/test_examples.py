@@ -59,7 +59,7 @@ def _gate(tmp: Path, data: Path, out: str, max_attack_acc: str, **extra: str) ->
         "MISHIELD_PRIOR_EPOCHS": "1",
         "MISHIELD_PRIOR_ARGS": "--resolution 32 --width 4 --latent-dim 8 --batch-size 16 --device cpu",
         "MISHIELD_INPUT_SIZE": "32",
-        "MISHIELD_AUDIT_ARGS": "--device cpu -S 8 -C 2 -I 1 -K 1 -A 1",
+        "MISHIELD_AUDIT_ARGS": "--device cpu -S 8 -C 2 -I 1 -K 1 -A 1 --allow-weak-budget",
         "NO_COLOR": "1",
         "OMP_NUM_THREADS": "2",
         **extra,

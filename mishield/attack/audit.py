@@ -182,7 +182,7 @@ def _attack_once(target, prior, evaluator, private, classes, config, runtime, pr
         "image_steps": result.image_steps,
         "seconds": result.seconds,
         "timings": result.timings,
-        "prior": {**prior.describe(), "lr": config.lr if config.lr is not None else prior.default_lr},
+        "prior": {**prior.describe(), "lr": config.resolve(prior).lr, "budget": config.resolve(prior).to_dict()},
     }
 
 
@@ -218,6 +218,7 @@ def run_audit(
     provenance: dict | None = None,
     seeds: int = 1,
     allow_weak_evaluator: bool = False,
+    allow_weak_budget: bool = False,
 ) -> AuditReport | None:
     """Audit `targets` (the first is the baseline of the Δ columns); returns the report on rank 0.
 
@@ -227,12 +228,15 @@ def run_audit(
     `seeds` repeats every attack with seeds config.seed, config.seed + 1, ... and pools them per class.
     The trust checks (`mishield.attack.trust`) run first; `allow_weak_evaluator` turns an evaluator
     below the accuracy floor from a refusal into a warning, and then no gate may be set.
+    A gate below the documented minimum budget (`mishield.attack.budgets`) is refused unless
+    `allow_weak_budget`; the report then carries `weak_audit` warnings.
     """
     _check_gate_threshold(max_attack_acc)
     if seeds < 1:
         raise UsageError(f"`seeds` must be at least 1, got {seeds}.")
     if not targets:
         raise UsageError("name at least one model to audit.")
+    weak = _weak_budget(targets, prior, config, max_attack_acc, allow_weak_budget)
     classes = list(range(targets[0].num_classes)) if classes is None else list(classes)
     _check_inputs(targets, evaluation, data, classes)
     runtime = runtime or Runtime(torch.device("cpu"))
@@ -246,7 +250,8 @@ def run_audit(
     if not runtime.is_main:
         return None
 
-    budget = {**config.to_dict(), "lr": parts_per_model[0][0]["prior"]["lr"], "seeds": [config.seed + i for i in range(seeds)]}
+    ran = parts_per_model[0][0]["prior"]  # the budget resolved against the prior (iterations, lr, schedule)
+    budget = {**config.to_dict(), **(ran.get("budget") or {"lr": ran["lr"]}), "seeds": [config.seed + i for i in range(seeds)]}
     judged = Judging(max_attack_acc, budget, (trust or {}).get("accuracy"))
     models, shown, real = _model_audits(targets, parts_per_model, natural_accs, data, classes, judged)
     report = AuditReport(
@@ -259,7 +264,7 @@ def run_audit(
         eval_model={"name": evaluation.name, **evaluation.info, "preprocessing": evaluation.preprocessing.to_dict(),
                     "features": evaluator.feature_source, "trust": trust},
         gate=None if max_attack_acc is None else _gate(models, max_attack_acc),
-        warnings=_warnings(targets, evaluation) + trust_warnings,
+        warnings=_warnings(targets, evaluation) + trust_warnings + weak,
     )  # fmt: skip
     report.files = {k: str(v) for k, v in write_report(Path(out_dir), report, shown, real, overwrite).items()}
     return report
@@ -413,6 +418,18 @@ def _interval_metrics(top1, top5, unfiltered, so_top1, num_classes: int) -> dict
     }
 
 
+def _weak_budget(targets, prior, config, max_attack_acc, allow_weak_budget) -> list[str]:
+    """`weak_audit: ...` warnings for a budget below the minimum; refuses such a gate unless allowed."""
+    from mishield.attack.budgets import budget_warnings
+
+    image_prior = prior if prior is not None else PixelPrior(targets[0].preprocessing.input_size)
+    weak = budget_warnings(config, image_prior, [t.model for t in targets])
+    if weak and max_attack_acc is not None and not allow_weak_budget:
+        raise UsageError(f"the attack budget is too weak to gate a release ({weak[0]}); raise the budget "
+                         "(e.g. --preset default) or pass --allow-weak-budget to gate anyway with the audit flagged weak.")
+    return [f"weak_audit: {w}." for w in weak]
+
+
 def _warnings(targets: list[AuditTarget], evaluation: AuditTarget) -> list[str]:
     return [
         f"the evaluation model shares the architecture of {t.name} ({t.info['arch']}); the protocol asks for a different one."
@@ -429,7 +446,7 @@ def audit(
     eval_model,
     out: str | Path = "mishield-audit",
     classes: str | list[int] | None = None,
-    preset: str = "quick",
+    preset: str = "default",
     attack: dict | None = None,
     device: str = "auto",
     max_attack_acc: float | None = None,
@@ -441,15 +458,19 @@ def audit(
     provenance: dict | None = None,
     seeds: int = 1,
     allow_weak_evaluator: bool = False,
+    allow_weak_budget: bool = False,
 ) -> AuditReport | None:
     """Audit `models` (files, architecture specs or `LoadedModel`s; the first is the Δ baseline).
 
     `data`: the private ImageFolder (a path, or `mishield.data.DataSplits`); `prior`: a prior
     file or `package.module:factory`, a `Prior`, or None / "none" for the generator-free mode;
     `eval_model`: the evaluation model (a path, spec or `LoadedModel`; `eval_arch` where its file
-    names none). `preset` (quick or paper) gives the attack size; `attack` overrides single
-    values (samples, candidates, iterations, keep, final_augmentations, batch_size, seed, lr,
-    compile); `seeds` repeats the attack with seeds seed, seed + 1, ... pooled per class. `load_options` go to `load_model` for each of `models`. Writes the report into
+    names none). `preset` (`mishield.attack.ppa.PRESETS`: ci, default, ppa-facescrub, ppa-celeba,
+    koh2024-facescrub) gives the attack size; `attack` overrides single values (samples,
+    candidates, iterations, keep, final_augmentations, batch_size, seed, lr, betas, milestones,
+    gamma, center_crop, selection_baseline, compile); `seeds` repeats the attack with seeds seed,
+    seed + 1, ... pooled per class. `allow_weak_budget` lets a gate run below the minimum budget,
+    flagged in the report. `load_options` go to `load_model` for each of `models`. Writes the report into
     `out` and returns it. Under torchrun, ranks other than 0 return None, or raise
     `PrivacyGateError` when the gate failed, so every process ends alike. The trust checks
     (docs/audit.md "Trust checks") refuse an untrustworthy evaluator, a chance-level target under
@@ -475,7 +496,7 @@ def audit(
         report = run_audit(
             targets, evaluation, splits, prior=image_prior, config=config, out_dir=out, classes=chosen, runtime=runtime,
             max_attack_acc=max_attack_acc, overwrite=overwrite, progress=progress, provenance=provenance, seeds=seeds,
-            allow_weak_evaluator=allow_weak_evaluator,
+            allow_weak_evaluator=allow_weak_evaluator, allow_weak_budget=allow_weak_budget,
         )  # fmt: skip
         failing = broadcast(report.gate.failing if report and report.gate else [], runtime)
     finally:
@@ -509,7 +530,7 @@ def _load_inputs(models, data, prior, eval_model, eval_arch, load_options, trust
         image_prior = prior
     else:
         image_prior = load_prior(str(prior), target_input_size=targets[0].preprocessing.input_size,
-                                 trust_checkpoint=trust_checkpoint, truncation=config.truncation)
+                                 trust_checkpoint=trust_checkpoint, truncation=config.truncation, center_crop=config.center_crop)
         # A prior file that lists its training images' hashes: refuse private images among them.
         image_prior.description["provenance_check"] = check_prior_overlap(prior, splits)
     return targets, evaluation, splits, image_prior

@@ -71,6 +71,19 @@ def crop_thetas(
     return torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
 
 
+def jitter_thetas(u: torch.Tensor, max_shift: float, flip_p: float = 0.0) -> torch.Tensor:
+    """Affine matrices (N, 2, 3) for a random shift of up to `max_shift` of a side and a flip, from u (N, 5).
+
+    DeepInversion's per-step augmentation (it rolls the image by up to a few pixels); the warp's
+    reflection padding fills the uncovered border where a roll would wrap around.
+    """
+    tx = 2.0 * max_shift * (2.0 * u[:, 2] - 1.0)  # affine coordinates span 2 per side
+    ty = 2.0 * max_shift * (2.0 * u[:, 3] - 1.0)
+    flip = torch.where(u[:, 4] < flip_p, -1.0, 1.0)
+    one, zero = torch.ones_like(tx), torch.zeros_like(tx)
+    return torch.stack([torch.stack([flip, zero, tx], 1), torch.stack([zero, one, ty], 1)], 1)
+
+
 def identity_thetas(n: int, device: torch.device | str, flip: bool = False) -> torch.Tensor:
     theta = torch.zeros(n, 2, 3, device=device)
     theta[:, 0, 0] = -1.0 if flip else 1.0

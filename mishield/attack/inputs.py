@@ -49,8 +49,15 @@ class ModelInput:
         self.shift = (0.5 - mean_t) / std_t
 
     def __call__(self, images: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
-        """With `theta` (N, 2, 3) a per-image crop warp; without, a plain antialiased resize."""
+        """With `theta` (N, 2, 3) a per-image crop warp; without, a plain antialiased resize.
+
+        A prior image larger than the model input is first resized to it with antialiasing (as the
+        evaluator's resize and PPA's Resize before RandomResizedCrop do): bilinear sampling alone
+        would skip pixels when it downsamples, and the target would see aliased images.
+        """
         if theta is not None:
+            if images.shape[-2] > self.size[0] or images.shape[-1] > self.size[1]:
+                images = F.interpolate(images, size=self.size, mode="bilinear", align_corners=False, antialias=True)
             x = warp(images, theta, self.size)
         elif tuple(images.shape[-2:]) != self.size:
             x = F.interpolate(images, size=self.size, mode="bilinear", align_corners=False, antialias=True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -35,21 +36,35 @@ ProgressFn = Callable[[str, int, int], None]
 FINAL_COUNTER_BASE = 1 << 20
 
 
+BUDGET_FIELDS = ("lr", "iterations", "betas", "milestones", "gamma")
+
+
 @dataclass(frozen=True)
 class AttackConfig:
-    """S, C, I, K, A and the rest of PPA's knobs; `PRESETS` holds named defaults."""
+    """S, C, I, K, A and the rest of PPA's knobs; `PRESETS` holds named defaults.
+
+    `lr`, `iterations`, `betas`, `milestones` and `gamma` left at None come from the prior's
+    latent space (`Prior.budget`, via `resolve`): z-space and w-space need different budgets.
+    `milestones` cut the lr by `gamma` (MultiStepLR); a value in (0, 1) is a fraction of the
+    run, a value >= 1 a step number; `()` means no schedule.
+    """
 
     samples: int = 1000  # S: initial-selection pool
     candidates: int = 50  # C: kept per class for optimisation
-    iterations: int = 30  # I: Adam steps
+    iterations: int | None = None  # I: Adam steps (None: the prior's default)
     keep: int = 20  # K: final reconstructions per class
     final_augmentations: int = 20  # A: crops scoring each candidate at final selection
     batch_size: int = 256
     seed: int = 0
-    lr: float | None = None  # None: the prior's default (PPA's 0.005 for generators)
-    betas: tuple[float, float] = (0.1, 0.1)
+    lr: float | None = None  # None: the prior's default
+    betas: tuple[float, float] | None = None
+    milestones: tuple[float, ...] | None = None
+    gamma: float | None = None
     truncation: float = 0.5
+    center_crop: float | None = None  # fraction of each side of the prior's image; None: the prior's default
     compile: bool = False
+    selection_baseline: bool = True  # also select from the un-optimised candidates (I = 0)
+    preset: str = "default"
     step_scale: tuple[float, float] = (0.9, 1.0)
     step_ratio: tuple[float, float] = (1.0, 1.0)
     final_scale: tuple[float, float] = (0.5, 0.9)
@@ -57,31 +72,90 @@ class AttackConfig:
     final_flip: float = 0.5
 
     def validate(self) -> AttackConfig:
-        for name in ("samples", "candidates", "iterations", "keep", "final_augmentations", "batch_size"):
+        for name in ("samples", "candidates", "keep", "final_augmentations", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.iterations is not None and self.iterations < 0:
+            raise UsageError(f"`iterations` must be at least 0, got {self.iterations}.")
         if self.candidates > self.samples:
             raise UsageError(f"`candidates` ({self.candidates}) cannot exceed `samples` ({self.samples}).")
         if self.keep > self.candidates:
             raise UsageError(f"`keep` ({self.keep}) cannot exceed `candidates` ({self.candidates}).")
+        if self.milestones is not None and any(m <= 0 for m in self.milestones):
+            raise UsageError(f"`milestones` are fractions in (0, 1) or step numbers >= 1, got {list(self.milestones)}.")
+        if self.center_crop is not None and not 0.0 < self.center_crop <= 1.0:
+            raise UsageError(f"`center_crop` is a fraction of the image side in (0, 1], got {self.center_crop}.")
         return self
+
+    def resolve(self, prior: Prior) -> AttackConfig:
+        """This config with every budget field left at None filled from the prior's latent space."""
+        defaults = {**prior.budget, **PRESET_PRIOR_BUDGETS.get(self.preset, {}).get(prior.kind, {})}
+        filled = {k: defaults[k] for k in BUDGET_FIELDS if getattr(self, k) is None}
+        if "betas" in filled:
+            filled["betas"] = tuple(filled["betas"])
+        if "milestones" in filled:
+            filled["milestones"] = tuple(filled["milestones"])
+        return replace(self, **filled).validate() if filled else self
+
+    def milestone_steps(self) -> list[int]:
+        """The steps at which the lr is cut (sorted, within the run); needs a resolved config."""
+        steps = {round(m * self.iterations) if m < 1 else int(m) for m in (self.milestones or ())}
+        return sorted(s for s in steps if 0 < s < (self.iterations or 0))
+
+    def lr_at(self, step: int) -> float:
+        """The lr of optimiser step `step` (0-based) under the MultiStep schedule."""
+        cuts = sum(1 for m in self.milestone_steps() if m <= step)
+        return self.lr * (self.gamma if self.gamma is not None else 1.0) ** cuts
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-# quick: a CI-sized audit; paper: PPA's FaceScrub setting (Struppek et al., 2022, Sec. 4).
+# Named budgets and where each number comes from (docs/audit.md, "Presets"). Fields a preset
+# leaves out come from the prior (`AttackConfig.resolve`).
 PRESETS: dict[str, dict] = {
-    "quick": {"samples": 1000, "candidates": 50, "iterations": 30, "keep": 20, "final_augmentations": 20},
-    "paper": {"samples": 5000, "candidates": 200, "iterations": 70, "keep": 50, "final_augmentations": 100},
+    # mishield's own, sized for CI on the embedded 32 px data: small S/C/K/A, the prior's steps.
+    "ci": {"samples": 200, "candidates": 16, "keep": 8, "final_augmentations": 8},
+    # mishield's calibrated default: the prior's budget (z-space: 100 steps at lr 0.05 with cuts at
+    # 60 % / 80 %, from bench/audit_calibration.py's curve) and the pool of the former `quick`.
+    "default": {"samples": 1000, "candidates": 50, "keep": 20, "final_augmentations": 20},
+    # PPA, LukasStruppek/Plug-and-Play-Attacks configs/attacking/default_attacking_local.yaml
+    # (FaceScrub): search_space_size 2000, num_candidates 200, num_epochs 50, samples_per_target 50,
+    # final_selection iterations 100, Adam lr 0.005 betas [0.1, 0.1], MultiStepLR [30, 40] x0.1.
+    "ppa-facescrub": {"samples": 2000, "candidates": 200, "iterations": 50, "keep": 50, "final_augmentations": 100,
+                      "lr": 0.005, "betas": (0.1, 0.1), "milestones": (30, 40), "gamma": 0.1},
+    # PPA, configs/attacking/CelebA_FFHQ.yaml: search_space_size 5000, num_candidates 200,
+    # num_epochs 70, samples_per_target 50, iterations 100, Adam lr 0.005 betas [0.1, 0.1], no scheduler.
+    "ppa-celeba": {"samples": 5000, "candidates": 200, "iterations": 70, "keep": 50, "final_augmentations": 100,
+                   "lr": 0.005, "betas": (0.1, 0.1), "milestones": (), "gamma": 0.1},
+    # Koh et al. (ECCV 2024) FaceScrub runs as stated in issue 8: S=2000, C=16, I=50, K=8, A=100,
+    # lr x0.1 at steps 30 and 40. S, I, A, lr, betas and the schedule equal PPA's FaceScrub config
+    # above; C=16 and K=8 could not be checked (the paper's code ships as supplementary material,
+    # not in a public repository we could read).
+    "koh2024-facescrub": {"samples": 2000, "candidates": 16, "iterations": 50, "keep": 8, "final_augmentations": 100,
+                          "lr": 0.005, "betas": (0.1, 0.1), "milestones": (30, 40), "gamma": 0.1},
 }
+# Per prior kind, preset-specific budget defaults (used where the config leaves a field at None).
+PRESET_PRIOR_BUDGETS: dict[str, dict[str, dict]] = {
+    "ci": {"pixels": {"iterations": 200}},  # DeepInversion's 2000 steps are too many for CI
+}
+# Former names: `quick` was the default audit's size (now `default`, with the calibrated steps);
+# `paper` held PPA's CelebA numbers although it was labelled FaceScrub.
+DEPRECATED_PRESETS = {"quick": "default", "paper": "ppa-celeba"}
 
 
-def make_config(preset: str = "quick", **overrides) -> AttackConfig:
+def make_config(preset: str = "default", **overrides) -> AttackConfig:
     """A preset's values with every non-None override applied on top."""
+    if preset in DEPRECATED_PRESETS:
+        new = DEPRECATED_PRESETS[preset]
+        warnings.warn(f"the attack preset {preset!r} is deprecated; it now means {new!r}.", FutureWarning, stacklevel=2)
+        preset = new
     if preset not in PRESETS:
         raise UsageError(f"`preset` must be one of {', '.join(PRESETS)}, got {preset!r}.")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}, "preset": preset}
+    for key in ("betas", "milestones"):
+        if values.get(key) is not None:
+            values[key] = tuple(values[key])
     return AttackConfig(**values).validate()
 
 
@@ -96,6 +170,9 @@ class InversionResult:
     image_steps: int
     seconds: float
     timings: dict = field(default_factory=dict)
+    # The I = 0 baseline: final selection and kept images of the *initial* candidates (same pool,
+    # same crops), so the optimiser's contribution is visible. None when switched off.
+    selection_only: InversionResult | None = None
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -122,14 +199,16 @@ class InversionStep:
     """
 
     def __init__(self, prior: Prior, target: nn.Module, preprocessing: Preprocessing, config: AttackConfig, runtime: Runtime):
+        config = config.resolve(prior)
         self.prior, self.target, self.config, self.runtime = prior, target, config, runtime
+        self.optimizer: torch.optim.Optimizer | None = None  # the last run's, for inspection
         self.model_input = ModelInput(preprocessing, runtime.device)
         self.forward = torch.compile(self._loss) if config.compile else self._loss
 
     def _loss(self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         with autocast(self.runtime):
             images = self.prior.generate(latents)
-            theta = crop_thetas(uniforms(keys, step, 5), self.config.step_scale, self.config.step_ratio)
+            theta = self.prior.step_thetas(uniforms(keys, step, 5), self.config)
             x = self.model_input(images, theta)
             if self.runtime.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -139,22 +218,31 @@ class InversionStep:
         return loss if reg is None else loss + reg
 
     def make_optimizer(self, latents: torch.Tensor) -> torch.optim.Optimizer:
-        lr = self.config.lr if self.config.lr is not None else self.prior.default_lr
         # fused Adam keeps its step counter on the device: no sync per step on CUDA.
         fused = self.runtime.device.type == "cuda"
-        return torch.optim.Adam([latents], lr=lr, betas=self.config.betas, fused=fused)
+        return torch.optim.Adam([latents], lr=self.config.lr_at(0), betas=self.config.betas, fused=fused)
 
     def run(
         self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, iterations: int, on_step: Callable[[int], None] | None = None
     ) -> torch.Tensor:
-        """Adam on a copy of `latents` for `iterations` steps; `on_step(step)` only counts on the host."""
+        """Adam on a copy of `latents` for `iterations` steps; `on_step(step)` only counts on the host.
+
+        The lr follows the config's MultiStep schedule (host floats, set only at a milestone: no
+        sync), and the prior's latent constraint is applied after every step.
+        """
         latents = latents.detach().clone().requires_grad_(True)
-        optimizer = self.make_optimizer(latents)
+        optimizer = self.optimizer = self.make_optimizer(latents)
+        cuts = set(self.config.milestone_steps())
         counters = torch.arange(iterations, device=latents.device)  # one upload, not one per step
         for step in range(iterations):
+            if step in cuts:
+                for group in optimizer.param_groups:
+                    group["lr"] = self.config.lr_at(step)
             optimizer.zero_grad(set_to_none=True)
             self.forward(latents, labels, keys, counters[step]).backward()
             optimizer.step()
+            with torch.no_grad():
+                self.prior.constrain_(latents)
             if on_step is not None:
                 on_step(step)
         return latents.detach()
@@ -164,12 +252,12 @@ class PPAAttack:
     """Initial selection -> optimisation -> final selection for one target model."""
 
     def __init__(self, prior: Prior, target: nn.Module, preprocessing: Preprocessing, config: AttackConfig, runtime: Runtime):
-        self.prior, self.config, self.runtime = prior, config, runtime
+        self.prior, self.config, self.runtime = prior, config.resolve(prior), runtime
         self.target = target.eval().requires_grad_(False).to(runtime.device)
         if runtime.channels_last:
             self.target.to(memory_format=torch.channels_last)
         prior.to(runtime.device, runtime.channels_last)
-        self.step = InversionStep(prior, self.target, preprocessing, config, runtime)
+        self.step = InversionStep(prior, self.target, preprocessing, self.config, runtime)
 
     @torch.no_grad()
     def _probabilities(self, images: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
@@ -177,7 +265,9 @@ class PPAAttack:
             x = self.step.model_input(images, theta)
             if self.runtime.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return self.target(x).float().softmax(dim=1)
+            logits = self.target(x)
+        # Ranking happens in float32: a bf16 softmax has ~3 significant digits and ties candidates.
+        return logits.float().softmax(dim=1)
 
     @torch.no_grad()
     def initial_selection(self, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,14 +309,37 @@ class PPAAttack:
         cfg, device = self.config, self.runtime.device
         t0 = time.perf_counter()
         latents, initial = self.initial_selection(classes)
-        n = latents.shape[0]
         labels = torch.tensor(classes, device=device).repeat_interleave(cfg.candidates)
         ranks = torch.arange(cfg.candidates, device=device).repeat(len(classes))
         keys = candidate_keys(cfg.seed, labels, ranks)
+        start = latents.clone() if cfg.selection_baseline else None
         t1 = _now(device)
+        total = self._optimise(latents, labels, keys, progress)
+        t2 = _now(device)
+        if on_candidates is not None:
+            self._show_candidates(latents, labels, on_candidates)
+        images, kept_scores = self.select_final(latents, labels, keys, len(classes))
+        t3 = _now(device)
+        baseline = None
+        if start is not None:  # same pool, same keys -> same crops: only the optimisation differs
+            base_images, base_scores = self.select_final(start, labels, keys, len(classes))
+            baseline = InversionResult(list(classes), base_images, base_scores, initial.float().cpu(), 0, time.perf_counter() - t3 + (t1 - t0))
+        t4 = time.perf_counter()
+        return InversionResult(
+            classes=list(classes),
+            images=images,
+            final_scores=kept_scores,
+            initial_scores=initial.float().cpu(),
+            image_steps=total,
+            seconds=t3 - t0,
+            timings={"initial_selection_s": t1 - t0, "optimisation_s": t2 - t1, "final_selection_s": t3 - t2, "selection_only_s": t4 - t3},
+            selection_only=baseline,
+        )
 
+    def _optimise(self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, progress: ProgressFn | None) -> int:
+        """Optimise `latents` in place, batch by batch; returns the image-steps done."""
+        cfg, n = self.config, latents.shape[0]
         done, total = 0, n * cfg.iterations
-        scores = torch.empty(n, device=device)
         self.prior.attach(self.target)
         try:
             for part in chunks(n, cfg.batch_size):
@@ -236,30 +349,28 @@ class PPAAttack:
                 done += size * cfg.iterations
         finally:
             self.prior.detach()
-        t2 = _now(device)
-        for part in chunks(n, cfg.batch_size):
-            scores[part] = self.final_scores(latents[part], labels[part], keys[part])
-            if on_candidates is not None:
-                with torch.no_grad(), autocast(self.runtime):
-                    on_candidates(to_uint8(self.prior.generate(latents[part])).cpu(), labels[part].cpu())
+        return total
 
-        flat, kept_scores = select_top(scores, len(classes), cfg.keep)
+    @torch.no_grad()
+    def _show_candidates(self, latents: torch.Tensor, labels: torch.Tensor, on_candidates: Callable) -> None:
+        for part in chunks(latents.shape[0], self.config.batch_size):
+            with autocast(self.runtime):
+                images = self.prior.generate(latents[part])
+            on_candidates(to_uint8(images).cpu(), labels[part].cpu())
+
+    @torch.no_grad()
+    def select_final(self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final selection: the K best of each class's candidates by `final_scores`, rendered as uint8 (CPU)."""
+        cfg = self.config
+        scores = torch.empty(latents.shape[0], device=latents.device)
+        for part in chunks(latents.shape[0], cfg.batch_size):
+            scores[part] = self.final_scores(latents[part], labels[part], keys[part])
+        flat, kept_scores = select_top(scores, n_classes, cfg.keep)
         images = []
-        with torch.no_grad():
-            for part in chunks(flat.numel(), cfg.batch_size):
-                with autocast(self.runtime):
-                    images.append(to_uint8(self.prior.generate(latents[flat[part]])).cpu())
-        images_t = torch.cat(images).view(len(classes), cfg.keep, *images[0].shape[1:])
-        t3 = time.perf_counter()
-        return InversionResult(
-            classes=list(classes),
-            images=images_t,
-            final_scores=kept_scores.float().cpu(),
-            initial_scores=initial.float().cpu(),
-            image_steps=total,
-            seconds=t3 - t0,
-            timings={"initial_selection_s": t1 - t0, "optimisation_s": t2 - t1, "final_selection_s": t3 - t2},
-        )
+        for part in chunks(flat.numel(), cfg.batch_size):
+            with autocast(self.runtime):
+                images.append(to_uint8(self.prior.generate(latents[flat[part]])).cpu())
+        return torch.cat(images).view(n_classes, cfg.keep, *images[0].shape[1:]), kept_scores.float().cpu()
 
 
 def select_top(scores: torch.Tensor, n_classes: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:

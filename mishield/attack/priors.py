@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mishield.attack.augment import crop_thetas, jitter_thetas
 from mishield.attack.generators import (
     DCGANGenerator,
     load_generator_file,
@@ -49,11 +50,71 @@ LATENT_ATTRS = ("z_dim", "latent_dim", "nz")
 # The priors
 
 
+# Attack budgets per latent space (docs/audit.md, "Budgets"). Every `AttackConfig` field left at
+# None is taken from here by `AttackConfig.resolve(prior)`.
+#
+# z-space (mishield's DCGAN, any generator of z ~ N(0, I)): chosen from the measured calibration
+# curve (bench/audit_calibration.py, docs/audit.md): at lr 0.005 the target's confidence on the
+# kept images needs ~100 steps to plateau, at lr 0.05 it plateaus within 10-30 steps and falls
+# back by 300 steps without a schedule, so lr 0.05 for 100 steps with PPA's x0.1 cuts at 60 %
+# and 80 % of the run (PPA's FaceScrub config cuts at steps 30 and 40 of 50). Betas made no
+# consistent difference in the curve; PPA's (0.1, 0.1) are kept.
+Z_SPACE_BUDGET = {"lr": 0.05, "iterations": 100, "betas": (0.1, 0.1), "milestones": (0.6, 0.8), "gamma": 0.1}
+# w-space (StyleGAN): PPA's own (configs/attacking/default_attacking_local.yaml, FaceScrub):
+# Adam lr 0.005, betas (0.1, 0.1), 50 steps, MultiStepLR milestones [30, 40], gamma 0.1.
+W_SPACE_BUDGET = {"lr": 0.005, "iterations": 50, "betas": (0.1, 0.1), "milestones": (0.6, 0.8), "gamma": 0.1}
+# Generator-free pixels: DeepInversion (Yin et al., CVPR 2020) synthesises with 2k Adam steps
+# (its ImageNet setting; betas (0.5, 0.9) there, lr decayed over the run). At mishield's small
+# resolutions lr 0.05 on tanh-pixels; the decay is approximated by x0.1 cuts at 50 % and 75 %.
+PIXEL_BUDGET = {"lr": 0.05, "iterations": 2000, "betas": (0.5, 0.9), "milestones": (0.5, 0.75), "gamma": 0.1}
+
+# GMI (Zhang et al., CVPR 2020) and KEDMI (Chen et al., ICCV 2021) clamp every coordinate of z
+# after each step so the latent stays where the generator was trained. Their bound is 1; ours is 3
+# because mishield's pool is drawn from N(0, I) and a bound of 1 would move about a third of the
+# coordinates of every selected candidate on the first step, away from the image that won the
+# initial selection. |z_i| <= 3 holds 99.7 % of the generator's training latents and stops the
+# drift into regions it never saw (norms stay <= 3 sqrt(dim)).
+Z_LATENT_CLAMP = 3.0
+# PPA crops StyleGAN's 1024 px FFHQ faces to the central 800 px before resizing
+# (configs/attacking/*.yaml, CenterCrop size 800): the face region, without the background.
+STYLEGAN_CENTER_CROP = 800 / 1024
+HIGH_RESOLUTION = 512  # from this output side on, a StyleGAN prior is cropped by default
+
+
+def center_crop_size(size: tuple[int, int], fraction: float) -> tuple[int, int]:
+    return (max(1, round(size[0] * fraction)), max(1, round(size[1] * fraction)))
+
+
+def center_crop(images: torch.Tensor, fraction: float | None) -> torch.Tensor:
+    """The central `fraction` of each side (PPA's CenterCrop for high-resolution priors); None or 1: as is."""
+    if fraction is None or fraction >= 1.0:
+        return images
+    h, w = images.shape[-2:]
+    ch, cw = center_crop_size((h, w), fraction)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return images[..., top : top + ch, left : left + cw]
+
+
 class Prior:
     """Latents -> images in [-1, 1]; `sample` draws the initial-selection pool."""
 
     kind = "prior"
-    default_lr = 0.005  # PPA's Adam learning rate on latents
+    budget = Z_SPACE_BUDGET  # the attack's defaults for this latent space (see above)
+    latent_clamp: float | None = Z_LATENT_CLAMP  # applied after every optimiser step; None: unconstrained
+    center_crop: float | None = None  # fraction of each side kept before the target sees the image
+
+    @property
+    def default_lr(self) -> float:
+        return self.budget["lr"]
+
+    def constrain_(self, latents: torch.Tensor) -> None:
+        """Keep optimised latents where the prior is meaningful (in place, no autograd)."""
+        if self.latent_clamp is not None:
+            latents.clamp_(-self.latent_clamp, self.latent_clamp)
+
+    def step_thetas(self, u: torch.Tensor, config) -> torch.Tensor:
+        """The per-step augmentation as affine matrices from u (N, 5): PPA's RandomResizedCrop."""
+        return crop_thetas(u, config.step_scale, config.step_ratio)
 
     def __init__(self, image_shape: tuple[int, int, int], latent_shape: tuple[int, ...], description: dict):
         self.image_shape = image_shape
@@ -93,26 +154,31 @@ class Prior:
 class GeneratorPrior(Prior):
     kind = "generator"
 
-    def __init__(self, generator: nn.Module, latent_dim: int, description: dict):
+    def __init__(self, generator: nn.Module, latent_dim: int, description: dict, center_crop: float | None = None):
         self.generator = generator.eval().requires_grad_(False)
-        shape = _probe_output(self.generator, torch.randn(2, latent_dim), description.get("source", "the prior"), _device_of(generator))
-        super().__init__(shape, (latent_dim,), description)
+        self.center_crop = center_crop
+        shape = _probe_output(self.generate, torch.randn(2, latent_dim), description.get("source", "the prior"), _device_of(generator))
+        super().__init__(shape, (latent_dim,), {**description, "center_crop": center_crop})
 
     def modules(self) -> list[nn.Module]:
         return [self.generator]
 
     def generate(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.generator(latents)
+        return center_crop(self.generator(latents), self.center_crop)
 
 
 class StyleGANPrior(Prior):
     """Optimises one w per image (broadcast to all synthesis layers), as PPA does."""
 
     kind = "stylegan"
+    budget = W_SPACE_BUDGET
+    latent_clamp = None  # PPA leaves w unconstrained; truncated sampling already starts it near w_avg
 
-    def __init__(self, generator: nn.Module, truncation: float, description: dict):
+    def __init__(self, generator: nn.Module, truncation: float, description: dict, center_crop: float | None = None):
+        """`center_crop` None: PPA's 800/1024 for outputs of at least 512 px (full-frame faces), else none."""
         self.generator = generator.eval().requires_grad_(False)
         self.truncation = truncation
+        self.center_crop = center_crop
         self.z_dim = _latent_dim(generator, description.get("source", "the prior"))
         self.c_dim = int(getattr(generator, "c_dim", 0) or 0)
         self._w_avg: torch.Tensor | None = None
@@ -122,7 +188,11 @@ class StyleGANPrior(Prior):
         self.num_ws = w.shape[1] if w.dim() == 3 else None
         w_dim = w.shape[-1]
         shape = _probe_output(self.generate, self._first_w(w), description.get("source", "the prior"), device)
-        super().__init__(shape, (w_dim,), {**description, "truncation": truncation})
+        if center_crop is None and min(shape[1:]) >= HIGH_RESOLUTION:
+            self.center_crop = STYLEGAN_CENTER_CROP
+            shape = (shape[0], *center_crop_size(shape[1:], self.center_crop))
+        center_crop = self.center_crop
+        super().__init__(shape, (w_dim,), {**description, "truncation": truncation, "center_crop": center_crop})
 
     def modules(self) -> list[nn.Module]:
         return [self.generator]
@@ -159,25 +229,32 @@ class StyleGANPrior(Prior):
         ws = latents[:, None, :].expand(-1, self.num_ws, -1) if self.num_ws else latents
         params = inspect.signature(synthesis.forward).parameters
         if "noise_mode" in params:  # StyleGAN2-ADA: fixed noise keeps the image a function of w alone
-            return synthesis(ws, noise_mode="const")
-        return synthesis(ws)
+            return center_crop(synthesis(ws, noise_mode="const"), self.center_crop)
+        return center_crop(synthesis(ws), self.center_crop)
 
 
 class PixelPrior(Prior):
-    """Generator-free: optimise pixels (through tanh, so they stay in [-1, 1]).
+    """Generator-free: optimise pixels (through tanh, so they stay in [-1, 1]), DeepInversion-style.
 
     DeepInversion (Yin et al., CVPR 2020) makes such images natural for the target by matching
-    the batch statistics entering each BatchNorm layer to the layer's running statistics, plus a
-    total-variation smoothness term.
+    the batch statistics entering each BatchNorm layer to the layer's running statistics, with
+    total-variation and l2 image priors, and random jitter and flips at every step. Without
+    BatchNorm only the weak image priors remain and the result drifts towards adversarial noise:
+    `mishield.attack.budgets` flags such an audit as weak.
     """
 
     kind = "pixels"
-    default_lr = 0.05  # pixels move far less per unit step than generator latents
-    bn_weight = 0.05
-    tv_weight = 0.5
+    budget = PIXEL_BUDGET
+    latent_clamp = None  # tanh already bounds the image
+    bn_weight = 0.05  # per image: the BN term is scaled by the batch size (see `regularizer`)
+    tv_weight = 0.5  # squared neighbour differences, mean over pixels (DeepInversion's TV-l2)
+    l2_weight = 1e-3  # mean squared pixel: DeepInversion's l2 prior keeps intensities moderate
+    jitter = 1 / 16  # max shift, fraction of a side: DeepInversion's 2 px at CIFAR's 32 px
+    flip = 0.5
 
     def __init__(self, input_size: tuple[int, int, int]):
-        super().__init__(tuple(input_size), tuple(input_size), {"source": "none", "bn_weight": self.bn_weight, "tv_weight": self.tv_weight})
+        super().__init__(tuple(input_size), tuple(input_size), {"source": "none", "bn_weight": self.bn_weight, "tv_weight": self.tv_weight,
+                                                                "l2_weight": self.l2_weight, "jitter": self.jitter, "flip": self.flip})
         self._handles: list = []
         self._bn_terms: list[torch.Tensor] = []
         self.bn_layers = 0
@@ -187,6 +264,10 @@ class PixelPrior(Prior):
 
     def generate(self, latents: torch.Tensor) -> torch.Tensor:
         return torch.tanh(latents)
+
+    def step_thetas(self, u: torch.Tensor, config) -> torch.Tensor:
+        """DeepInversion's augmentation: a random shift (jitter) and a horizontal flip, no rescaling."""
+        return jitter_thetas(u, self.jitter, self.flip)
 
     def attach(self, target: nn.Module) -> None:
         self.detach()
@@ -212,7 +293,7 @@ class PixelPrior(Prior):
     def regularizer(self, images: torch.Tensor) -> torch.Tensor | None:
         dh = (images[:, :, 1:, :] - images[:, :, :-1, :]).pow(2).mean(dim=(1, 2, 3))
         dw = (images[:, :, :, 1:] - images[:, :, :, :-1]).pow(2).mean(dim=(1, 2, 3))
-        loss = self.tv_weight * (dh + dw).sum()
+        loss = self.tv_weight * (dh + dw).sum() + self.l2_weight * images.pow(2).mean(dim=(1, 2, 3)).sum()
         if self._bn_terms:
             # Batch statistics are one term per batch; scaling by the batch size keeps its weight
             # per image the same as the per-image losses, whatever --batch-size is.
@@ -309,10 +390,11 @@ def _load_stylegan_pickle(path: Path, trust: bool) -> nn.Module:
     return generator.float()
 
 
-def _wrap(generator: nn.Module, truncation: float, description: dict) -> Prior:
+def _wrap(generator: nn.Module, truncation: float, description: dict, crop: float | None = None) -> Prior:
+    """`crop` None: the prior kind's default center crop (PPA's for high-resolution StyleGAN, none for z-space)."""
     if hasattr(generator, "mapping") and hasattr(generator, "synthesis"):
-        return StyleGANPrior(generator, truncation, description)
-    return GeneratorPrior(generator, _latent_dim(generator, description["source"]), description)
+        return StyleGANPrior(generator, truncation, description, crop)
+    return GeneratorPrior(generator, _latent_dim(generator, description["source"]), description, crop)
 
 
 def load_prior(
@@ -321,18 +403,20 @@ def load_prior(
     target_input_size: tuple[int, int, int] = (3, 224, 224),
     trust_checkpoint: bool = False,
     truncation: float = 0.5,
+    center_crop: float | None = None,
 ) -> Prior:
     """`--prior`: FILE (a mishield prior, a StyleGAN2-ADA .pkl, a TorchScript or pickled module),
-    `package.module:factory`, or `none` (pixels at the target's input size)."""
+    `package.module:factory`, or `none` (pixels at the target's input size). `center_crop`: the
+    fraction of each side kept (None: 800/1024 for StyleGAN of >= 512 px as PPA, none for z-space generators)."""
     if spec.strip().lower() == "none":
         return PixelPrior(target_input_size)
     path = Path(spec)
     if path.exists():
         if path.is_dir():
             raise BadInputError(f"--prior {spec} is a directory; pass a generator file, package.module:factory or none.")
-        return _load_prior_file(path, trust_checkpoint, truncation)
+        return _load_prior_file(path, trust_checkpoint, truncation, center_crop)
     if ":" in spec and not spec.startswith(("/", ".")) and "/" not in spec.split(":")[0]:
-        return _wrap(_load_factory(spec), truncation, {"source": spec, "format": "factory"})
+        return _wrap(_load_factory(spec), truncation, {"source": spec, "format": "factory"}, center_crop)
     raise BadInputError(f"--prior {spec} is neither an existing file, a package.module:factory, nor `none`.")
 
 
@@ -362,7 +446,7 @@ def _load_file_kind(path: Path) -> str:
     return "pickle" if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") else "unknown"
 
 
-def _load_prior_file(path: Path, trust_checkpoint: bool, truncation: float) -> Prior:
+def _load_prior_file(path: Path, trust_checkpoint: bool, truncation: float, crop: float | None = None) -> Prior:
     description = {"source": str(path)}
     kind = _load_file_kind(path)
     if kind in ("empty", "unknown"):
@@ -372,11 +456,11 @@ def _load_prior_file(path: Path, trust_checkpoint: bool, truncation: float) -> P
         raise BadInputError(f"--prior {path} {state}; pass a prior made by `mishield prior train`, a generator factory, or none.")
     if kind == "safetensors":
         generator, meta = load_generator_file(path)
-        return GeneratorPrior(generator, generator.latent_dim, {**description, "format": meta["format"], "config": meta["config"], "training": meta.get("training", {})})
+        return GeneratorPrior(generator, generator.latent_dim, {**description, "format": meta["format"], "config": meta["config"], "training": meta.get("training", {})}, crop)
     if path.suffix == ".pkl":
-        return _wrap(_load_stylegan_pickle(path, trust_checkpoint), truncation, {**description, "format": "stylegan2-ada-pickle"})
+        return _wrap(_load_stylegan_pickle(path, trust_checkpoint), truncation, {**description, "format": "stylegan2-ada-pickle"}, crop)
     if kind == "torchscript":
-        return _wrap(_load_torchscript_prior(path), truncation, {**description, "format": "torchscript"})
+        return _wrap(_load_torchscript_prior(path), truncation, {**description, "format": "torchscript"}, crop)
     if not trust_checkpoint:
         raise BadInputError(f"{path} is a pickled Python object, not a mishield prior or TorchScript file; loading it runs its code, pass --trust-checkpoint only if you trust its source.")
     try:
@@ -385,7 +469,7 @@ def _load_prior_file(path: Path, trust_checkpoint: bool, truncation: float) -> P
         raise BadInputError(f"{path} could not be loaded as a generator ({type(err).__name__}: {err}).") from None
     if not isinstance(module, nn.Module):
         raise BadInputError(f"{path} holds a {type(module).__name__}, not a generator module.")
-    return _wrap(module, truncation, {**description, "format": "pickled-module"})
+    return _wrap(module, truncation, {**description, "format": "pickled-module"}, crop)
 
 
 def _load_torchscript_prior(path: Path) -> nn.Module:

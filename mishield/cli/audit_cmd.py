@@ -40,16 +40,21 @@ def audit(
     prior: Annotated[str | None, typer.Option("--prior", help="FILE (mishield prior, StyleGAN2-ADA .pkl, TorchScript), package.module:factory, or none.")] = None,
     eval_model: Annotated[str | None, typer.Option("--eval-model", help="Evaluation model trained on the private data (see `mishield train-eval`).")] = None,
     classes: Annotated[str | None, typer.Option("--classes", help="Target classes, e.g. 0-9,17 (default: all).")] = None,
-    preset: Annotated[str, typer.Option("--preset", help="quick (CI-sized) or paper (PPA's S=5000 C=200 I=70 K=50 A=100).")] = "quick",
+    preset: Annotated[str, typer.Option("--preset", help="default (calibrated), ci, ppa-facescrub, ppa-celeba or koh2024-facescrub; docs/audit.md lists their numbers.")] = "default",
     samples: Annotated[int | None, typer.Option("--samples", "-S", min=1, help="Initial-selection pool size S.")] = None,
     candidates: Annotated[int | None, typer.Option("--candidates", "-C", min=1, help="Candidates optimised per class C.")] = None,
-    iterations: Annotated[int | None, typer.Option("--iterations", "-I", min=1, help="Optimisation steps I.")] = None,
+    iterations: Annotated[int | None, typer.Option("--iterations", "-I", min=0, help="Optimisation steps I (default: the prior's; 0: selection only).")] = None,
     keep: Annotated[int | None, typer.Option("--keep", "-K", min=1, help="Reconstructions kept per class K.")] = None,
     final_augmentations: Annotated[int | None, typer.Option("--final-augmentations", "-A", min=1, help="Augmentations scoring each candidate at final selection A.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per attack step (default 256).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the pool and of every crop.")] = 0,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Repeat the attack with seeds SEED, SEED+1, ... and pool them per class before the intervals.")] = 1,
-    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Adam learning rate (default 0.005; 0.05 for --prior none).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Adam learning rate (default: the prior's, 0.05 for a DCGAN or --prior none, 0.005 for StyleGAN).")] = None,
+    milestones: Annotated[str | None, typer.Option("--milestones", help="lr cuts: fractions of the run (0.6,0.8) or steps (30,40); 'none' for no schedule.")] = None,
+    gamma: Annotated[float | None, typer.Option("--gamma", min=0.0, help="Factor of each lr cut (default 0.1).")] = None,
+    center_crop: Annotated[float | None, typer.Option("--center-crop", min=0.0, max=1.0, help="Keep this central fraction of each prior image side (default: 800/1024 for StyleGAN >= 512 px, else 1).")] = None,
+    selection_baseline: Annotated[bool, typer.Option("--selection-baseline/--no-selection-baseline", help="Also report the selection-only (I = 0) baseline.")] = True,
+    allow_weak_budget: Annotated[bool, typer.Option("--allow-weak-budget", help="Gate even below the minimum attack budget; the report flags the audit weak.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     compile_: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the attack step (pays off on long GPU runs).")] = False,
     max_attack_acc: Annotated[float | None, typer.Option("--max-attack-acc", help="Privacy gate: exit 4 unless every model's audit is conclusive and the upper end of its attack accuracy @1 interval is at or below this fraction.")] = None,
@@ -74,7 +79,9 @@ def audit(
     if prior is None:
         raise UsageError(NO_PRIOR)
     attack = {"samples": samples, "candidates": candidates, "iterations": iterations, "keep": keep, "lr": lr,
-              "final_augmentations": final_augmentations, "batch_size": batch_size, "seed": seed, "compile": compile_}
+              "final_augmentations": final_augmentations, "batch_size": batch_size, "seed": seed, "compile": compile_,
+              "milestones": _milestones(milestones), "gamma": gamma, "center_crop": center_crop,
+              "selection_baseline": selection_baseline}
     provenance = {"preset": preset, "prior": prior, "eval_model": eval_model, "data": str(data), "models": list(models)}
     with flags_in_errors(run, extra=(*LOAD_PARAMETERS, *attack)), progress_bars(os.environ.get("RANK", "0") == "0") as progress:
         load = {"arch": arch, "num_classes": num_classes, "input_size": input_size,
@@ -83,13 +90,26 @@ def audit(
             models, data=data, prior=prior, eval_model=eval_model, out=out, classes=classes, preset=preset, attack=attack,
             device=device, max_attack_acc=max_attack_acc, overwrite=overwrite, load_options=load, eval_arch=eval_arch,
             trust_checkpoint=trust_checkpoint, progress=progress, provenance=provenance, seeds=seeds,
-            allow_weak_evaluator=allow_weak_evaluator,
+            allow_weak_evaluator=allow_weak_evaluator, allow_weak_budget=allow_weak_budget,
         )  # fmt: skip
     if report is None:  # another rank under torchrun; rank 0 prints
         return
     _print(report, json_output)
     if not report.passed:
         raise PrivacyGateError(gate_message(report.gate, out / "report.html"))
+
+
+def _milestones(text: str | None) -> tuple[float, ...] | None:
+    from mishield.errors import UsageError
+
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--milestones takes numbers like 0.6,0.8 or 30,40, or none; cannot read {text!r}.") from None
 
 
 def _print(report, json_output: bool) -> None:
