@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mishield.attack.audit as audit_module
 from mishield.attack.budgets import below_minimum, budget_warnings, travel
 from mishield.attack.ppa import PPAAttack, make_config
 from mishield.attack.priors import (
@@ -136,7 +137,7 @@ def test_generator_free_mode_flags_a_target_without_batchnorm():
     assert below_minimum(make_config("ci"), pixels)  # 200 steps: CI only, never a gate
 
 
-def test_a_weak_gate_is_refused_and_an_allowed_one_is_flagged(tmp_path):
+def test_a_weak_gate_is_refused_and_an_allowed_one_is_flagged(tmp_path, monkeypatch):
     from PIL import Image
 
     import mishield
@@ -152,6 +153,8 @@ def test_a_weak_gate_is_refused_and_an_allowed_one_is_flagged(tmp_path):
           "eval_model": mishield.load_model("attack_support:small_plain_cnn", num_classes=3, input_size=16),
           "attack": {"samples": 6, "candidates": 2, "iterations": 1, "keep": 1, "final_augmentations": 1, "batch_size": 6}}
     target = mishield.load_model("attack_support:tiny_resnet", num_classes=3, input_size=16)
+    # random-data models: the trust checks (tests/test_attack_trust.py) would refuse them first
+    monkeypatch.setattr(audit_module, "_trust", lambda *args: ({"accuracy": None}, [], None))
     with pytest.raises(UsageError, match="too weak to gate"):
         mishield.audit(target, out=tmp_path / "refused", **kw)
     report = mishield.audit(target, out=tmp_path / "flagged", allow_weak_budget=True, **kw)

@@ -58,8 +58,10 @@ def _attack(lr: float, iterations: int = 30) -> PPAAttack:
     # an untrained DCGAN in eval mode draws near-constant ones, which no optimiser can improve.
     prior = GeneratorPrior(TinyGenerator(), TinyGenerator.z_dim, {"source": "test"})
     target = copy.deepcopy(_fmnist_target())
+    # No lr schedule: these tests pin what one optimiser step does, at a constant rate.
     config = make_config(
-        "quick", samples=48, candidates=6, iterations=iterations, keep=3, final_augmentations=3, batch_size=18, lr=lr
+        "ci", samples=48, candidates=6, iterations=iterations, keep=3, final_augmentations=3, batch_size=18, lr=lr,
+        milestones=(), selection_baseline=False,
     )
     return PPAAttack(prior, target, PRE, config, CPU)
 
@@ -94,9 +96,10 @@ def test_optimisation_raises_the_confidence_of_the_same_latents():
     conf_before, conf_after = _confidence(attack, before, labels), _confidence(attack, after, labels)
     # per candidate, not on average only: every latent's own loss fell, and nearly every
     # latent's own confidence rose (the loss is minimised under random crops, the confidence here
-    # is read uncropped, so a few may trade one for the other)
+    # is read uncropped and z-space latents are clamped to +-3 after each step, so a few of the
+    # near-zero-confidence ones may trade one for the other)
     assert (_loss(attack, after, labels) < _loss(attack, before, labels)).all()
-    assert (conf_after > conf_before).float().mean() >= 0.85, (conf_before, conf_after)
+    assert (conf_after > conf_before).float().mean() >= 0.75, (conf_before, conf_after)
     assert conf_after.mean() > 1.3 * conf_before.mean()
 
 

@@ -137,13 +137,13 @@ def test_an_evaluator_below_the_floor_is_refused_unless_a_smoke_test_says_so(wor
     report = json.loads((tmp_path / "out2" / "report.json").read_text())
     assert report["eval_model"]["trust"]["accuracy"] < 0.6
     assert any("below the floor" in w for w in report["warnings"])
-    code, _, err = run_cli(_audit_cli(world, tmp_path / "out3", weak, "--allow-weak-evaluator", "--max-attack-acc", "0.5"), capsys)
+    code, _, err = run_cli(_audit_cli(world, tmp_path / "out3", weak, "--allow-weak-evaluator", "--max-attack-acc", "0.5", "--allow-weak-budget"), capsys)
     assert code == 2 and "--max-attack-acc" in err, err
 
 
 def test_a_chance_level_target_is_refused_for_gating(world, tmp_path, capsys):
     # An untrained target: natural accuracy near 20 %, its Wilson interval over 150 images covers chance.
-    code, _, err = run_cli(_audit_cli(world, tmp_path / "out", world["eval"], "--max-attack-acc", "0.5"), capsys)
+    code, _, err = run_cli(_audit_cli(world, tmp_path / "out", world["eval"], "--max-attack-acc", "0.5", "--allow-weak-budget"), capsys)
     assert code == 3 and "cannot be gated" in err and "chance (20.0 %)" in err, err
 
 

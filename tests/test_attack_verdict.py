@@ -67,7 +67,7 @@ def without_trust_checks(monkeypatch):
 def test_a_failed_attack_is_inconclusive_and_fails_the_gate(tiny, tmp_path, capsys, without_trust_checks):
     # Untrained 3-class targets: their softmax stays near 1/3, so no class is reached (confidence
     # < 0.5) and the audit says nothing about privacy; even a 100 % threshold must not pass it.
-    code, out, err = _run(_audit(tiny, tmp_path / "a", "--max-attack-acc", "1.0"), capsys)
+    code, out, err = _run(_audit(tiny, tmp_path / "a", "--max-attack-acc", "1.0", "--allow-weak-budget"), capsys)
     assert code == 4, err
     assert "inconclusive" in err and "did not reach" in err
     doc = json.loads(out)
@@ -117,7 +117,7 @@ def test_the_gate_reads_the_upper_end_of_the_interval(tiny, tmp_path, capsys, mo
     est, high = s["attack_acc1"], s["attack_acc1_interval"]["high"]
     assert est < high  # 3 classes x 2 images: the interval is wide
     threshold = round((est + high) / 2, 4)  # above the point estimate, below the upper end
-    code, out, err = _run(_audit(tiny, tmp_path / "d", "--max-attack-acc", threshold), capsys)
+    code, out, err = _run(_audit(tiny, tmp_path / "d", "--max-attack-acc", threshold, "--allow-weak-budget"), capsys)
     assert code == 4, err
     assert "upper end" in err and "inconclusive" not in err
     doc = json.loads(out)

@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from mishield.attack.augment import candidate_keys
-from mishield.attack.metrics import deltas, knn_distances, summarize, wilson_interval
+from mishield.attack.metrics import deltas, knn_distances, summarize
 from mishield.attack.poincare import ONEHOT_SHRINK, poincare_loss
 from mishield.errors import BadInputError, UsageError
 from mishield.surgery import apply_plan, plan_surgery, rebuild
@@ -71,13 +71,13 @@ def test_summarize_of_no_reconstructions_reports_missing_values_not_a_crash():
     out = summarize(empty, empty, torch.zeros(0, dtype=torch.float64))
     assert out["n"] == 0 and out["knn_dist"] is None
     assert math.isnan(out["attack_acc1"]) and math.isnan(out["attack_acc5"])
-    assert all(math.isnan(v) for v in out["attack_acc1_ci95"])
 
 
-def test_summarize_reports_the_wilson_interval_of_top1():
+def test_summarize_reports_point_estimates_without_an_interval():
+    # intervals need the per-class layout (attack.stats.class_bootstrap), not a flat image list
     top1 = torch.tensor([True, False, True, True, False])
     out = summarize(top1, torch.ones(5, dtype=torch.bool), torch.tensor([1.0, float("nan"), 3.0, 2.0, 2.0]))
-    assert out["attack_acc1_ci95"] == list(wilson_interval(3, 5))
+    assert out["attack_acc1"] == pytest.approx(0.6) and "attack_acc1_ci95" not in out
     assert out["attack_acc5"] == 1.0 and out["knn_dist"] == 2.0  # NaN (class without private images) left out
 
 
@@ -211,7 +211,7 @@ def test_run_reports_progress_image_steps_and_timings():
     done = [c[1] for c in calls]
     assert done == sorted(done) and done[0] > 0 and all(c[2] == total for c in calls)
     t = result.timings
-    assert set(t) == {"initial_selection_s", "optimisation_s", "final_selection_s"}
+    assert set(t) == {"initial_selection_s", "optimisation_s", "final_selection_s", "selection_only_s"}
     assert all(v >= 0 for v in t.values()) and sum(t.values()) <= result.seconds + 1e-6 < 600
 
 
@@ -225,12 +225,12 @@ def test_images_map_minus_one_to_zero_and_one_to_255():
 def test_config_bounds_accept_the_smallest_valid_values():
     from mishield.attack.ppa import make_config
 
-    cfg = make_config("quick", samples=1, candidates=1, iterations=1, keep=1, final_augmentations=1, batch_size=1)
-    assert (cfg.samples, cfg.candidates, cfg.keep) == (1, 1, 1)
-    make_config("quick", samples=5, candidates=5, keep=5)  # C = S and K = C are allowed
+    cfg = make_config("ci", samples=1, candidates=1, iterations=0, keep=1, final_augmentations=1, batch_size=1)
+    assert (cfg.samples, cfg.candidates, cfg.keep, cfg.iterations) == (1, 1, 1, 0)  # I = 0: selection only
+    make_config("ci", samples=5, candidates=5, keep=5)  # C = S and K = C are allowed
     with pytest.raises(UsageError, match="final_augmentations` must be at least 1, got 0"):
-        make_config("quick", final_augmentations=0)
-    with pytest.raises(UsageError, match="preset` must be one of quick, paper"):
+        make_config("ci", final_augmentations=0)
+    with pytest.raises(UsageError, match="preset` must be one of ci, default"):
         make_config("huge")
 
 
