@@ -8,6 +8,7 @@ training set's class list, never by its own.
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import os
 import random
 import shutil
@@ -248,6 +249,21 @@ def has_validation(data_dir: str | Path, val_dir: str | Path | None = None) -> b
     """Whether `load_image_folders(data_dir, val_dir)` finds validation images without a split."""
     data_dir = Path(data_dir)
     return val_dir is not None or ((data_dir / "train").is_dir() and (data_dir / "val").is_dir())
+
+
+def resolve_val_fraction(data_dir: str | Path, val_dir: str | Path | None = None,
+                         val_fraction: float | None = None) -> float | None:
+    """`val_fraction`, or DEFAULT_VAL_FRACTION when nothing else gives validation images, so that
+    natural accuracy is always measured; says so, since a model trained on all of `data_dir` has
+    seen those images (its accuracy on them is then an overestimate)."""
+    if val_fraction is not None or has_validation(data_dir, val_dir):
+        return val_fraction
+    logging.getLogger("mishield.data").warning(
+        "%s has no val/ folder: holding out a seeded %d %% of it to measure natural accuracy "
+        "(pass `val_data` or `val_fraction` to choose; if the model was trained on these images, "
+        "the accuracy is an overestimate).", data_dir, round(100 * DEFAULT_VAL_FRACTION),
+    )
+    return DEFAULT_VAL_FRACTION
 
 
 def typical_image_size(items: Sequence[Item], probe: int = 64) -> int:

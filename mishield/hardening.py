@@ -289,11 +289,15 @@ def _recipe(loaded, t: _Training):
 
 
 def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training, report) -> HardenResult:
-    from mishield.data import check_num_classes, load_image_folders
+    from mishield.data import (
+        check_num_classes,
+        load_image_folders,
+        resolve_val_fraction,
+    )
     from mishield.training import reset_head as reset_classifier
     from mishield.training import run_schedule
 
-    splits = load_image_folders(t.data, val_dir=t.val_data, val_fraction=_val_fraction(t), seed=t.seed)
+    splits = load_image_folders(t.data, val_dir=t.val_data, val_fraction=resolve_val_fraction(t.data, t.val_data, t.val_fraction), seed=t.seed)
     loaded = _fit_resolution(loaded, splits, t.input_size_given)
     model_classes = loaded.num_classes
     if t.reset_head:
@@ -326,21 +330,6 @@ def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training
         recipe=recipe, metrics=result.metrics, history=result.history, log=log_path, resumed_from=result.resumed_from,
         seconds=result.seconds, main_process=is_main,
     )
-
-
-def _val_fraction(t: _Training) -> float | None:
-    """Hold out a seeded fraction of `data` when nothing else gives validation images, so that
-    natural accuracy is always measured (and say so: if the checkpoint was trained on all of `data`,
-    those images are not unseen by it)."""
-    from mishield.data import DEFAULT_VAL_FRACTION, has_validation
-
-    if t.val_fraction is not None or has_validation(t.data, t.val_data):
-        return t.val_fraction
-    _log.warning(
-        "%s has no val/ folder: holding out a seeded %d %% of it to measure natural accuracy "
-        "(pass `val_data` or `val_fraction` to choose).", t.data, round(100 * DEFAULT_VAL_FRACTION),
-    )
-    return DEFAULT_VAL_FRACTION
 
 
 def _fit_resolution(loaded: LoadedModel, splits, input_size_given: bool) -> LoadedModel:

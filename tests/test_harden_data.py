@@ -36,23 +36,37 @@ def state_dict_file(tmp_path: Path) -> Path:
 
 def test_state_dict_takes_the_datas_resolution_and_holds_out_validation(flat_data, state_dict_file, tmp_path, caplog):
     out = tmp_path / "hardened.pt"
-    with caplog.at_level(logging.WARNING, logger="mishield.hardening"):
+    with caplog.at_level(logging.WARNING):
         result = harden(state_dict_file, method="rolss", data=flat_data, epochs=1, stage1_epochs=0,
                         batch_size=32, device="cpu", out=out, load_options={"arch": ARCH})
     # timm's default for this architecture is 160 px; Fashion-MNIST is 28 px
     assert load_model(out).preprocessing.input_size == (3, 28, 28)
     assert "does not record its input size" in caplog.text and "28 px" in caplog.text
     # no val/ folder: a seeded 10 % of the 120 images measures natural accuracy
-    assert "no val/ folder" in caplog.text
+    assert "no val/ folder" in caplog.text  # (logged by mishield.data)
     assert result.training["val_images"] == 12 and result.training["train_images"] == 108
     assert result.metrics["natural_acc_after"] is not None
 
 
 def test_explicit_input_size_wins_with_a_warning_when_far_from_the_data(flat_data, state_dict_file, tmp_path, caplog):
     out = tmp_path / "hardened.pt"
-    with caplog.at_level(logging.WARNING, logger="mishield.hardening"):
+    with caplog.at_level(logging.WARNING):
         harden(state_dict_file, method="rolss", data=flat_data, epochs=1, stage1_epochs=0, batch_size=32,
                device="cpu", out=out, val_fraction=0.2, load_options={"arch": ARCH, "input_size": 64})
     assert load_model(out).preprocessing.input_size == (3, 64, 64)
     assert "takes 64 px inputs but the images in the data are about 28 px" in caplog.text
     assert "no val/ folder" not in caplog.text
+
+
+def test_audit_holds_out_validation_when_data_has_no_val_folder(flat_data, tmp_path, caplog):
+    """`mishield audit --val-fraction`: natural accuracy needs held-out images; without val/ a seeded
+    10 % (or the given fraction) of the private folder is held out, and the report says how many."""
+    from mishield.attack.audit import _load_inputs
+    from mishield.attack.ppa import make_config
+
+    config = make_config("ci")
+    with caplog.at_level(logging.WARNING):
+        _, _, splits, _ = _load_inputs(ARCH, flat_data, "none", ARCH, None, {"num_classes": 3}, False, config)
+    assert len(splits.val) == 12 and len(splits.train) == 108 and "no val/ folder" in caplog.text
+    _, _, splits, _ = _load_inputs(ARCH, flat_data, "none", ARCH, None, {"num_classes": 3}, False, config, 0.25)
+    assert len(splits.val) == 30

@@ -219,6 +219,7 @@ def run_audit(
     seeds: int = 1,
     allow_weak_evaluator: bool = False,
     allow_weak_budget: bool = False,
+    val_fraction: float | None = None,
 ) -> AuditReport | None:
     """Audit `targets` (the first is the baseline of the Δ columns); returns the report on rank 0.
 
@@ -459,6 +460,7 @@ def audit(
     seeds: int = 1,
     allow_weak_evaluator: bool = False,
     allow_weak_budget: bool = False,
+    val_fraction: float | None = None,
 ) -> AuditReport | None:
     """Audit `models` (files, architecture specs or `LoadedModel`s; the first is the Δ baseline).
 
@@ -470,7 +472,8 @@ def audit(
     candidates, iterations, keep, final_augmentations, batch_size, seed, lr, betas, milestones,
     gamma, center_crop, selection_baseline, compile); `seeds` repeats the attack with seeds seed,
     seed + 1, ... pooled per class. `allow_weak_budget` lets a gate run below the minimum budget,
-    flagged in the report. `load_options` go to `load_model` for each of `models`. Writes the report into
+    flagged in the report. `load_options` go to `load_model` for each of `models`. Natural accuracy
+    is measured on `data`'s val/ folder, else on a seeded `val_fraction` of it (default 10 %). Writes the report into
     `out` and returns it. Under torchrun, ranks other than 0 return None, or raise
     `PrivacyGateError` when the gate failed, so every process ends alike. The trust checks
     (docs/audit.md "Trust checks") refuse an untrustworthy evaluator, a chance-level target under
@@ -491,7 +494,7 @@ def audit(
     runtime = make_runtime(device)
     try:
         targets, evaluation, splits, image_prior = _load_inputs(
-            models, data, prior, eval_model, eval_arch, load_options, trust_checkpoint, config)
+            models, data, prior, eval_model, eval_arch, load_options, trust_checkpoint, config, val_fraction)
         chosen = classes if isinstance(classes, list) else parse_classes(classes, targets[0].num_classes)
         report = run_audit(
             targets, evaluation, splits, prior=image_prior, config=config, out_dir=out, classes=chosen, runtime=runtime,
@@ -506,10 +509,10 @@ def audit(
     return report
 
 
-def _load_inputs(models, data, prior, eval_model, eval_arch, load_options, trust_checkpoint, config):
+def _load_inputs(models, data, prior, eval_model, eval_arch, load_options, trust_checkpoint, config, val_fraction=None):
     from mishield.attack.priors import load_prior
     from mishield.attack.trust import check_prior_overlap
-    from mishield.data import DataSplits, load_image_folders
+    from mishield.data import DataSplits, load_image_folders, resolve_val_fraction
     from mishield.models import LoadedModel, load_model
 
     def target(m, **options) -> AuditTarget:
@@ -523,7 +526,10 @@ def _load_inputs(models, data, prior, eval_model, eval_arch, load_options, trust
         raise UsageError("name at least one model to audit.")
     targets = [target(m, **(load_options or {})) for m in models]
     evaluation = target(eval_model, arch=eval_arch)
-    splits = data if isinstance(data, DataSplits) else load_image_folders(data)
+    if isinstance(data, DataSplits):
+        splits = data
+    else:
+        splits = load_image_folders(data, val_fraction=resolve_val_fraction(data, None, val_fraction), seed=config.seed)
     if prior is None or (isinstance(prior, str) and prior.strip().lower() == "none"):
         image_prior = None
     elif isinstance(prior, Prior):

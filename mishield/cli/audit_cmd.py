@@ -49,6 +49,7 @@ def audit(
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per attack step (default 256).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the pool and of every crop.")] = 0,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Repeat the attack with seeds SEED, SEED+1, ... and pool them per class before the intervals.")] = 1,
+    val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Hold out this seeded fraction of --data for natural accuracy when it has no val/ folder (default 0.1).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Adam learning rate (default: the prior's, 0.05 for a DCGAN or --prior none, 0.005 for StyleGAN).")] = None,
     milestones: Annotated[str | None, typer.Option("--milestones", help="lr cuts: fractions of the run (0.6,0.8) or steps (30,40); 'none' for no schedule.")] = None,
     gamma: Annotated[float | None, typer.Option("--gamma", min=0.0, help="Factor of each lr cut (default 0.1).")] = None,
@@ -89,7 +90,7 @@ def audit(
         report = run(
             models, data=data, prior=prior, eval_model=eval_model, out=out, classes=classes, preset=preset, attack=attack,
             device=device, max_attack_acc=max_attack_acc, overwrite=overwrite, load_options=load, eval_arch=eval_arch,
-            trust_checkpoint=trust_checkpoint, progress=progress, provenance=provenance, seeds=seeds,
+            trust_checkpoint=trust_checkpoint, progress=progress, provenance=provenance, seeds=seeds, val_fraction=val_fraction,
             allow_weak_evaluator=allow_weak_evaluator, allow_weak_budget=allow_weak_budget,
         )  # fmt: skip
     if report is None:  # another rank under torchrun; rank 0 prints
