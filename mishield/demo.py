@@ -51,11 +51,11 @@ SIZES: dict[str, dict[str, Any]] = {
         "seconds": {"data": 1, "target": 6, "rolss_tts": 6, "ssf": 2, "eval": 6, "prior": 4, "audit": 8, "export": 6},
     },
     "full": {
-        "train_per_class": 300, "val_per_class": 100, "public_per_class": 300,
-        "target_epochs": 6, "tts_stage1": 2, "ssf_epochs": 2, "bido": False,
-        "eval_epochs": 6, "prior": {"epochs": 15, "latent_dim": 64, "width": 32, "batch_size": 64, "lr": 3e-4},
+        "train_per_class": 150, "val_per_class": 50, "public_per_class": 150,
+        "target_epochs": 5, "tts_stage1": 2, "ssf_epochs": 2, "bido": False,
+        "eval_epochs": 5, "prior": {"epochs": 8, "latent_dim": 32, "width": 16, "batch_size": 32, "lr": 3e-4},
         "attack": {"batch_size": 100},  # the default preset's budget; only the batch is sized for a CPU
-        "seconds": {"data": 5, "target": 60, "rolss_tts": 60, "ssf": 20, "eval": 50, "prior": 90, "audit": 180, "export": 10},
+        "seconds": {"data": 3, "target": 60, "rolss_tts": 50, "ssf": 15, "eval": 40, "prior": 60, "audit": 240, "export": 8},
     },
 }
 # 3e-3 rather than the recipe's 1e-3: the demo trains from scratch for a few hundred steps at most,
