@@ -144,3 +144,13 @@ def test_table_intervals_equal_those_of_the_raw_outcomes():
     assert rows[1]["attack_acc1_ci95"] == [ci.low, ci.high]
     assert rows[1]["paired_diff_ci95"] == [paired.low, paired.high]
     assert rows[1]["paired_diff"] == pytest.approx(raw_b.mean() - raw_a.mean())
+
+
+def test_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    from clirun import run_cli
+
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    code, out, err = run_cli(["demo", "--quick", "--out", target], capsys)
+    assert code == 2 and out == ""
+    assert err.strip() == f"error: --out {target} is a file; the demo writes a folder."

@@ -19,13 +19,14 @@ def demo(
     json_output: JsonOpt = False,
 ) -> None:
     """Show that hardening makes a model leak less: train, harden, attack and export on built-in data."""
+    from mishield.cli.options import flags_in_errors
     from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.demo import run_demo
 
     def log(line: str) -> None:
         console.err.print(f"[bold]{line}[/]")
 
-    with progress_bars() as progress:
+    with flags_in_errors(run_demo), progress_bars() as progress:
         result = run_demo(out, quick=quick, device=device, seed=seed, progress=progress, on_epoch=epoch_printer(), log=log)
     if json_output:
         console.emit_json(result.to_dict())
