@@ -48,14 +48,15 @@ SIZES: dict[str, dict[str, Any]] = {
         "target_epochs": 3, "tts_stage1": 1, "ssf_epochs": 1, "bido": False,
         "eval_epochs": 3, "prior": {"epochs": 2, "latent_dim": 32, "width": 16, "batch_size": 32, "lr": 3e-4},
         "attack": {"samples": 40, "candidates": 4, "iterations": 5, "keep": 4, "final_augmentations": 2, "batch_size": 40},
-        "seconds": {"data": 1, "target": 6, "rolss_tts": 6, "ssf": 2, "eval": 6, "prior": 4, "audit": 8, "export": 6},
+        "seconds": {"data": 1, "target": 2, "rolss_tts": 2, "ssf": 1, "eval": 2, "prior": 1, "audit": 1, "export": 3},
     },
     "full": {
-        "train_per_class": 150, "val_per_class": 50, "public_per_class": 150,
-        "target_epochs": 5, "tts_stage1": 2, "ssf_epochs": 2, "bido": False,
-        "eval_epochs": 5, "prior": {"epochs": 8, "latent_dim": 32, "width": 16, "batch_size": 32, "lr": 3e-4},
+        "train_per_class": 300, "val_per_class": 100, "public_per_class": 300,
+        "target_epochs": 12, "tts_stage1": 4, "ssf_epochs": 4, "bido": True,
+        "eval_epochs": 10, "prior": {"epochs": 20, "latent_dim": 64, "width": 32, "batch_size": 64, "lr": 3e-4},
         "attack": {"batch_size": 100},  # the default preset's budget; only the batch is sized for a CPU
-        "seconds": {"data": 3, "target": 60, "rolss_tts": 50, "ssf": 15, "eval": 40, "prior": 60, "audit": 240, "export": 8},
+        "seconds": {"data": 1, "target": 25, "rolss_tts": 25, "ssf": 10, "bido_rolss": 35, "eval": 45, "prior": 110,
+                    "audit": 25, "export": 3},
     },
 }
 # 3e-3 rather than the recipe's 1e-3: the demo trains from scratch for a few hundred steps at most,
