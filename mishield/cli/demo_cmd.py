@@ -12,7 +12,7 @@ from mishield.cli.options import JsonOpt
 
 
 def demo(
-    quick: Annotated[bool, typer.Option("--quick", help="Tiny but real run (about a minute on a CPU) instead of the full demo (about 10 minutes).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny but real run (about 15 s on an idle 2-core CPU) instead of the full demo (about 3 minutes).")] = False,
     out: Annotated[Path, typer.Option("--out", help="Folder for every artefact; an interrupted demo continues from what it holds.")] = Path("mishield-demo"),
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
