@@ -136,3 +136,10 @@ def test_audit_at_the_smallest_budget(private, public, tmp_path, capsys):
     assert doc["models"][0]["delta"] is None and isinstance(doc["models"][1]["delta"], dict)
     # stdout and report.json carry the same document.
     assert json.loads(Path(doc["files"]["json"]).read_text())["models"] == doc["models"]
+
+
+def test_env(capsys):
+    code, out, err = run_cli(["env", "--json"], capsys)
+    assert code == 0, err
+    doc = validate("env", out)
+    assert doc["embedded_data"]["intact"] is True

@@ -29,6 +29,21 @@ app = typer.Typer(
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from mishield import __version__
+
+        typer.echo(f"mishield {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Harden image classifiers against model-inversion attacks, and audit how much they leak."""
+
+
 def _register() -> None:
     # Imported here so `mishield --help` stays cheap to reach and import errors surface in main().
     if app.registered_commands:  # main() runs many times in one process under the tests
@@ -43,6 +58,10 @@ def _register() -> None:
     app.command("audit")(audit_cmd.audit)
     app.command("train-eval")(train_eval_cmd.train_eval)
     app.add_typer(prior_cmd.app, name="prior")
+
+    from mishield.cli import demo_cmd, env_cmd
+    app.command("demo")(demo_cmd.demo)
+    app.command("env")(env_cmd.env)
 
 
 def _click_classes(name: str) -> tuple[type, ...]:

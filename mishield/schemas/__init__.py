@@ -12,8 +12,7 @@ import json
 from importlib import resources
 from typing import Any
 
-# `mishield demo` and `mishield env` get their schemas when those commands exist.
-COMMANDS = ("inspect", "harden", "export", "audit", "prior-train", "train-eval")
+COMMANDS = ("inspect", "harden", "export", "audit", "prior-train", "train-eval", "demo", "env")
 
 
 def schema_text(command: str) -> str:

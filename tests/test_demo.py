@@ -1,0 +1,154 @@
+"""`mishield demo --quick` end to end: real (tiny) training, hardening, prior, audit and ONNX export
+on the embedded Fashion-MNIST, then a second run that must come from the cache."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from mishield.demo import (
+    PRIVATE_CLASSES,
+    PUBLIC_CLASSES,
+    STATE_FILE,
+    _Stages,
+    demo_table,
+)
+
+# In the default suite: the three end-to-end tests together took 58 s on the shared 2-core CPU
+# (the quick demo alone 16 s idle, 4-5 minutes under a load average of 8; docs/demo.md).
+
+
+def _demo(out: Path, *extra) -> tuple[int, str, float]:
+    """`mishield demo --quick` in-process; (exit code, stdout, seconds)."""
+    from mishield.cli import main
+
+    buf = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(buf):
+        try:
+            main(["demo", "--quick", "--out", str(out), "--device", "cpu", *extra])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code or 0
+    return code, buf.getvalue(), time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    code, stdout, seconds = _demo(out, "--json")
+    assert code == 0
+    return out, json.loads(stdout), seconds
+
+
+def test_quick_demo_end_to_end(quick_run):
+    jsonschema = pytest.importorskip("jsonschema")
+    from mishield.schemas import load_schema
+
+    out, doc, _ = quick_run
+    jsonschema.Draft202012Validator(load_schema("demo")).validate(doc)
+    assert set(PRIVATE_CLASSES).isdisjoint(PUBLIC_CLASSES)
+    assert [s["cached"] for s in doc["stages"]] == [False] * len(doc["stages"])
+    rows = doc["rows"]
+    assert [r["model"] for r in rows][:3] == ["original.pt", "rolss-tts.pt", "ssf.pt"]
+    for r in rows:
+        lo, hi = r["attack_acc1_ci95"]
+        assert 0 <= lo <= r["attack_acc1"] <= hi <= 1 and r["classes"] == len(PRIVATE_CLASSES)
+        assert r["natural_acc"] is not None and r["knn_dist"] is not None
+    assert rows[0]["paired_diff"] is None
+    for r in rows[1:]:
+        lo, hi = r["paired_diff_ci95"]
+        assert lo <= r["paired_diff"] <= hi
+        assert r["paired_diff"] == pytest.approx(r["attack_acc1"] - rows[0]["attack_acc1"])
+    assert rows[0]["natural_acc"] > 0.3  # really trained: 5 classes, chance is 20 %
+    report = json.loads(Path(doc["report_json"]).read_text())
+    assert demo_table(report) == rows  # the table is the report's numbers, nothing else
+    assert Path(doc["report_html"]).stat().st_size > 0
+    assert all((out / "audit" / m["grid"]).is_file() for m in report["models"])
+    onnx = Path(doc["onnx"]["path"])
+    assert onnx.is_file() and doc["onnx"]["parity"] is True and doc["onnx"]["max_abs_diff"] <= 1e-4
+    assert Path(doc["figure"]).is_file()
+
+
+def test_second_run_comes_from_the_cache(quick_run, capsys):
+    out, doc, first = quick_run
+    code, stdout, second = _demo(out, "--json")
+    assert code == 0
+    again = json.loads(stdout)
+    assert all(s["cached"] for s in again["stages"]) and again["rows"] == doc["rows"]
+    assert second < max(15.0, first / 4)
+
+
+def test_a_changed_setting_reruns_that_stage_and_what_depends_on_it(quick_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(quick_run[0], out)
+    state = json.loads((out / STATE_FILE).read_text())
+    state["prior"]["settings"]["epochs"] = -1  # as if the prior had been trained with other settings
+    (out / STATE_FILE).write_text(json.dumps(state))
+    code, stdout, _ = _demo(out, "--json")
+    assert code == 0
+    ran = {s["name"] for s in json.loads(stdout)["stages"] if not s["cached"]}
+    assert ran == {"prior", "audit"}
+
+
+def test_stage_cache_skips_only_matching_settings_with_outputs_present(tmp_path):
+    calls = []
+
+    def work(name):
+        def run():
+            calls.append(name)
+            (tmp_path / f"{name}.out").write_text(name)
+            return {"made": name}
+        return run
+
+    stages = _Stages(tmp_path, ["a", "b"], {"a": 1, "b": 1}, None)
+    assert stages.run("a", {"x": 1}, ["a.out"], work("a")) == {"made": "a"}
+    stages.run("b", {"y": 1, **stages.stamp("a")}, ["b.out"], work("b"))
+    again = _Stages(tmp_path, ["a", "b"], {}, None)  # a new process reads the state file
+    again.run("a", {"x": 1}, ["a.out"], work("a"))
+    again.run("b", {"y": 1, **again.stamp("a")}, ["b.out"], work("b"))
+    assert calls == ["a", "b"] and [s["cached"] for s in again.ran] == [True, True]
+    (tmp_path / "b.out").unlink()  # a missing output reruns its stage
+    third = _Stages(tmp_path, ["a", "b"], {}, None)
+    third.run("a", {"x": 2}, ["a.out"], work("a"))  # other settings rerun a ...
+    third.run("b", {"y": 1, **third.stamp("a")}, ["b.out"], work("b"))  # ... and b, which depends on it
+    assert calls == ["a", "b", "a", "b"]
+
+
+def test_table_intervals_equal_those_of_the_raw_outcomes():
+    # Per-class counts are all the class bootstrap and the paired difference use, so rebuilding
+    # outcomes from the report's counts must give the intervals of the raw 0/1 array.
+    import numpy as np
+
+    from mishield.attack.stats import class_bootstrap, paired_difference
+
+    rng = np.random.default_rng(0)
+    raw_a = (rng.random((5, 8)) < [[0.9], [0.6], [0.5], [0.8], [0.2]]).astype(float)
+    raw_b = (rng.random((5, 8)) < [[0.4], [0.1], [0.3], [0.2], [0.0]]).astype(float)
+
+    def model(name, raw):
+        per_class = [{"class": i, "n": 8, "attack_acc1": float(row.mean())} for i, row in enumerate(raw)]
+        return {"name": name, "metrics": {"natural_acc": 0.9, "attack_acc5": 1.0, "knn_dist": 3.0}, "per_class": per_class,
+                "delta": {"delta": None}}
+
+    rows = demo_table({"seed": 0, "models": [model("a", raw_a), model("b", raw_b)]})
+    ci, paired = class_bootstrap(raw_b), paired_difference(raw_a, raw_b)
+    assert rows[1]["attack_acc1_ci95"] == [ci.low, ci.high]
+    assert rows[1]["paired_diff_ci95"] == [paired.low, paired.high]
+    assert rows[1]["paired_diff"] == pytest.approx(raw_b.mean() - raw_a.mean())
+
+
+def test_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    from clirun import run_cli
+
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    code, out, err = run_cli(["demo", "--quick", "--out", target], capsys)
+    assert code == 2 and out == ""
+    assert err.strip() == f"error: --out {target} is a file; the demo writes a folder."
