@@ -16,9 +16,10 @@
 #   MISHIELD_EXAMPLE_EPOCHS   fine-tuning epochs of `harden` (default 10)
 #   MISHIELD_EVAL_EPOCHS      epochs of the evaluation model (default 20)
 #   MISHIELD_PRIOR_EPOCHS     epochs of the image prior (default 25)
+#   MISHIELD_EVAL_ARGS        extra `train-eval` flags, e.g. "--batch-size 32 --lr 0.003" for small data
 #   MISHIELD_PRIOR_ARGS       extra `prior train` flags, e.g. "--resolution 32 --width 16" for small images
 #   MISHIELD_AUDIT_ARGS       audit budget flags (default "--preset default"), e.g. "-S 8 -C 1 -I 1 -K 1 -A 1 --allow-weak-budget" for a smoke test
-#   MISHIELD_INPUT_SIZE       input size of the evaluation model (default 224)
+#   MISHIELD_INPUT_SIZE       input size of the evaluation model (default: the prior's resolution)
 #   EVAL_MODEL, PRIOR         reuse an existing evaluation model / prior instead of training one
 #
 # Exit codes are mishield's (docs/pipelines.md): 0 released, 2 usage, 3 bad input,
@@ -33,6 +34,7 @@ model=$1 private=$2 public=$3 out=$4
 read -r -a mishield <<<"${MISHIELD:-mishield}"
 read -r -a harden_args <<<"${MISHIELD_HARDEN_ARGS:-}"
 read -r -a prior_args <<<"${MISHIELD_PRIOR_ARGS:-}"
+read -r -a eval_args <<<"${MISHIELD_EVAL_ARGS:-}"
 read -r -a audit_args <<<"${MISHIELD_AUDIT_ARGS:---preset default}"
 max_attack_acc=${MISHIELD_MAX_ATTACK_ACC:-0.5}
 mkdir -p "$out"
@@ -40,17 +42,20 @@ mkdir -p "$out"
 step() { printf '== %s\n' "$*" >&2; }
 
 # Each step writes its --json document to a file; stdout carries nothing else (see docs/pipelines.md).
-eval_model=${EVAL_MODEL:-$out/eval.safetensors}
-if [[ -z ${EVAL_MODEL:-} ]]; then
-    step "training the evaluation model"
-    "${mishield[@]}" train-eval --data "$private" --out "$eval_model" --epochs "${MISHIELD_EVAL_EPOCHS:-20}" \
-        --input-size "${MISHIELD_INPUT_SIZE:-224}" --overwrite --json >"$out/train-eval.json"
-fi
 prior=${PRIOR:-$out/prior.safetensors}
 if [[ -z ${PRIOR:-} ]]; then
     step "training the image prior on public data"
     "${mishield[@]}" prior train --data "$public" --out "$prior" --epochs "${MISHIELD_PRIOR_EPOCHS:-25}" \
         "${prior_args[@]}" --overwrite --json >"$out/prior.json"
+fi
+# The evaluator judges reconstructions at the prior's resolution, so it is trained there.
+eval_size=(--prior "$prior")
+[[ -n ${MISHIELD_INPUT_SIZE:-} ]] && eval_size=(--input-size "$MISHIELD_INPUT_SIZE")
+eval_model=${EVAL_MODEL:-$out/eval.safetensors}
+if [[ -z ${EVAL_MODEL:-} ]]; then
+    step "training the evaluation model"
+    "${mishield[@]}" train-eval --data "$private" --out "$eval_model" --epochs "${MISHIELD_EVAL_EPOCHS:-20}" \
+        "${eval_size[@]}" "${eval_args[@]}" --overwrite --json >"$out/train-eval.json"
 fi
 
 step "hardening $model"

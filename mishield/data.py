@@ -7,6 +7,7 @@ training set's class list, never by its own.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import logging
 import os
@@ -29,6 +30,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
 EMBEDDED_ASSET = "fashion_mnist_subset.npz"
+_log = logging.getLogger(__name__)
 # Held out (seeded, per class) to measure natural accuracy when the data has no val/ folder.
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -258,7 +260,7 @@ def resolve_val_fraction(data_dir: str | Path, val_dir: str | Path | None = None
     seen those images (its accuracy on them is then an overestimate)."""
     if val_fraction is not None or has_validation(data_dir, val_dir):
         return val_fraction
-    logging.getLogger("mishield.data").warning(
+    _log.warning(
         "%s has no val/ folder: holding out a seeded %d %% of it to measure natural accuracy "
         "(pass `val_data` or `val_fraction` to choose; if the model was trained on these images, "
         "the accuracy is an overestimate).", data_dir, round(100 * DEFAULT_VAL_FRACTION),
@@ -279,6 +281,32 @@ def typical_image_size(items: Sequence[Item], probe: int = 64) -> int:
         with Image.open(path) as img:
             sides.append(min(img.size))
     return int(sorted(sides)[len(sides) // 2])
+
+
+def fit_resolution(loaded, items: Sequence[Item], input_size_given: bool):
+    """`loaded` (a `mishield.models.LoadedModel`) at the data's resolution when its file cannot say
+    which one it was trained at.
+
+    A plain state dict gets its preprocessing from the architecture's defaults (224 px for most),
+    which would silently upsample 32 px images sevenfold and cost fifty times the compute. A mishield
+    file (or an explicit `input_size`) is kept, with a warning when it is far from the data's.
+    """
+    size = typical_image_size(items)
+    current = min(loaded.preprocessing.input_size[1:])
+    if input_size_given or loaded.kind in ("mishield", "torchscript", "exported"):  # these know their size
+        if not 0.5 <= size / current <= 2.0:
+            _log.warning(
+                "the model takes %d px inputs but the images in the data are about %d px; "
+                "check `input_size` (--input-size).", current, size,
+            )
+        return loaded
+    if size != current:
+        _log.warning(
+            "%s does not record its input size; using the data's %d px instead of the architecture's "
+            "default %d px (pass `input_size` (--input-size) to choose).",
+            loaded.source or loaded.arch, size, current,
+        )
+    return dataclasses.replace(loaded, preprocessing=loaded.preprocessing.with_input_size(size))
 
 
 def check_num_classes(splits: DataSplits, num_classes: int | None) -> None:

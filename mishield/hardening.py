@@ -11,8 +11,6 @@ its flag (`--alpha`), so the same check reads right from Python and from the she
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,6 @@ SCHEDULES = ("tts", "finetune")
 DEFAULT_EPOCHS_WITH_DATA = 10
 DEFAULT_STAGE1_EPOCHS = 5  # the paper's M
 
-_log = logging.getLogger(__name__)
 
 
 def state_path_for(out: Path) -> Path:
@@ -291,6 +288,7 @@ def _recipe(loaded, t: _Training):
 def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training, report) -> HardenResult:
     from mishield.data import (
         check_num_classes,
+        fit_resolution,
         load_image_folders,
         resolve_val_fraction,
     )
@@ -298,7 +296,7 @@ def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training
     from mishield.training import run_schedule
 
     splits = load_image_folders(t.data, val_dir=t.val_data, val_fraction=resolve_val_fraction(t.data, t.val_data, t.val_fraction), seed=t.seed)
-    loaded = _fit_resolution(loaded, splits, t.input_size_given)
+    loaded = fit_resolution(loaded, splits.train, t.input_size_given)
     model_classes = loaded.num_classes
     if t.reset_head:
         reset_classifier(loaded.model, splits.num_classes)
@@ -330,33 +328,6 @@ def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training
         recipe=recipe, metrics=result.metrics, history=result.history, log=log_path, resumed_from=result.resumed_from,
         seconds=result.seconds, main_process=is_main,
     )
-
-
-def _fit_resolution(loaded: LoadedModel, splits, input_size_given: bool) -> LoadedModel:
-    """Use the data's resolution for a model whose file cannot say which one it was trained at.
-
-    A plain state dict gets its preprocessing from the architecture's defaults (224 px for most),
-    which would silently upsample 32 px images sevenfold and cost fifty times the compute. A mishield
-    file (or an explicit `input_size`) is kept, with a warning when it is far from the data's.
-    """
-    from mishield.data import typical_image_size
-
-    size = typical_image_size(splits.train)
-    current = min(loaded.preprocessing.input_size[1:])
-    if input_size_given or loaded.kind == "mishield":
-        if not 0.5 <= size / current <= 2.0:
-            _log.warning(
-                "the model takes %d px inputs but the images in the data are about %d px; "
-                "check `input_size` (--input-size).", current, size,
-            )
-        return loaded
-    if size != current:
-        _log.warning(
-            "%s does not record its input size; using the data's %d px instead of the architecture's "
-            "default %d px (pass `input_size` (--input-size) to choose).",
-            loaded.source or loaded.arch, size, current,
-        )
-    return dataclasses.replace(loaded, preprocessing=loaded.preprocessing.with_input_size(size))
 
 
 def _write_trained(loaded, out: Path, result, num_classes: int, overwrite: bool, record: dict, metrics: dict) -> None:

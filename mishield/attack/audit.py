@@ -512,13 +512,26 @@ def audit(
 def _load_inputs(models, data, prior, eval_model, eval_arch, load_options, trust_checkpoint, config, val_fraction=None):
     from mishield.attack.priors import load_prior
     from mishield.attack.trust import check_prior_overlap
-    from mishield.data import DataSplits, load_image_folders, resolve_val_fraction
+    from mishield.data import (
+        DataSplits,
+        fit_resolution,
+        load_image_folders,
+        resolve_val_fraction,
+    )
     from mishield.models import LoadedModel, load_model
+
+    if isinstance(data, DataSplits):
+        splits = data
+    else:
+        splits = load_image_folders(data, val_fraction=resolve_val_fraction(data, None, val_fraction), seed=config.seed)
+    size_given = (load_options or {}).get("input_size") is not None
 
     def target(m, **options) -> AuditTarget:
         if isinstance(m, LoadedModel):
             return AuditTarget.from_loaded(m)
-        return AuditTarget.from_loaded(load_model(str(m), trust_checkpoint=trust_checkpoint, **options))
+        loaded = load_model(str(m), trust_checkpoint=trust_checkpoint, **options)
+        # a plain state dict does not say its resolution: the private data does (as in harden)
+        return AuditTarget.from_loaded(fit_resolution(loaded, splits.train, size_given))
 
     if isinstance(models, (str, Path)) or not isinstance(models, (list, tuple)):
         models = [models]
@@ -526,10 +539,6 @@ def _load_inputs(models, data, prior, eval_model, eval_arch, load_options, trust
         raise UsageError("name at least one model to audit.")
     targets = [target(m, **(load_options or {})) for m in models]
     evaluation = target(eval_model, arch=eval_arch)
-    if isinstance(data, DataSplits):
-        splits = data
-    else:
-        splits = load_image_folders(data, val_fraction=resolve_val_fraction(data, None, val_fraction), seed=config.seed)
     if prior is None or (isinstance(prior, str) and prior.strip().lower() == "none"):
         image_prior = None
     elif isinstance(prior, Prior):
