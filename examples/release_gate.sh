@@ -71,7 +71,7 @@ status=0
 case $status in
     0) ;;
     4)
-        echo "release blocked: the hardened model leaks more than $max_attack_acc attack accuracy; see $out/audit/report.html" >&2
+        echo "release blocked: the audit could not show attack accuracy @1 <= $max_attack_acc (leaky or inconclusive); see $out/audit/report.html" >&2
         exit 4
         ;;
     *)

@@ -59,9 +59,10 @@ def _gate(tmp: Path, data: Path, out: str, max_attack_acc: str, **extra: str) ->
         "MISHIELD_EXAMPLE_EPOCHS": "2",
         "MISHIELD_EVAL_EPOCHS": "8",
         "MISHIELD_EVAL_ARGS": "--batch-size 32 --lr 0.003 --device cpu",
-        "MISHIELD_PRIOR_EPOCHS": "1",
-        "MISHIELD_PRIOR_ARGS": "--resolution 32 --width 4 --latent-dim 8 --batch-size 16 --device cpu",
-        "MISHIELD_AUDIT_ARGS": "--device cpu -S 8 -C 2 -I 1 -K 1 -A 1 --allow-weak-budget",
+        "MISHIELD_PRIOR_EPOCHS": "15",
+        "MISHIELD_PRIOR_ARGS": "--resolution 32 --width 16 --latent-dim 32 --batch-size 32 --device cpu",
+        # small, but enough for the attack to reach every class (else the audit is inconclusive: exit 4)
+        "MISHIELD_AUDIT_ARGS": "--device cpu -S 256 -C 8 -I 50 -K 2 -A 4 --allow-weak-budget",
         "NO_COLOR": "1",
         "OMP_NUM_THREADS": "2",
         **extra,
@@ -79,7 +80,7 @@ def test_release_gate_passes_then_blocks_an_impossible_threshold(tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
     data = tmp_path / "demo"
     materialize_fashion_mnist(data / "private", [0, 1, 2], train_per_class=100, val_per_class=30)
-    materialize_fashion_mnist(data / "public", [5, 6, 7], train_per_class=16, val_per_class=1)
+    materialize_fashion_mnist(data / "public", [5, 6, 7], train_per_class=300, val_per_class=1)
 
     # A threshold every model meets: the whole chain runs and the ONNX file is released.
     passed = _gate(tmp_path, data, "pass", "1.0")
