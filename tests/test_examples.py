@@ -73,7 +73,8 @@ def _gate(tmp: Path, data: Path, out: str, max_attack_acc: str, **extra: str) ->
 
 @pytest.mark.slow
 def test_release_gate_passes_then_blocks_an_impossible_threshold(tmp_path):
-    """~60-80 s on 2 busy cores (six mishield processes, each paying the torch import)."""
+    """About 3 minutes on 2 cores (seven mishield processes; a prior and an evaluator good enough for
+    the trust checks and a conclusive audit)."""
     from mishield.data import materialize_fashion_mnist
     from mishield.schemas import load_schema
 
