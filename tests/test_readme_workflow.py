@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from clirun import run_cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -26,7 +25,7 @@ SMALL = {
 def readme_workflow() -> list[list[str]]:
     text = README.read_text()
     section = text[text.index("## On your own checkpoint"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
     return [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.strip()]
 
 
