@@ -268,36 +268,22 @@ def resolve_val_fraction(data_dir: str | Path, val_dir: str | Path | None = None
     return DEFAULT_VAL_FRACTION
 
 
-def typical_image_size(items: Sequence[Item], probe: int = 64) -> int:
-    """The median shorter side of up to `probe` images spread over `items` (headers only).
-
-    A plain state dict does not say which resolution its model was trained at; the data does.
-    """
-    if not items:
-        raise BadInputError("the data folder holds no images, so its image size cannot be measured.")
-    step = max(1, len(items) // probe)
-    sides = []
-    for path, _ in list(items)[::step][:probe]:
-        with Image.open(path) as img:
-            sides.append(min(img.size))
-    return int(sorted(sides)[len(sides) // 2])
-
-
 def fit_resolution(loaded, items: Sequence[Item], input_size_given: bool):
     """`loaded` (a `mishield.models.LoadedModel`) at the data's resolution when its file cannot say
     which one it was trained at.
 
     A plain state dict gets its preprocessing from the architecture's defaults (224 px for most),
-    which would silently upsample 32 px images sevenfold and cost fifty times the compute. A mishield
+    which would silently upsample 32 px images sevenfold and cost fifty times the compute; it gets
+    `default_resolution` instead, the size the prior and the evaluation model default to. A mishield
     file (or an explicit `input_size`) is kept, with a warning when it is far from the data's.
     """
-    size = typical_image_size(items)
+    native, size = native_size(items), default_resolution(items)  # the prior's and evaluator's rule too
     current = min(loaded.preprocessing.input_size[1:])
     if input_size_given or loaded.kind in ("mishield", "torchscript", "exported"):  # these know their size
-        if not 0.5 <= size / current <= 2.0:
+        if not 0.5 <= native / current <= 2.0:
             _log.warning(
                 "the model takes %d px inputs but the images in the data are about %d px; "
-                "check `input_size` (--input-size).", current, size,
+                "check `input_size` (--input-size).", current, native,
             )
         return loaded
     if size != current:

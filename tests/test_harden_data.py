@@ -39,9 +39,10 @@ def test_state_dict_takes_the_datas_resolution_and_holds_out_validation(flat_dat
     with caplog.at_level(logging.WARNING):
         result = harden(state_dict_file, method="rolss", data=flat_data, epochs=1, stage1_epochs=0,
                         batch_size=32, device="cpu", out=out, load_options={"arch": ARCH})
-    # timm's default for this architecture is 160 px; Fashion-MNIST is 28 px
-    assert load_model(out).preprocessing.input_size == (3, 28, 28)
-    assert "does not record its input size" in caplog.text and "28 px" in caplog.text
+    # timm's default for this architecture is 160 px; Fashion-MNIST is 28 px, which the prior and the
+    # evaluation model also take at 32 (data.default_resolution)
+    assert load_model(out).preprocessing.input_size == (3, 32, 32)
+    assert "does not record its input size" in caplog.text and "32 px" in caplog.text
     # no val/ folder: a seeded 10 % of the 120 images measures natural accuracy
     assert "no val/ folder" in caplog.text  # (logged by mishield.data)
     assert result.training["val_images"] == 12 and result.training["train_images"] == 108
@@ -52,9 +53,9 @@ def test_explicit_input_size_wins_with_a_warning_when_far_from_the_data(flat_dat
     out = tmp_path / "hardened.pt"
     with caplog.at_level(logging.WARNING):
         harden(state_dict_file, method="rolss", data=flat_data, epochs=1, stage1_epochs=0, batch_size=32,
-               device="cpu", out=out, val_fraction=0.2, load_options={"arch": ARCH, "input_size": 64})
-    assert load_model(out).preprocessing.input_size == (3, 64, 64)
-    assert "takes 64 px inputs but the images in the data are about 28 px" in caplog.text
+               device="cpu", out=out, val_fraction=0.2, load_options={"arch": ARCH, "input_size": 96})
+    assert load_model(out).preprocessing.input_size == (3, 96, 96)
+    assert "takes 96 px inputs but the images in the data are about 28 px" in caplog.text
     assert "no val/ folder" not in caplog.text
 
 

@@ -49,7 +49,7 @@ def test_readme_workflow_runs_as_written(tmp_path, monkeypatch, capsys):
     materialize_fashion_mnist(tmp_path / "public", [5, 6, 8], train_per_class=100, val_per_class=1)
     # The user's checkpoint: a plain state dict, trained a little so the audit has something to find.
     torch.manual_seed(0)
-    loaded = load_model("torchvision:resnet18", num_classes=3, input_size=28)
+    loaded = load_model("torchvision:resnet18", num_classes=3, input_size=32)
     fit(loaded.model, load_image_folders(tmp_path / "private"), loaded.preprocessing, epochs=3, lr=3e-3,
         batch_size=32, device="cpu", workers=0)
     torch.save(loaded.model.state_dict(), tmp_path / "model.pt")
@@ -64,5 +64,5 @@ def test_readme_workflow_runs_as_written(tmp_path, monkeypatch, capsys):
             assert "layer4" in out  # the table goes to stdout, so `> skips.txt` keeps it
     assert Path("hardened.pt").is_file() and Path("hardened.onnx").is_file()
     assert Path("audit/report.json").is_file()
-    # a plain state dict says nothing about its resolution: harden took the data's 28 px
-    assert load_model("hardened.pt").preprocessing.input_size[1:] == (28, 28)
+    # a plain state dict says nothing about its resolution: harden took the data's (28 px -> 32)
+    assert load_model("hardened.pt").preprocessing.input_size[1:] == (32, 32)
