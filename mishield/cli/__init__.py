@@ -1,9 +1,10 @@
 """The `mishield` command line: a thin layer over the library (one file per command).
 
 `main()` owns the exit-code contract (docs/reliability.md): 0 ok, 1 internal error (a bug),
-2 usage, 3 bad input, 4 privacy gate failed, 5 ONNX parity failed, 130 interrupted. Every
-MishieldError becomes one sentence on stderr and its exit code; with MISHIELD_DEBUG=1 the
-traceback is shown instead.
+2 usage, 3 bad input, 4 privacy gate failed (or inconclusive), 5 ONNX parity failed,
+130 interrupted, 143 terminated by SIGTERM (a resumable state was saved). Every MishieldError
+becomes one sentence on stderr and its exit code; with MISHIELD_DEBUG=1 the traceback is shown
+instead.
 """
 
 from __future__ import annotations
