@@ -93,6 +93,23 @@ def test_a_good_evaluator_passes_and_its_accuracy_at_the_attack_resolution_is_re
     assert trust["floor"] == pytest.approx(0.6) and trust["chance"] == pytest.approx(0.2)
     assert trust["floor"] <= trust["accuracy"] <= 1.0
     assert trust["fingerprint"]["sha256"] == world["summary"]["data_fingerprint"]["sha256"]
+    assert trust["fingerprint_match"] is True and not any("other images" in w for w in report["warnings"])
+
+
+def test_an_evaluator_trained_on_other_images_is_flagged(world, tmp_path, capsys):
+    """Same classes, other images: the recorded data fingerprint differs from the audited data's."""
+    import shutil
+
+    other = tmp_path / "private"
+    shutil.copytree(world["private"], other)
+    for folder in sorted((other / "train").iterdir()):
+        sorted(folder.iterdir())[0].unlink()  # one training image fewer per class
+    code, _, err = run_cli(["audit", *TARGET, "--data", other, "--out", tmp_path / "out", "--eval-model", world["eval"],
+                            "--eval-arch", EVAL_ARCH, "--prior", "none", *TINY_ATTACK, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["eval_model"]["trust"]["fingerprint_match"] is False
+    assert any("trained on other images" in w for w in report["warnings"])
 
 
 def test_permuted_class_names_are_refused(world, tmp_path, capsys):

@@ -158,12 +158,30 @@ def check_evaluator(evaluator, evaluation, targets, data, image_shape, *, allow_
         if not allow_weak:
             raise BadInputError(sentence)
         warnings.append(sentence)
+    fingerprint = (recorded.get("training") or {}).get("data_fingerprint")
+    fingerprint_match = _fingerprint_match(fingerprint, data)
+    if fingerprint_match is False:
+        warnings.append(
+            f"the evaluation model {evaluation.name} was trained on other images than the private training images "
+            f"audited here ({fingerprint.get('images')} recorded, {len(data.train)} here; data fingerprints differ); "
+            "its accuracy was measured above, but train it on this data (mishield train-eval) for a like-for-like judge.")
     record = {"accuracy": accuracy, "accuracy_n": n, "floor": floor, "chance": chance(data.num_classes),
               "resolution": list(image_shape[1:]), "classes_match": classes_match,
               "recorded_accuracy": (recorded.get("metrics") or {}).get("natural_acc"),
-              "fingerprint": (recorded.get("training") or {}).get("data_fingerprint")}
+              "fingerprint": fingerprint, "fingerprint_match": fingerprint_match}
     warnings += _resolution_warning(evaluation, image_shape)
     return record, warnings
+
+
+def _fingerprint_match(fingerprint: dict | None, data) -> bool | None:
+    """Whether the evaluator's recorded training data is the audit's private training data (None:
+    nothing recorded). Only a warning when not: a seeded hold-out, or a val/ folder added later,
+    changes the training split without changing what the evaluator has learnt to recognise."""
+    if not isinstance(fingerprint, dict) or "sha256" not in fingerprint:
+        return None
+    from mishield.data import data_fingerprint
+
+    return data_fingerprint(data.train, data.classes)[0]["sha256"] == fingerprint["sha256"]
 
 
 def _resolution_warning(evaluation, image_shape) -> list[str]:
