@@ -112,3 +112,20 @@ class StyleGANLike(nn.Module):
 
 def stylegan_like() -> nn.Module:
     return StyleGANLike()
+
+
+def noise_image_folder(root, per_class: int, classes=("a", "b", "c"), size: int = 20, seed: int = 0):
+    """An ImageFolder of random greyscale PNGs, `root/<class>/<i>.png`, for tests of wiring and exit
+    codes that need readable images but no learnable content. Returns `root`."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    gen = torch.Generator().manual_seed(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            arr = (torch.rand(size, size, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr, mode="L").save(root / c / f"{i}.png")
+    return root

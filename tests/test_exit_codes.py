@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from attack_support import noise_image_folder
 from clirun import run_cli as run
-from PIL import Image
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -25,12 +24,7 @@ ROOT = TESTS.parent
 def files(tmp_path_factory) -> dict[str, Path]:
     """A tiny ImageFolder, a damaged model file and a real (small) checkpoint."""
     root = tmp_path_factory.mktemp("exit-codes")
-    gen = torch.Generator().manual_seed(0)
-    for c in ("a", "b", "c"):
-        (root / "data" / c).mkdir(parents=True)
-        for i in range(4):
-            arr = (torch.rand(20, 20, generator=gen) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr, mode="L").save(root / "data" / c / f"{i}.png")
+    noise_image_folder(root / "data", per_class=4)
     damaged = root / "damaged.pt"
     damaged.write_bytes(b"PK\x03\x04" + os.urandom(400))  # a zip header, then garbage
     return {"data": root / "data", "damaged": damaged, "missing": root / "no-such-dir"}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from attack_support import tiny_resnet
+from attack_support import noise_image_folder, tiny_resnet
 from clirun import run_cli as run
 from PIL import Image
 
@@ -32,12 +32,7 @@ class Payload:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hostile")
-    gen = torch.Generator().manual_seed(0)
-    for c in ("a", "b", "c"):
-        (root / "data" / c).mkdir(parents=True)
-        for i in range(4):
-            arr = (torch.rand(20, 20, generator=gen) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr, mode="L").save(root / "data" / c / f"{i}.png")
+    noise_image_folder(root / "data", per_class=4)
     good = root / "good.pt"
     torch.save(tiny_resnet(num_classes=3).state_dict(), good)
     blob = good.read_bytes()

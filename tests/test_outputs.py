@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from attack_support import tiny_resnet
+from attack_support import noise_image_folder, tiny_resnet
 from clirun import run_cli as run
-from PIL import Image
 
 from mishield.errors import UsageError
 from mishield.fileio import atomic_output, check_writable
@@ -31,12 +30,7 @@ TINY = ["--arch", "attack_support:tiny_resnet", "--num-classes", "3", "--input-s
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("outputs") / "data"
-    gen = torch.Generator().manual_seed(0)
-    for c in ("a", "b", "c"):
-        (root / c).mkdir(parents=True)
-        for i in range(4):
-            arr = (torch.rand(20, 20, generator=gen) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr, mode="L").save(root / c / f"{i}.png")
+    noise_image_folder(root, per_class=4)
     return root
 
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from attack_support import tiny_resnet
+from attack_support import noise_image_folder, tiny_resnet
 from clirun import run_cli as run
-from PIL import Image
 
 from mishield.data import load_image_folders
 from mishield.errors import BadInputError
@@ -28,12 +27,7 @@ PRE = Preprocessing((3, 16, 16), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 def interrupted(tmp_path_factory) -> dict[str, Path]:
     """A model file, an ImageFolder, and the state of a 2-epoch run stopped after epoch 1."""
     root = tmp_path_factory.mktemp("resume")
-    gen = torch.Generator().manual_seed(0)
-    for c in ("a", "b", "c"):
-        (root / "data" / c).mkdir(parents=True)
-        for i in range(6):
-            arr = (torch.rand(20, 20, generator=gen) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr, mode="L").save(root / "data" / c / f"{i}.png")
+    noise_image_folder(root / "data", per_class=6)
     torch.manual_seed(0)
     torch.save(tiny_resnet(num_classes=3).state_dict(), root / "good.pt")
     state = root / "run.train-state"
