@@ -154,7 +154,7 @@ def test_a_weak_gate_is_refused_and_an_allowed_one_is_flagged(tmp_path, monkeypa
           "attack": {"samples": 6, "candidates": 2, "iterations": 1, "keep": 1, "final_augmentations": 1, "batch_size": 6}}
     target = mishield.load_model("attack_support:tiny_resnet", num_classes=3, input_size=16)
     # random-data models: the trust checks (tests/test_attack_trust.py) would refuse them first
-    monkeypatch.setattr(audit_module, "_trust", lambda *args: ({"accuracy": None}, [], None))
+    monkeypatch.setattr(audit_module, "_trust", lambda targets, evaluations, *args: ([{"accuracy": None}] * len(evaluations), [], None))
     with pytest.raises(UsageError, match="too weak to gate"):
         mishield.audit(target, out=tmp_path / "refused", **kw)
     report = mishield.audit(target, out=tmp_path / "flagged", allow_weak_budget=True, **kw)

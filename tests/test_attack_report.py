@@ -38,7 +38,7 @@ def _report() -> AuditReport:
 def test_writes_json_html_and_grids(tmp_path):
     report = _report()
     recon = torch.randint(0, 255, (8, 1, 16, 16), dtype=torch.uint8)
-    shown = {mi: {c: recon for c in range(3)} for mi in range(2)}
+    shown = {m.grid: {c: recon for c in range(3)} for m in report.models}
     written = write_report(tmp_path, report, shown, {c: recon[:2] for c in range(3)})
     parsed = json.loads((tmp_path / "report.json").read_text())
     assert parsed["schema"] == SCHEMA and parsed["schema_version"] == 1 and parsed["models"][1]["delta"]["delta"] == 10.0
@@ -111,9 +111,9 @@ def test_report_object_round_trips_through_the_json_layout():
     report.models[1].metrics["knn_dist"] = float("nan")  # JSON has no NaN: written as null
     doc = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert list(doc) == ["schema", "schema_version", "created", "mishield_version", "options", "seed", "classes",
-                         "data", "prior", "eval_model", "models", "gate", "warnings"]
+                         "data", "prior", "eval_model", "eval_models", "prior_samples", "models", "gate", "warnings"]
     assert list(doc["models"][0]) == ["name", "num_classes", "preprocessing", "metrics", "per_class", "grid",
-                                      "timing", "delta", "budget", "verdict"]
+                                      "timing", "delta", "budget", "verdict", "attack", "attacks"]
     assert doc["models"][1]["metrics"]["knn_dist"] is None
     back = AuditReport.from_dict(doc)
     assert isinstance(back.models[0], ModelAudit) and isinstance(back.gate, PrivacyGate)

@@ -124,6 +124,34 @@ def test_permuted_class_names_are_refused(world, tmp_path, capsys):
     assert code == 3 and "other classes" in err, err
 
 
+def test_every_evaluation_model_is_checked_and_the_most_leaky_one_counts(world, tmp_path, capsys):
+    from mishield.attack.evalmodel import train_eval_model
+    from mishield.data import load_image_folders
+
+    # A good first evaluator does not shield a bad second one: each is checked on its own.
+    classes = load_image_folders(world["private"]).classes
+    permuted = _resave(world, "permuted2.pt", classes=[classes[2], classes[1], classes[0], *classes[3:]])
+    code, _, err = run_cli([*_audit_cli(world, tmp_path / "refused", world["eval"]), "--eval-model", permuted], capsys)
+    assert code == 3 and "permuted classes" in err and "permuted2.pt" in err, err
+    # Two real evaluators (other seeds): each judges the same reconstructions, the row reads the higher upper end.
+    second = tmp_path / "eval2.pt"
+    train_eval_model(world["private"], second, arch=EVAL_ARCH, epochs=4, lr=2e-3, batch_size=32, device="cpu", seed=1)
+    code, _, err = run_cli([*_audit_cli(world, tmp_path / "out", world["eval"]), "--eval-model", second, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [e["source"] for e in report["eval_models"]] == [str(world["eval"]), str(second)]
+    assert report["eval_model"] == report["eval_models"][0]
+    assert all(e["trust"]["floor"] <= e["trust"]["accuracy"] for e in report["eval_models"])
+    metrics = report["models"][0]["metrics"]
+    figures = metrics["evaluators"]
+    assert [f["evaluator"] for f in figures] == ["eval.pt", "eval2.pt"]
+    assert [f["evaluator_acc"] for f in figures] == [e["trust"]["accuracy"] for e in report["eval_models"]]
+    assert metrics["attack_acc1_interval"]["high"] == max(f["attack_acc1_interval"]["high"] for f in figures)
+    chosen = next(f for f in figures if f["evaluator"] == metrics["evaluator"])
+    assert chosen["attack_acc1"] == metrics["attack_acc1"] and chosen["evaluator_acc"] == metrics["evaluator_acc"]
+    assert 'id="evaluators"' in (tmp_path / "out" / "report.html").read_text()
+
+
 def test_the_target_as_its_own_evaluator_is_refused(world, tmp_path, capsys):
     import mishield
 

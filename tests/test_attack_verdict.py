@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from mishield.attack import audit as audit_module
+from mishield.attack import judging as judging_module
 from mishield.attack import stats
 from mishield.attack.results import PrivacyGate
 from mishield.cli import main
@@ -61,7 +62,7 @@ def _audit(tiny: dict, out: Path, *extra) -> list:
 def without_trust_checks(monkeypatch):
     """These tests pin the gate's logic through the CLI with random-data models, which the trust checks
     (tests/test_attack_trust.py) rightly refuse before any attack; skip those checks here."""
-    monkeypatch.setattr(audit_module, "_trust", lambda *args: ({"accuracy": None}, [], None))
+    monkeypatch.setattr(audit_module, "_trust", lambda targets, evaluations, *args: ([{"accuracy": None}] * len(evaluations), [], None))
 
 
 def test_a_failed_attack_is_inconclusive_and_fails_the_gate(tiny, tmp_path, capsys, without_trust_checks):
@@ -105,12 +106,13 @@ def test_report_json_carries_every_number_per_model(tiny, tmp_path, capsys):
     assert '<svg id="attack-chart"' in page and page.count("<rect class=\"bar") == 2
     assert '<table id="side-by-side">' in page and page.count('class="class-row"') == 3
     # per class row: private examples + one strip per model
-    assert page.count("data:image/png;base64,") == 3 * (1 + 2)
+    assert page.count("data:image/png;base64,") == 3 * (1 + 2) + 1  # + one strip of the prior's samples
+    assert 'id="prior-samples"' in page and (Path(doc["files"]["html"]).parent / doc["prior_samples"]).is_file()
 
 
 def test_the_gate_reads_the_upper_end_of_the_interval(tiny, tmp_path, capsys, monkeypatch, without_trust_checks):
     # Make the untrained targets count as "reached" so that the gate, not the inconclusive rule, decides.
-    monkeypatch.setattr(audit_module, "stats_verdict", functools.partial(stats.verdict, min_target_confidence=0.0))
+    monkeypatch.setattr(judging_module, "stats_verdict", functools.partial(stats.verdict, min_target_confidence=0.0))
     code, out, err = _run(_audit(tiny, tmp_path / "c"), capsys)
     assert code == 0, err
     s = json.loads(out)["models"][0]["metrics"]
@@ -124,39 +126,76 @@ def test_the_gate_reads_the_upper_end_of_the_interval(tiny, tmp_path, capsys, mo
     assert doc["models"][0]["verdict"]["status"] == "leaky" and doc["gate"]["failing"][0] == doc["models"][0]["name"]
 
 
-def _parts(hits: np.ndarray, conf: float) -> list[dict]:
-    n, k = hits.shape
-    t = torch.tensor(hits, dtype=torch.bool)
-    return [{"classes": list(range(n)), "top1": t, "top5": torch.ones_like(t), "knn": torch.ones(n, k, dtype=torch.float64),
-             "target_conf": torch.full((n, k), conf), "unfiltered": t, "so_top1": None, "so_top5": None, "so_conf": None,
+def _parts(*hits: np.ndarray, conf: float = 0.9) -> list[dict]:
+    """One rank's part of one (model, attack) run, judged by one evaluator per `hits` array."""
+    n, k = hits[0].shape
+    evals = [{"top1": torch.tensor(h, dtype=torch.bool), "top5": torch.ones(n, k, dtype=torch.bool), "knn": torch.ones(n, k),
+              "unfiltered": torch.tensor(h, dtype=torch.bool), "so_top1": None, "so_top5": None} for h in hits]  # fmt: skip
+    return [{"classes": list(range(n)), "evals": evals, "target_conf": torch.full((n, k), conf),
              "shown": torch.zeros(n, 1, 1, 4, 4, dtype=torch.uint8), "image_steps": 1, "seconds": 1.0, "timings": {}}]  # fmt: skip
 
 
-def test_aggregation_gate_paired_difference_and_inconclusive(tiny, monkeypatch):
-    from mishield.data import load_image_folders
-
-    data = load_image_folders(tiny["data"])
-    monkeypatch.setattr(audit_module, "real_images", lambda items, c, shape: torch.zeros(1, *shape, dtype=torch.uint8))
+def _target():
     target = audit_module.AuditTarget("t", torch.nn.Identity(), None, 3)
     target.preprocessing = type("P", (), {"to_dict": lambda self: {}})()
+    return target
+
+
+def _judge(parts_per_model: list[dict], threshold: float, evaluators: int = 1):
+    """ModelAudits of models whose attacks (name -> parts) are judged by `evaluators` evaluation models."""
+    judging = judging_module.Judging(threshold, {"ppa": {"iterations": 1}, "lomma": {"iterations": 1}},
+                                     [{"name": f"e{i}", "accuracy": None} for i in range(evaluators)])
+    names = [f"m{i}" for i in range(len(parts_per_model))]
+    rows = [[judging_module.judge_row(a, parts, [0, 1, 2], ["a", "b", "c"], 3, (0.9, 30), judging, f"grids/{mi}_{a}.png")
+             for a, parts in attacks.items()] for mi, attacks in enumerate(parts_per_model)]  # fmt: skip
+    return judging_module.model_audits([_target()] * len(names), names, rows)
+
+
+def test_aggregation_gate_paired_difference_and_inconclusive():
     # 3 classes: 2/2, 1/2 and 0/2 hits -> estimate 50 %, wide interval; a 0.6 threshold is above the estimate.
     base = np.array([[1, 1], [1, 0], [0, 0]])
     better = np.array([[1, 0], [0, 0], [0, 0]])
-    judging = audit_module.Judging(0.6, {"iterations": 1}, None)
-    models, shown, real = audit_module._model_audits(
-        [target, target], [_parts(base, 0.9), _parts(better, 0.9)], [0.9, 0.8], data, [0, 1, 2], judging)
-    m0, m1 = models
-    assert set(shown) == {0, 1} and set(shown[1]) == set(real) == {0, 1, 2}  # images for the side-by-side rows
+    m0, m1 = _judge([{"ppa": _parts(base)}, {"ppa": _parts(better)}], 0.6)
     assert m0.attack_acc1 == pytest.approx(0.5) and m0.metrics["attack_acc1_interval"]["high"] > 0.6
     assert m0.verdict["status"] == "leaky"  # the point estimate alone would have passed
     assert m1.metrics["paired_diff_acc1"] == pytest.approx(-1 / 3)
     assert m1.metrics["paired_diff_acc1_interval"]["method"] == stats.PAIRED_METHOD
-    gate = audit_module._gate(models, 0.6)
+    gate = judging_module.gate([m0, m1], 0.6)
     assert isinstance(gate, PrivacyGate) and not gate.passed and m0.name in gate.failing
     # The same outcomes with the target unconvinced by its own reconstructions: inconclusive.
-    models, _, _ = audit_module._model_audits([target], [_parts(base, 0.2)], [0.9], data, [0, 1, 2], judging)
-    assert models[0].verdict["status"] == "inconclusive" and "did not reach" in models[0].verdict["reason"]
-    assert audit_module._gate(models, 1.0).inconclusive == ["t"]
+    (m,) = _judge([{"ppa": _parts(base, conf=0.2)}], 0.6)
+    assert m.verdict["status"] == "inconclusive" and "did not reach" in m.verdict["reason"]
+    assert judging_module.gate([m], 1.0).inconclusive == ["m0"]
+
+
+def test_the_most_leaky_evaluator_and_the_worst_attack_decide():
+    low = np.array([[1, 0], [0, 0], [0, 0]])
+    high = np.array([[1, 1], [1, 1], [1, 0]])
+    # Two evaluators of one attack: the row reads the one with the higher upper end, whichever comes first.
+    for order in ((low, high), (high, low)):
+        (m,) = _judge([{"ppa": _parts(*order)}], 0.5, evaluators=2)
+        assert m.attack_acc1 == pytest.approx(5 / 6) and m.metrics["evaluator"] == ("e1" if order[0] is low else "e0")
+        assert [e["attack_acc1"] for e in m.metrics["evaluators"]] == pytest.approx([float(o.mean()) for o in order])
+    # Two attacks: the weak one passes a 0.7 threshold, the strong one does not; the model is leaky under the strong one.
+    weak = np.array([[0, 0], [0, 0], [1, 0]])
+    (m,) = _judge([{"ppa": _parts(weak), "lomma": _parts(high)}], 0.7)
+    assert [r["verdict"]["status"] for r in m.attacks] == ["passes", "leaky"]
+    assert m.attack == m.metrics["strongest_attack"] == "lomma" and m.grid == "grids/0_lomma.png"
+    assert m.verdict["status"] == "leaky" and m.verdict["attack"] == "lomma" and "lomma" in m.verdict["reason"]
+    assert not judging_module.gate([m], 0.7).passed
+    # An attack that failed (target not reached) makes the model inconclusive even when the other passes.
+    (m,) = _judge([{"ppa": _parts(weak), "lomma": _parts(weak, conf=0.1)}], 0.7)
+    assert m.verdict["status"] == "inconclusive" and m.verdict["attack"] == "lomma"
+
+
+def test_paired_differences_per_attack_and_worst_case():
+    a0, b0 = np.array([[1, 1], [1, 0], [0, 0]]), np.array([[1, 1], [1, 1], [1, 1]])
+    a1, b1 = np.array([[0, 0], [0, 0], [0, 0]]), np.array([[1, 1], [1, 0], [1, 0]])
+    _, m1 = _judge([{"ppa": _parts(a0), "lomma": _parts(b0)}, {"ppa": _parts(a1), "lomma": _parts(b1)}], 0.5)
+    rows = {r["attack"]: r["metrics"]["paired_diff_acc1"] for r in m1.attacks}
+    assert rows["ppa"] == pytest.approx(-0.5) and rows["lomma"] == pytest.approx(-1 / 3)  # same attack against same attack
+    assert m1.metrics["paired_diff_acc1"] == pytest.approx(-1 / 3)  # worst case (lomma) against worst case (lomma)
+    assert m1.delta["attack_acc1"] == pytest.approx(-1 / 3)
 
 
 def test_without_a_threshold_a_conclusive_audit_is_not_gated_and_a_failed_one_still_inconclusive():

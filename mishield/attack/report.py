@@ -125,8 +125,11 @@ def _ci(metrics: dict) -> dict | None:
     return {"low": pair[0], "high": pair[1]} if pair else None
 
 
-def _status(m) -> str:
-    return (m.verdict or {}).get("status", "–")
+def _rows(report: AuditReport) -> list[tuple[str, dict, dict | None]]:
+    """(label, metrics, verdict) per model, or per model x attack when several attacks ran."""
+    if len(report.options.get("attacks") or ()) < 2:
+        return [(m.name, m.metrics, m.verdict) for m in report.models]
+    return [(f"{m.name} · {r['attack']}", r["metrics"], r["verdict"]) for m in report.models for r in m.attacks]
 
 
 def bar_chart(report: AuditReport, width: int = 820, bar: int = 26, gap: int = 14) -> dict:
@@ -139,11 +142,11 @@ def bar_chart(report: AuditReport, width: int = 820, bar: int = 26, gap: int = 1
         return left + span * min(max(v or 0.0, 0.0), 1.0)
 
     rows = []
-    for i, m in enumerate(report.models):
-        iv, y = _ci(m.metrics) or {}, top + i * (bar + gap)
-        rows.append({"name": m.name, "y": y, "mid": y + bar / 2, "x0": left, "w": x(m.attack_acc1) - left,
+    for i, (label, metrics, verdict) in enumerate(_rows(report)):
+        iv, y, acc = _ci(metrics) or {}, top + i * (bar + gap), metrics.get("attack_acc1")
+        rows.append({"name": label, "y": y, "mid": y + bar / 2, "x0": left, "w": x(acc) - left,
                      "lo": x(iv.get("low")), "hi": x(iv.get("high")), "has_interval": bool(iv),
-                     "label": f"{_pct(m.attack_acc1)} % ({_interval(iv)})", "status": (m.verdict or {}).get("status", "")})  # fmt: skip
+                     "label": f"{_pct(acc)} % ({_interval(iv)})", "status": (verdict or {}).get("status", "")})  # fmt: skip
     height = top + len(rows) * (bar + gap) + 24
     chance = report.models[0].metrics.get("chance_acc1") if report.models else None
     lines = [{"x": x(chance), "label": "chance", "cls": "chance"}] if chance is not None else []
@@ -163,7 +166,7 @@ def _side_by_side(report: AuditReport, shown: dict, real: dict) -> list[dict]:
     rows = []
     for c in report.classes[:MAX_SHOWN_CLASSES]:
         # As many reconstructions per model as private examples, so that several models fit one row.
-        cells = [_b64(tile(shown[mi][c][:SHOW_REAL]), 48) if c in shown.get(mi, {}) else None for mi in range(len(report.models))]
+        cells = [_b64(tile(shown[m.grid][c][:SHOW_REAL]), 48) if c in shown.get(m.grid, {}) else None for m in report.models]
         if not any(cells):
             continue
         name = next((r["name"] for r in report.models[0].per_class if r["class"] == c), str(c))
@@ -171,9 +174,10 @@ def _side_by_side(report: AuditReport, shown: dict, real: dict) -> list[dict]:
     return rows
 
 
-def render_html(report: AuditReport, shown: dict | None = None, real: dict | None = None) -> str:
-    """The self-contained page: `shown[model_index][class]` reconstructions and `real[class]` private
-    images (uint8 N, C, H, W) become inline PNGs; the template is attack/templates/report.html.j2."""
+def render_html(report: AuditReport, shown: dict | None = None, real: dict | None = None, prior_samples: torch.Tensor | None = None) -> str:
+    """The self-contained page: `shown[grid][class]` reconstructions (`grid`: a model's or an attack
+    row's grid path), `real[class]` private images and `prior_samples` (uint8 N, C, H, W) become
+    inline PNGs; the template is attack/templates/report.html.j2."""
     import jinja2
 
     env = jinja2.Environment(
@@ -183,24 +187,29 @@ def render_html(report: AuditReport, shown: dict | None = None, real: dict | Non
     return env.get_template("report.html.j2").render(
         report=report, options=report.options, chart=bar_chart(report), ci=_ci,
         side_by_side=_side_by_side(report, shown or {}, real or {}), max_classes=MAX_SHOWN_CLASSES,
+        rows=_rows(report), prior_samples=None if prior_samples is None else _b64(tile(prior_samples), 64),
     )  # fmt: skip
 
 
-def write_report(out_dir: Path, report: AuditReport, shown: dict, real: dict, overwrite: bool = False) -> dict[str, Path]:
-    """Write report.json, report.html and one PNG grid per model (grids/<index>_<name>.png: per class,
-    the reconstructions, a gap, the private images). `shown[model_index][class]` and `real[class]`
-    are uint8 (N, C, H, W) images."""
+def write_report(out_dir: Path, report: AuditReport, shown: dict, real: dict, overwrite: bool = False,
+                 prior_samples: torch.Tensor | None = None) -> dict[str, Path]:
+    """Write report.json, report.html, one PNG grid per model and attack (per class: the
+    reconstructions, a gap, the private images) and the prior's samples (`report.prior_samples`).
+    `shown[grid][class]`, `real[class]` and `prior_samples` are uint8 (N, C, H, W) images."""
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
-    for mi, per_class in shown.items():
+    for i, (grid, per_class) in enumerate(shown.items()):
         rows = [class_row(images, real.get(c, images[:0])) for c, images in list(per_class.items())[:MAX_SHOWN_CLASSES]]
         if rows:
-            path = out_dir / report.models[mi].grid
-            with atomic_output(path, overwrite) as tmp:
+            with atomic_output(out_dir / grid, overwrite) as tmp:
                 tmp.write_bytes(png_bytes(stack_rows(rows)))
-            written[f"grid{mi}"] = path
+            written[f"grid{i}"] = out_dir / grid
+    if prior_samples is not None and report.prior_samples:
+        with atomic_output(out_dir / report.prior_samples, overwrite) as tmp:
+            tmp.write_bytes(png_bytes(tile(prior_samples), min_height=64))
+        written["prior_samples"] = out_dir / report.prior_samples
     with atomic_output(out_dir / "report.html", overwrite) as tmp:
-        tmp.write_text(render_html(report, shown, real), encoding="utf-8")
+        tmp.write_text(render_html(report, shown, real, prior_samples), encoding="utf-8")
     written["html"] = out_dir / "report.html"
     # The JSON goes last: its presence means the whole report is there.
     with atomic_output(out_dir / "report.json", overwrite) as tmp:
@@ -214,17 +223,25 @@ def summary_table(report: AuditReport):
     from rich.table import Table
 
     table = Table(title="mishield audit (intervals: 95 % class bootstrap; the gate reads the upper end)", show_lines=False)
-    cols = ("model", "Acc %", "AttAcc@1 %", "95% interval", "chance %", "unfiltered %", "I=0 %", "AttAcc@5 %",
+    cols = ("model", "attack", "Acc %", "AttAcc@1 %", "95% interval", "chance %", "unfiltered %", "I=0 %", "AttAcc@5 %",
             "KNN dist", "paired diff (95%)", "Δ", "verdict")  # fmt: skip
     for col in cols:
-        table.add_column(col, justify="left" if col in ("model", "verdict") else "right")
+        table.add_column(col, justify="left" if col in ("model", "attack", "verdict") else "right")
     for m in report.models:
-        s, d = m.metrics, m.delta or {}
-        paired = s.get("paired_diff_acc1_interval")
-        table.add_row(
-            m.name, _pct(s.get("natural_acc")), _pct(s.get("attack_acc1")), _interval(_ci(s)), _pct(s.get("chance_acc1")),
-            _pct(s.get("unfiltered_acc1")), _pct(s.get("selection_only_acc1")), _pct(s.get("attack_acc5")),
-            _num(s.get("knn_dist")), "–" if not paired else f"{_signed_pct(paired['estimate'])} ({_interval(paired, True)})",
-            _num(d.get("delta")), _status(m),
-        )  # fmt: skip
+        several = len(m.attacks) > 1
+        for r in (m.attacks if several else [{"attack": m.attack, "metrics": m.metrics, "delta": m.delta, "verdict": m.verdict}]):
+            table.add_row(m.name, r["attack"] or "ppa", *_cells(r["metrics"], r.get("delta") or {}, r.get("verdict")))
+        if several:  # the model's worst case over attacks, which the gate reads
+            table.add_row(m.name, f"worst: {m.attack}", *_cells(m.metrics, m.delta or {}, m.verdict), style="bold")
     return table
+
+
+def _cells(s: dict, d: dict, verdict: dict | None) -> tuple[str, ...]:
+    """One summary-table row's figures after the model and attack columns."""
+    paired = s.get("paired_diff_acc1_interval")
+    return (
+        _pct(s.get("natural_acc")), _pct(s.get("attack_acc1")), _interval(_ci(s)), _pct(s.get("chance_acc1")),
+        _pct(s.get("unfiltered_acc1")), _pct(s.get("selection_only_acc1")), _pct(s.get("attack_acc5")),
+        _num(s.get("knn_dist")), "–" if not paired else f"{_signed_pct(paired['estimate'])} ({_interval(paired, True)})",
+        _num(d.get("delta")), (verdict or {}).get("status", "–"),
+    )  # fmt: skip

@@ -32,7 +32,8 @@ def finite(v: Any) -> Any:
     return v
 
 
-GATE_RULE = "upper end of the 95 % class-bootstrap interval of attack accuracy @1 at or below max_attack_acc; inconclusive never passes"
+GATE_RULE = ("upper end of the 95 % class-bootstrap interval of attack accuracy @1 at or below max_attack_acc, "
+             "for the worst case over attacks and evaluation models; inconclusive never passes")
 
 
 @dataclass
@@ -66,7 +67,9 @@ class ModelAudit:
     timing: dict | None = None
     delta: dict | None = None  # against the report's first model (None for the first itself)
     budget: dict | None = None  # the attack configuration that ran (S, C, I, K, A, lr, seeds, ...)
-    verdict: dict | None = None  # mishield.attack.stats.Verdict.to_dict(): status, passed, reason
+    verdict: dict | None = None  # worst case over attacks: status, passed, reason, attack
+    attack: str | None = None  # the strongest attack, whose row gives the figures above
+    attacks: list[dict] = field(default_factory=list)  # one row per attack: attack, metrics, per_class, verdict, grid, ...
 
     @property
     def attack_acc1(self) -> float | None:
@@ -89,6 +92,8 @@ class ModelAudit:
             "delta": self.delta,
             "budget": self.budget,
             "verdict": self.verdict,
+            "attack": self.attack,
+            "attacks": self.attacks,
         }
 
     @classmethod
@@ -97,7 +102,7 @@ class ModelAudit:
             name=d["name"], metrics=d["metrics"], per_class=d.get("per_class", []), grid=d.get("grid", ""),
             info={k: d[k] for k in MODEL_INFO_KEYS if k in d}, num_classes=d.get("num_classes"),
             preprocessing=d.get("preprocessing"), timing=d.get("timing"), delta=d.get("delta"),
-            budget=d.get("budget"), verdict=d.get("verdict"),
+            budget=d.get("budget"), verdict=d.get("verdict"), attack=d.get("attack"), attacks=list(d.get("attacks") or []),
         )
 
 
@@ -109,7 +114,7 @@ class AuditReport:
     classes: list[int]  # the attacked class ids
     options: dict  # the attack configuration, runtime and provenance: enough to rerun the audit
     prior: dict  # which image prior the attacker optimised through
-    eval_model: dict  # the evaluation model that judged the reconstructions
+    eval_model: dict  # the first evaluation model (`eval_models[0]`)
     seed: int = 0
     data: dict = field(default_factory=dict)  # classes, train_images, val_images
     gate: PrivacyGate | None = None
@@ -117,6 +122,8 @@ class AuditReport:
     created: str = ""  # ISO 8601, UTC
     mishield_version: str = ""
     files: dict[str, str] = field(default_factory=dict)  # what was written: json, html, grid<i>
+    eval_models: list[dict] = field(default_factory=list)  # every evaluation model; each row reads the most leaky
+    prior_samples: str | None = None  # the grid of prior samples shown in the HTML, relative to the report
 
     @property
     def passed(self) -> bool:
@@ -142,6 +149,8 @@ class AuditReport:
             "data": self.data,
             "prior": self.prior,
             "eval_model": self.eval_model,
+            "eval_models": self.eval_models,
+            "prior_samples": self.prior_samples,
             "models": [m.to_dict() for m in self.models],
             "gate": None if self.gate is None else self.gate.to_dict(),
             "warnings": self.warnings,
@@ -167,4 +176,5 @@ class AuditReport:
             seed=d.get("seed", 0), data=d.get("data", {}), gate=None if gate is None else PrivacyGate(**gate),
             warnings=list(d.get("warnings", [])), created=d.get("created", ""),
             mishield_version=d.get("mishield_version", ""), files=dict(d.get("files") or {}),
+            eval_models=list(d.get("eval_models") or []), prior_samples=d.get("prior_samples"),
         )

@@ -38,7 +38,9 @@ def audit(
     data: Annotated[Path, typer.Option("--data", help="Private data: ImageFolder (train/ and val/ sub-folders, or one folder per class).")],
     out: Annotated[Path, typer.Option("--out", help="Report directory (report.json, report.html, grids/).")] = Path("mishield-audit"),
     prior: Annotated[str | None, typer.Option("--prior", help="FILE (mishield prior, StyleGAN2-ADA .pkl, TorchScript), package.module:factory, or none.")] = None,
-    eval_model: Annotated[str | None, typer.Option("--eval-model", help="Evaluation model trained on the private data (see `mishield train-eval`).")] = None,
+    eval_model: Annotated[list[str] | None, typer.Option("--eval-model", help="Evaluation model trained on the private data (see `mishield train-eval`); repeat it with other architectures and the worst case counts.")] = None,
+    attacks: Annotated[str, typer.Option("--attack", help="ppa, lomma (adaptive: logit loss through surrogates) or ppa,lomma; each model is judged by its worst case.")] = "ppa",
+    surrogate: Annotated[list[Path] | None, typer.Option("--surrogate", help="Surrogate model file (mishield surrogate train) for the lomma attack; repeat it, each is matched to the model it was distilled from.")] = None,
     classes: Annotated[str | None, typer.Option("--classes", help="Target classes, e.g. 0-9,17 (default: all).")] = None,
     preset: Annotated[str, typer.Option("--preset", help="default (calibrated), ci, ppa-facescrub, ppa-celeba or koh2024-facescrub; docs/audit.md lists their numbers.")] = "default",
     samples: Annotated[int | None, typer.Option("--samples", "-S", min=1, help="Initial-selection pool size S.")] = None,
@@ -75,7 +77,7 @@ def audit(
     from mishield.cli.progress import progress_bars
     from mishield.errors import PrivacyGateError, UsageError
 
-    if eval_model is None:
+    if not eval_model:
         raise UsageError(NO_EVAL_MODEL)
     if prior is None:
         raise UsageError(NO_PRIOR)
@@ -83,7 +85,8 @@ def audit(
               "final_augmentations": final_augmentations, "batch_size": batch_size, "seed": seed, "compile": compile_,
               "milestones": _milestones(milestones), "gamma": gamma, "center_crop": center_crop,
               "selection_baseline": selection_baseline}
-    provenance = {"preset": preset, "prior": prior, "eval_model": eval_model, "data": str(data), "models": list(models)}
+    provenance = {"preset": preset, "prior": prior, "eval_model": eval_model[0], "eval_models": list(eval_model),
+                  "surrogates": [str(f) for f in surrogate or ()], "data": str(data), "models": list(models)}
     with flags_in_errors(run, extra=(*LOAD_PARAMETERS, *attack)), progress_bars(os.environ.get("RANK", "0") == "0") as progress:
         load = {"arch": arch, "num_classes": num_classes, "input_size": input_size,
                 "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
@@ -91,7 +94,8 @@ def audit(
             models, data=data, prior=prior, eval_model=eval_model, out=out, classes=classes, preset=preset, attack=attack,
             device=device, max_attack_acc=max_attack_acc, overwrite=overwrite, load_options=load, eval_arch=eval_arch,
             trust_checkpoint=trust_checkpoint, progress=progress, provenance=provenance, seeds=seeds, val_fraction=val_fraction,
-            allow_weak_evaluator=allow_weak_evaluator, allow_weak_budget=allow_weak_budget,
+            allow_weak_evaluator=allow_weak_evaluator, allow_weak_budget=allow_weak_budget, attacks=attacks,
+            surrogates=list(surrogate or ()),
         )  # fmt: skip
     if report is None:  # another rank under torchrun; rank 0 prints
         return

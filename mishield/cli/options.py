@@ -75,7 +75,8 @@ StdOpt = Annotated[
 # Library errors name parameters in backticks (`val_fraction`); on the command line they are flags.
 # Names whose flag is not simply --name-with-dashes:
 _FLAG_EXCEPTIONS = {"model": "MODEL", "models": "MODEL", "samples": "-S/--samples", "candidates": "-C/--candidates",
-                    "iterations": "-I/--iterations", "keep": "-K/--keep", "final_augmentations": "-A/--final-augmentations"}
+                    "iterations": "-I/--iterations", "keep": "-K/--keep", "final_augmentations": "-A/--final-augmentations",
+                    "attacks": "--attack", "surrogates": "--surrogate", "eval_model": "--eval-model"}
 # The options `load_options` passes to `load_model` in every command that loads models.
 LOAD_PARAMETERS = ("arch", "num_classes", "trust_checkpoint", "input_size", "mean", "std")
 

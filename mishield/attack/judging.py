@@ -1,0 +1,210 @@
+"""Judging the reconstructions: every evaluator's figures, the most leaky one, the worst-case attack.
+
+Each audited model is attacked by every chosen attack, and every evaluation model judges the same
+kept reconstructions. A (model, attack) row takes the figures of its most leaky evaluator, and a
+model takes those of its worst-case row; "most leaky" is the highest upper end of the attack
+accuracy @1 interval, the number the gate reads. So a second evaluator or a second attack can
+only make an audit stricter, never flatter it (docs/audit.md "Worst case").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mishield.attack.metrics import deltas, summarize
+from mishield.attack.results import ModelAudit, PrivacyGate
+from mishield.attack.stats import (
+    MIN_TARGET_CONFIDENCE,
+    Interval,
+    chance_level,
+    class_bootstrap,
+    paired_difference,
+)
+from mishield.attack.stats import verdict as stats_verdict
+
+# Per evaluator and class, the outcomes a rank reports; `--seeds` pools them along the image axis.
+EVALUATOR_OUTCOMES = ("top1", "top5", "knn", "unfiltered", "so_top1", "so_top5")
+# What each evaluator's entry in a row's `metrics.evaluators` lists.
+EVALUATOR_SUMMARY = ("evaluator", "evaluator_acc", "attack_acc1", "attack_acc1_interval", "attack_acc5", "knn_dist",
+                     "unfiltered_acc1", "selection_only_acc1")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Judging:
+    """What every model is judged against: the gate's threshold (None: no gate), the budget each
+    attack ran with, and each evaluator's name and measured accuracy (None where unmeasured)."""
+
+    threshold: float | None
+    budgets: dict[str, dict]
+    evaluators: list[dict]
+
+
+@dataclass
+class Row:
+    """One model under one attack, judged by every evaluator; its figures are the most leaky evaluator's."""
+
+    attack: str
+    metrics: dict
+    per_class: list[dict]
+    verdict: dict
+    hits: list[np.ndarray]  # per evaluator: [classes, images] top-1 hits
+    evaluator: int  # index of the most leaky evaluator
+    interval: Interval  # that evaluator's @1 interval
+    grid: str
+    timing: dict
+    budget: dict
+    shown: dict  # class -> uint8 reconstructions to show
+    delta: dict | None = None
+
+    @property
+    def severity(self) -> tuple[float, float]:
+        return (self.interval.high, self.interval.estimate)
+
+    def to_dict(self) -> dict:
+        return {"attack": self.attack, "metrics": self.metrics, "per_class": self.per_class, "verdict": self.verdict,
+                "grid": self.grid, "timing": self.timing, "budget": self.budget, "delta": self.delta}  # fmt: skip
+
+
+def per_class(parts: list[dict], classes: list[int], get: Callable[[dict], torch.Tensor | None]) -> torch.Tensor | None:
+    """[classes, images] of one outcome gathered from the ranks' parts, rows in `classes` order (None where not measured)."""
+    where = {c: (p, i) for p in parts for i, c in enumerate(p["classes"])}
+    values = [get(where[c][0]) for c in classes]
+    if any(v is None for v in values):
+        return None
+    return torch.stack([v[where[c][1]] for v, c in zip(values, classes)]).float()
+
+
+def _figures(out: dict, num_classes: int, evaluator: dict) -> tuple[dict, Interval]:
+    """One evaluator's verdict on one row: accuracy @1/@5 with class-bootstrap intervals, chance,
+    KNN distance, unfiltered and selection-only accuracy."""
+    top1, top5, unfiltered, so_top1 = out["top1"], out["top5"], out["unfiltered"], out["so_top1"]
+    iv1, iv5 = class_bootstrap(top1.numpy()), class_bootstrap(top5.numpy())
+    so = None if so_top1 is None else class_bootstrap(so_top1.numpy())
+    figures = {
+        "evaluator": evaluator["name"],
+        "evaluator_acc": evaluator.get("accuracy"),
+        **summarize(top1.flatten(), top5.flatten(), out["knn"].flatten()),
+        "interval_method": iv1.method,
+        "attack_acc1_ci95": [iv1.low, iv1.high],
+        "attack_acc1_interval": iv1.to_dict(),
+        "attack_acc5_ci95": [iv5.low, iv5.high],
+        "attack_acc5_interval": iv5.to_dict(),
+        "chance_acc1": chance_level(num_classes, 1),
+        "chance_acc5": chance_level(num_classes, 5),
+        "unfiltered_acc1": None if unfiltered is None else float(unfiltered.mean()),
+        "unfiltered_n": None if unfiltered is None else int(unfiltered.numel()),
+        "selection_only_acc1": None if so is None else so.estimate,
+        "selection_only_acc1_interval": None if so is None else so.to_dict(),
+    }
+    return figures, iv1
+
+
+def judge_row(attack: str, parts: list[dict], classes: list[int], class_names: list[str], num_classes: int,
+              natural: tuple[float | None, int], judging: Judging, grid: str) -> Row:  # fmt: skip
+    """Judge one model under one attack from its ranks' parts (`mishield.attack.audit._attack_once`)."""
+    conf = per_class(parts, classes, lambda p: p["target_conf"])
+    outs, figures = [], []
+    for e, evaluator in enumerate(judging.evaluators):
+        out = {k: per_class(parts, classes, lambda p, k=k, e=e: p["evals"][e][k]) for k in EVALUATOR_OUTCOMES}
+        outs.append(out)
+        figures.append(_figures(out, num_classes, evaluator))
+    leaky = max(range(len(figures)), key=lambda e: (figures[e][1].high, figures[e][1].estimate))  # first on ties
+    best, interval = figures[leaky]
+    out = outs[leaky]
+    metrics = {"attack": attack, "natural_acc": natural[0], "natural_acc_n": natural[1], **best,
+               "target_confidence": float(conf.mean()),
+               "evaluators": [{k: f[k] for k in EVALUATOR_SUMMARY} for f, _ in figures],
+               "paired_diff_acc1": None, "paired_diff_acc1_interval": None}  # fmt: skip
+    rows = []
+    for r, c in enumerate(classes):
+        s = summarize(out["top1"][r], out["top5"][r], out["knn"][r])
+        rows.append({"class": c, "name": class_names[c], "n": s["n"], "attack_acc1": s["attack_acc1"], "attack_acc5": s["attack_acc5"],
+                     "knn_dist": s["knn_dist"], "target_confidence": float(conf[r].mean()),
+                     "reached": bool(conf[r].mean() >= MIN_TARGET_CONFIDENCE),
+                     "unfiltered_acc1": None if out["unfiltered"] is None else float(out["unfiltered"][r].mean()),
+                     "selection_only_acc1": None if out["so_top1"] is None else float(out["so_top1"][r].mean())})  # fmt: skip
+    judged = stats_verdict(interval, judging.threshold, chance=best["chance_acc1"], target_confidence=conf.numpy())
+    where = {c: (p, i) for p in parts for i, c in enumerate(p["classes"])}
+    image_steps, seconds = sum(p["image_steps"] for p in parts), max(p["seconds"] for p in parts)
+    timing = {"image_steps": image_steps, "seconds": seconds, "image_steps_per_s": image_steps / seconds if seconds else None,
+              **{k: max(p["timings"][k] for p in parts) for k in parts[0]["timings"]}}  # fmt: skip
+    return Row(attack, metrics, rows, {**judged.to_dict(), "attack": attack}, [o["top1"].numpy() for o in outs], leaky,
+               interval, grid, timing, dict(judging.budgets[attack]), {c: where[c][0]["shown"][where[c][1]] for c in classes})  # fmt: skip
+
+
+def worst(rows: list[Row]) -> Row:
+    """The row an attacker would pick: the highest upper end of the @1 interval (then the estimate; first on ties)."""
+    return max(rows, key=lambda r: r.severity)
+
+
+# A leaky row decides a model's verdict before an inconclusive one: it is conclusive evidence of leakage.
+VERDICT_ORDER = {"leaky": 0, "inconclusive": 1}
+
+
+def model_verdict(rows: list[Row]) -> dict:
+    """Worst case over attacks: leaky if any attack shows leakage, else inconclusive if any attack
+    was inconclusive (an attack that failed proves nothing), else the worst-case row's verdict."""
+    failing = sorted((r for r in rows if r.verdict["status"] in VERDICT_ORDER), key=lambda r: VERDICT_ORDER[r.verdict["status"]])
+    chosen = failing[0] if failing else worst(rows)
+    verdict = dict(chosen.verdict)
+    if len(rows) > 1:
+        verdict["reason"] = f"under the {chosen.attack} attack: {verdict['reason']}"
+    return verdict
+
+
+def grid_name(mi: int, name: str, attack: str, attacks: int) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
+    return f"grids/{mi}_{slug}.png" if attacks == 1 else f"grids/{mi}_{slug}_{attack}.png"
+
+
+def add_differences(rows_per_model: list[list[Row]]) -> list[dict | None]:
+    """Δ and the paired difference against the first model, in place on each row; returns the
+    model-level paired interval of each model (None for the first).
+
+    A row is compared with the first model's row of the same attack under the row's own (most
+    leaky) evaluator: same pool, same crops, same judge, so the pairing is exact. The model-level
+    difference compares each model's worst case with the first model's worst case.
+    """
+    base = {r.attack: r for r in rows_per_model[0]}
+    model_level: list[dict | None] = [None]
+    for rows in rows_per_model[1:]:
+        for r in rows:
+            b = base[r.attack]
+            r.delta = deltas(b.metrics, r.metrics)
+            paired = paired_difference(b.hits[r.evaluator], r.hits[r.evaluator])
+            r.metrics["paired_diff_acc1"], r.metrics["paired_diff_acc1_interval"] = paired.estimate, paired.to_dict()
+        w, wb = worst(rows), worst(rows_per_model[0])
+        model_level.append(paired_difference(wb.hits[wb.evaluator], w.hits[w.evaluator]).to_dict())
+    return model_level
+
+
+def model_audits(targets, names: list[str], rows_per_model: list[list[Row]]) -> list[ModelAudit]:
+    """One `ModelAudit` per target: the worst-case row's figures on top, every attack's row in `attacks`."""
+    paired = add_differences(rows_per_model)
+    models = []
+    for target, name, rows, diff in zip(targets, names, rows_per_model, paired):
+        w = worst(rows)
+        metrics = {**w.metrics, "strongest_attack": w.attack}
+        if diff is not None:
+            metrics["paired_diff_acc1"], metrics["paired_diff_acc1_interval"] = diff["estimate"], diff
+        models.append(ModelAudit(
+            name=name, info=dict(target.info), num_classes=target.num_classes, preprocessing=target.preprocessing.to_dict(),
+            metrics=metrics, per_class=w.per_class, grid=w.grid, budget=w.budget, verdict=model_verdict(rows),
+            timing=w.timing, attack=w.attack, attacks=[r.to_dict() for r in rows],
+        ))  # fmt: skip
+    for m in models[1:]:
+        m.delta = deltas(models[0].metrics, m.metrics)
+    return models
+
+
+def gate(models: list[ModelAudit], threshold: float) -> PrivacyGate:
+    """Passes only when every model's (worst-case) verdict is "passes"; inconclusive audits fail it too."""
+    failing = [m.name for m in models if not (m.verdict or {}).get("passed")]
+    inconclusive = [m.name for m in models if (m.verdict or {}).get("status") == "inconclusive"]
+    reasons = {m.name: m.verdict["reason"] for m in models if m.name in failing}
+    return PrivacyGate(threshold, not failing, failing, inconclusive=inconclusive, reasons=reasons)
