@@ -263,6 +263,14 @@ def run_audit(
     if not runtime.is_main:
         return None
 
+    warnings = _warnings(targets, evaluations) + trust_warnings + weak + _surrogate_warnings(targets, attacks, surrogates)
+    return _report(targets, evaluations, evaluators, trust, parts, natural_accs, data, classes, prior, config, runtime,
+                   max_attack_acc, seeds, attacks, warnings, provenance, Path(out_dir), overwrite)
+
+
+def _report(targets, evaluations, evaluators, trust, parts, natural_accs, data, classes, prior, config, runtime,
+            max_attack_acc, seeds, attacks, warnings, provenance, out_dir: Path, overwrite: bool) -> AuditReport:  # fmt: skip
+    """Judge every (model, attack) row and write the report files (rank 0)."""
     seed_list = [config.seed + i for i in range(seeds)]
     budgets = {}
     for kind, p in zip(attacks, parts[0]):
@@ -286,11 +294,11 @@ def run_audit(
         data={"classes": data.classes, "train_images": len(data.train), "val_images": len(data.val)},
         eval_model=eval_records[0], eval_models=eval_records,
         gate=None if max_attack_acc is None else gate(models, max_attack_acc),
-        warnings=_warnings(targets, evaluations) + trust_warnings + weak + _surrogate_warnings(targets, attacks, surrogates),
+        warnings=warnings,
         prior_samples=None if prior is None or prior.kind == "pixels" else PRIOR_SAMPLES,
     )  # fmt: skip
     samples = None if report.prior_samples is None else _prior_samples(prior, config.seed, runtime.device)
-    report.files = {k: str(v) for k, v in write_report(Path(out_dir), report, shown, real, overwrite, samples).items()}
+    report.files = {k: str(v) for k, v in write_report(out_dir, report, shown, real, overwrite, samples).items()}
     return report
 
 
