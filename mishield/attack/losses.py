@@ -97,7 +97,7 @@ class FeatureTap:
         found = find_classifier(model)
         if found is None:
             raise BadInputError(
-                f"{name} has no Linear or 1x1 Conv classifier layer whose input could serve as penultimate features; "
+                f"{name} has no Linear or Conv2d classifier layer whose input could serve as penultimate features; "
                 "the `logit` loss needs them: use the `poincare` or `margin` loss."
             )
         self.layer_name = found[0]
