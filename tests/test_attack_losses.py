@@ -141,8 +141,12 @@ def test_feature_tap_needs_a_classifier_layer():
     with pytest.raises(BadInputError, match="`logit` loss needs them"):
         FeatureTap(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
     model = _conv()
-    logits, features = FeatureTap(model)(model, torch.randn(2, 1, 8, 8))
+    tap = FeatureTap(model)
+    logits, features = tap(model, torch.randn(2, 1, 8, 8))
     assert logits.shape == (2, 5) and features.shape == (2, 24)
+    assert torch.allclose(model[-1](features), logits)  # the classifier's own input
+    model(torch.randn(3, 1, 8, 8))  # a forward outside the tap (selection, another attack) keeps nothing
+    assert tap.features is None
 
 
 # -- prototypes ---------------------------------------------------------------------------------

@@ -88,9 +88,10 @@ LOSSES: dict[str, Loss] = {
 class FeatureTap:
     """A model's penultimate features (the input of its classifier layer), caught by a forward pre-hook.
 
-    `tap(model, x)` returns `(logits, features)`; the hook's tensor is dropped right after, so no
-    autograd graph outlives the step. The layer is found as the evaluator finds it
-    (`mishield.models.find_classifier`).
+    `tap(model, x)` returns `(logits, features)`. The hook keeps a tensor only during that call and
+    drops it right after, so no autograd graph outlives the step, and a tap left on a model that
+    is later run elsewhere (another attack on the same target) holds nothing. The layer is found
+    as the evaluator finds it (`mishield.models.find_classifier`).
     """
 
     def __init__(self, model: nn.Module, name: str = "the model"):
@@ -102,14 +103,19 @@ class FeatureTap:
             )
         self.layer_name = found[0]
         self.features: torch.Tensor | None = None
+        self.armed = False
         self.handle = found[1].register_forward_pre_hook(self._keep)
 
     def _keep(self, module: nn.Module, inputs: tuple) -> None:
-        self.features = inputs[0]
+        if self.armed:
+            self.features = inputs[0]
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.features = None
-        logits = model(x)
+        self.features, self.armed = None, True
+        try:
+            logits = model(x)
+        finally:
+            self.armed = False
         features, self.features = self.features, None
         if features is None:
             raise BadInputError(f"the classifier layer {self.layer_name} was not called in the forward pass; the `logit` loss cannot read features.")
