@@ -92,11 +92,9 @@ class AttackConfig:
             raise UsageError(f"`center_crop` is a fraction of the image side in (0, 1], got {self.center_crop}.")
         if self.loss not in LOSSES:
             raise UsageError(f"`loss` must be one of {', '.join(LOSSES)}, got {self.loss!r}.")
-        if self.feature_weight is not None:
-            if not LOSSES[self.loss].needs_features:
-                raise UsageError(f"`feature_weight` weighs the `logit` loss's feature term; the {self.loss!r} loss has none.")
-            if not math.isfinite(self.feature_weight) or self.feature_weight < 0:
-                raise UsageError(f"`feature_weight` must be a finite number >= 0, got {self.feature_weight}.")
+        # A loss without a feature term ignores `feature_weight`: one config serves every attack of an audit.
+        if self.feature_weight is not None and (not math.isfinite(self.feature_weight) or self.feature_weight < 0):
+            raise UsageError(f"`feature_weight` must be a finite number >= 0, got {self.feature_weight}.")
         return self
 
     def resolve(self, prior: Prior) -> AttackConfig:
