@@ -105,6 +105,24 @@ def test_reconstructions_do_not_depend_on_which_classes_share_the_batch():
     assert torch.equal(shard.final_scores, everything.final_scores[[1, 4]])
 
 
+def test_logit_loss_with_a_surrogate_does_not_depend_on_which_classes_share_the_batch():
+    """Class prototypes come from each class's own candidates, so sharding still reproduces the run."""
+    torch.manual_seed(0)
+    prior = GeneratorPrior(DCGANGenerator(16, 32, 1, 8), 16, {"source": "test"})
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    pre = Preprocessing((3, 24, 24), (0.5,) * 3, (0.25,) * 3)
+    surrogate_pre = Preprocessing((3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    config = make_config("quick", samples=30, candidates=4, iterations=3, keep=2, final_augmentations=3, batch_size=10, loss="logit")
+    everything = PPAAttack(prior, net(0), pre, config, CPU, surrogates=[(net(1), surrogate_pre)]).run([0, 1, 2, 3, 4])
+    shard = PPAAttack(prior, net(0), pre, config, CPU, surrogates=[(net(1), surrogate_pre)]).run([1, 4])
+    assert torch.equal(shard.images, everything.images[[1, 4]])
+    assert torch.equal(shard.final_scores, everything.final_scores[[1, 4]])
+
+
 def test_hashed_uniforms_are_deterministic_uniform_and_independent():
     keys = candidate_keys(7, torch.arange(50).repeat_interleave(40), torch.arange(40).repeat(50))
     u = uniforms(keys, 3, 5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -24,13 +24,16 @@ from mishield.attack.augment import (
     uniforms,
 )
 from mishield.attack.inputs import ModelInput
-from mishield.attack.poincare import poincare_loss
+from mishield.attack.losses import LOSSES, FeatureTap, class_prototypes
 from mishield.attack.priors import Prior
-from mishield.errors import UsageError
+from mishield.errors import BadInputError, UsageError
+from mishield.models.introspect import count_classes
 from mishield.preprocessing import Preprocessing
 from mishield.runtime import Runtime, autocast
 
 ProgressFn = Callable[[str, int, int], None]
+# A surrogate the attack step also optimises against: a model and its own input contract.
+Surrogate = tuple[nn.Module, Preprocessing]
 
 # Counter ranges of the hashed randomness: optimisation steps use [0, I), final selection this onward.
 FINAL_COUNTER_BASE = 1 << 20
@@ -70,6 +73,8 @@ class AttackConfig:
     final_scale: tuple[float, float] = (0.5, 0.9)
     final_ratio: tuple[float, float] = (0.8, 1.2)
     final_flip: float = 0.5
+    loss: str = "poincare"  # the identity loss, a name in mishield.attack.losses.LOSSES
+    feature_weight: float | None = None  # the `logit` loss's lambda; None: LOSSES[loss].default_weight
 
     def validate(self) -> AttackConfig:
         for name in ("samples", "candidates", "keep", "final_augmentations", "batch_size"):
@@ -85,6 +90,11 @@ class AttackConfig:
             raise UsageError(f"`milestones` are fractions in (0, 1) or step numbers >= 1, got {list(self.milestones)}.")
         if self.center_crop is not None and not 0.0 < self.center_crop <= 1.0:
             raise UsageError(f"`center_crop` is a fraction of the image side in (0, 1], got {self.center_crop}.")
+        if self.loss not in LOSSES:
+            raise UsageError(f"`loss` must be one of {', '.join(LOSSES)}, got {self.loss!r}.")
+        # A loss without a feature term ignores `feature_weight`: one config serves every attack of an audit.
+        if self.feature_weight is not None and (not math.isfinite(self.feature_weight) or self.feature_weight < 0):
+            raise UsageError(f"`feature_weight` must be a finite number >= 0, got {self.feature_weight}.")
         return self
 
     def resolve(self, prior: Prior) -> AttackConfig:
@@ -191,29 +201,54 @@ def chunks(n: int, batch_size: int) -> Iterator[slice]:
 
 
 class InversionStep:
-    """The attack step: latents -> prior -> random crop -> target -> Poincaré loss, then Adam.
+    """The attack step: latents -> prior -> random crop -> target (and surrogates) -> identity loss, then Adam.
 
     The loss is the sum of the per-image losses; summing (not averaging) keeps each latent's gradient
     independent of how many other images share its batch, so Adam moves it the same way in any
-    batch or on any rank.
+    batch or on any rank. With surrogates (LOMMA's model augmentation), each image's loss is the
+    mean over [target, *surrogates] of that model's loss: the generator and the crop run once
+    and every model sees the same crop (one warp per distinct input contract).
     """
 
-    def __init__(self, prior: Prior, target: nn.Module, preprocessing: Preprocessing, config: AttackConfig, runtime: Runtime):
+    def __init__(self, prior: Prior, target: nn.Module, preprocessing: Preprocessing, config: AttackConfig, runtime: Runtime,
+                 surrogates: Sequence[Surrogate] = ()):
         config = config.resolve(prior)
         self.prior, self.target, self.config, self.runtime = prior, target, config, runtime
         self.optimizer: torch.optim.Optimizer | None = None  # the last run's, for inspection
-        self.model_input = ModelInput(preprocessing, runtime.device)
+        self.models = [target, *(model for model, _ in surrogates)]
+        inputs: dict[tuple, ModelInput] = {}  # models with one input contract share one warp per step
+        self.model_inputs = [_shared_input(inputs, pre, runtime.device) for pre in [preprocessing, *(pre for _, pre in surrogates)]]
+        self.model_input = self.model_inputs[0]  # the target's: selection reads it
+        self.loss = LOSSES[config.loss]
+        names = ["the target", *(f"surrogate {i + 1}" for i in range(len(surrogates)))]
+        self.taps = [FeatureTap(m, n) if self.loss.needs_features else None for m, n in zip(self.models, names)]
+        # Per model, the (K, D) class prototypes of a feature loss; set by PPAAttack before `run`.
+        self.prototypes: list[torch.Tensor | None] = [None] * len(self.models)
         self.forward = torch.compile(self._loss) if config.compile else self._loss
+
+    def outputs(self, images: torch.Tensor, theta: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(logits, penultimate features or None) of every model on the same crops of `images`."""
+        warped: dict[int, torch.Tensor] = {}
+        out = []
+        for model, model_input, tap in zip(self.models, self.model_inputs, self.taps):
+            x = warped.get(id(model_input))
+            if x is None:
+                x = model_input(images, theta)
+                if self.runtime.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                warped[id(model_input)] = x
+            out.append(tap(model, x) if tap is not None else (model(x), None))
+        return out
 
     def _loss(self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         with autocast(self.runtime):
             images = self.prior.generate(latents)
             theta = self.prior.step_thetas(uniforms(keys, step, 5), self.config)
-            x = self.model_input(images, theta)
-            if self.runtime.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            logits = self.target(x)
-        loss = poincare_loss(logits, labels).sum()
+            outputs = self.outputs(images, theta)
+        # The losses run in float32 outside autocast (each loss casts its inputs).
+        per_model = [self.loss(logits, labels, features, prototypes, self.config.feature_weight)
+                     for (logits, features), prototypes in zip(outputs, self.prototypes)]
+        loss = torch.stack(per_model).mean(dim=0).sum()
         reg = self.prior.regularizer(images.float())
         return loss if reg is None else loss + reg
 
@@ -230,6 +265,8 @@ class InversionStep:
         The lr follows the config's MultiStep schedule (host floats, set only at a milestone: no
         sync), and the prior's latent constraint is applied after every step.
         """
+        if self.loss.needs_features and any(p is None for p in self.prototypes):
+            raise RuntimeError(f"the {self.loss.name!r} loss needs class prototypes: set `prototypes` (PPAAttack.run does).")
         latents = latents.detach().clone().requires_grad_(True)
         optimizer = self.optimizer = self.make_optimizer(latents)
         cuts = set(self.config.milestone_steps())
@@ -249,15 +286,26 @@ class InversionStep:
 
 
 class PPAAttack:
-    """Initial selection -> optimisation -> final selection for one target model."""
+    """Initial selection -> optimisation -> final selection for one target model.
 
-    def __init__(self, prior: Prior, target: nn.Module, preprocessing: Preprocessing, config: AttackConfig, runtime: Runtime):
+    `surrogates` (model, preprocessing) pairs join the target in the optimisation step only
+    (LOMMA's model augmentation); initial and final selection, and with them the selection-only
+    baseline, score with the target alone: the audit measures what *the target* gives away.
+    """
+
+    def __init__(self, prior: Prior, target: nn.Module, preprocessing: Preprocessing, config: AttackConfig, runtime: Runtime,
+                 surrogates: Sequence[Surrogate] = ()):
         self.prior, self.config, self.runtime = prior, config.resolve(prior), runtime
-        self.target = target.eval().requires_grad_(False).to(runtime.device)
-        if runtime.channels_last:
-            self.target.to(memory_format=torch.channels_last)
+        self.target = _prepare_model(target, runtime)
+        classes = count_classes(self.target)
+        prepared = []
+        for i, (model, pre) in enumerate(surrogates):
+            found = count_classes(model)
+            if classes is not None and found is not None and found != classes:
+                raise BadInputError(f"surrogate {i + 1} has {found} classes but the target has {classes}; distil it from this target.")
+            prepared.append((_prepare_model(model, runtime), pre))
         prior.to(runtime.device, runtime.channels_last)
-        self.step = InversionStep(prior, self.target, preprocessing, self.config, runtime)
+        self.step = InversionStep(prior, self.target, preprocessing, self.config, runtime, prepared)
 
     @torch.no_grad()
     def _probabilities(self, images: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
@@ -313,6 +361,8 @@ class PPAAttack:
         ranks = torch.arange(cfg.candidates, device=device).repeat(len(classes))
         keys = candidate_keys(cfg.seed, labels, ranks)
         start = latents.clone() if cfg.selection_baseline else None
+        if self.step.loss.needs_features:
+            self.step.prototypes = self.class_prototypes(latents, classes)
         t1 = _now(device)
         total = self._optimise(latents, labels, keys, progress)
         t2 = _now(device)
@@ -335,6 +385,34 @@ class PPAAttack:
             timings={"initial_selection_s": t1 - t0, "optimisation_s": t2 - t1, "final_selection_s": t3 - t2, "selection_only_s": t4 - t3},
             selection_only=baseline,
         )
+
+    @torch.no_grad()
+    def class_prototypes(self, latents: torch.Tensor, classes: list[int]) -> list[torch.Tensor]:
+        """Per model, LOMMA's class prototypes: row c is the mean penultimate feature, under that model,
+        of class c's C initially selected candidates (uncropped), computed once before optimisation.
+
+        LOMMA estimates its prototype from public images' features under the target; here the public
+        images are the prior's, and each class gets the ones the target found most like it.
+        `latents` is class-major, C per class; classes are grouped whole into batches so that no
+        class's mean depends on the others.
+        """
+        cfg = self.config
+        per_class = cfg.candidates
+        tables: list[torch.Tensor | int] = [0] * len(self.step.models)
+        for group in chunks(len(classes), max(1, cfg.batch_size // per_class)):
+            rows = latents[group.start * per_class : group.stop * per_class]
+            feats: list[list[torch.Tensor]] = [[] for _ in self.step.models]
+            logits_width = [0] * len(self.step.models)
+            for part in chunks(rows.shape[0], cfg.batch_size):
+                with autocast(self.runtime):
+                    outputs = self.step.outputs(self.prior.generate(rows[part]), None)
+                for i, (logits, features) in enumerate(outputs):
+                    feats[i].append(features.float())
+                    logits_width[i] = logits.shape[1]
+            for i, f in enumerate(feats):
+                # each group fills its own classes' rows of an all-zero table: the sum is exact
+                tables[i] = tables[i] + class_prototypes(torch.cat(f), classes[group], per_class, logits_width[i])
+        return tables
 
     def _optimise(self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, progress: ProgressFn | None) -> int:
         """Optimise `latents` in place, batch by batch; returns the image-steps done."""
@@ -371,6 +449,21 @@ class PPAAttack:
             with autocast(self.runtime):
                 images.append(to_uint8(self.prior.generate(latents[flat[part]])).cpu())
         return torch.cat(images).view(n_classes, cfg.keep, *images[0].shape[1:]), kept_scores.float().cpu()
+
+
+def _prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """A model the attack differentiates through but never trains: eval, frozen, on the device."""
+    model = model.eval().requires_grad_(False).to(runtime.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _shared_input(cache: dict[tuple, ModelInput], pre: Preprocessing, device: torch.device) -> ModelInput:
+    key = (tuple(pre.input_size), tuple(pre.mean), tuple(pre.std))
+    if key not in cache:
+        cache[key] = ModelInput(pre, device)
+    return cache[key]
 
 
 def select_top(scores: torch.Tensor, n_classes: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
