@@ -199,7 +199,7 @@ def _check_gate_threshold(max_attack_acc: float | None) -> None:
 
 def _attack_config(config: AttackConfig, kind: AttackKind) -> AttackConfig:
     """The shared budget with this attack's loss."""
-    return config if kind.loss == getattr(config, "loss", "poincare") else replace(config, loss=kind.loss).validate()
+    return config if kind.loss == config.loss else replace(config, loss=kind.loss).validate()
 
 
 def run_audit(
