@@ -34,17 +34,6 @@ PRE = Preprocessing((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 FAST = {"arch": STUDENT, "epochs": 4, "batch_size": 32, "device": "cpu", "workers": 0, "trust_checkpoint": True}
 
 
-def _split_world(fmnist_dir: Path, root: Path) -> tuple[Path, Path]:
-    """private/ (classes 0-4) and public/ (5-9) as ImageFolders of links into the shared data."""
-    names = sorted(p.name for p in (fmnist_dir / "train").iterdir())
-    for role, group in (("private", names[:5]), ("public", names[5:])):
-        for split in ("train", "val"):
-            (root / role / split).mkdir(parents=True)
-            for name in group:
-                (root / role / split / name).symlink_to(fmnist_dir / split / name, target_is_directory=True)
-    return root / "private", root / "public"
-
-
 def _train_target(private: Path, out: Path, epochs: int, seed: int = 0) -> Path:
     from attack_support import tiny_resnet
 
@@ -150,7 +139,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(world, tmp_
         train_surrogate(world.other, world.flat, out, resume=True, **settings)
     resumed = train_surrogate(world.target, world.flat, out, resume=True, **settings)
     assert resumed.resumed_from_epoch == 1 and resumed.agreement == straight.agreement
-    losses = lambda r: [(h["epoch"], h["train_loss"], h["val_acc"]) for h in r.history]  # noqa: E731
+    losses = lambda r: [(h["epoch"], h["train_loss"], h["val_acc"]) for h in r.history]
     assert losses(resumed) == losses(straight) and len(straight.history) == 2
     a, b = load_model(straight.out, trust_checkpoint=True).model, load_model(out, trust_checkpoint=True).model
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
@@ -186,11 +175,19 @@ def test_cli_refusals(world, distilled, tmp_path, capsys):
     assert code == 2 and "temperature" in err
 
 
-@pytest.mark.slow  # ResNet-18 for the default 10 epochs on 1800 public images: ~90 s on one core
+@pytest.mark.slow  # ResNet-18 for the default 10 epochs on 1800 public images: ~90 s on one idle core
 def test_the_default_resnet18_surrogate_agrees_with_a_trained_target(fmnist_dir, tmp_path):
-    private, public = _split_world(fmnist_dir, tmp_path)
-    target = _train_target(private, tmp_path / "target.pt", epochs=4)
+    from attack_support import class_disjoint_folders
+
+    from mishield.attack.surrogates import public_items, split_public
+
+    private, public = class_disjoint_folders(fmnist_dir, tmp_path)
+    target = _train_target(private, tmp_path / "target.pt", epochs=4)  # 0.84 accuracy on the private val images
     result = train_surrogate(target, public, tmp_path / "s.pt", device="cpu", workers=0, trust_checkpoint=True)
-    # Measured: 0.80-0.85 after 6-10 epochs (the target itself: 0.84 accuracy on private val).
-    assert result.agreement_n == 200 and result.agreement >= 0.75, result.agreement
+    loaded = load_model(target, trust_checkpoint=True)
+    held_out = target_labels(loaded.model, split_public(public_items(public)[0], 0.1, 0)[1], loaded.preprocessing)
+    majority = Counter(label for _, label in held_out).most_common(1)[0][1] / len(held_out)
+    # Measured: agreement 0.85 (the target's most frequent class on these images: 0.52).
+    assert result.arch == "torchvision:resnet18" and result.agreement_n == 200
+    assert result.agreement >= 0.75 and result.agreement >= majority + 0.2, (result.agreement, majority)
     assert result.warnings == []

@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 
 from mishield.cli import console
-from mishield.cli.options import InputSizeOpt, JsonOpt, ModelArg, NumClassesOpt, OverwriteOpt, TrustOpt
+from mishield.cli.options import (
+    InputSizeOpt,
+    JsonOpt,
+    ModelArg,
+    NumClassesOpt,
+    OverwriteOpt,
+    TrustOpt,
+)
 
 app = typer.Typer(help="Surrogate models for the adaptive attack of `mishield audit`.", no_args_is_help=True)
 
