@@ -165,6 +165,11 @@ def test_cli_refusals(world, distilled, tmp_path, capsys):
     code, _, err = run_cli(["surrogate", "train", world.target, "--public", world.public, "--out", world.target,
                             "--overwrite", *base], capsys)  # fmt: skip
     assert code == 2 and "is the input" in err
+    image = next((world.public / "train").glob("*/*.png"))
+    before = image.read_bytes()
+    code, _, err = run_cli(["surrogate", "train", world.target, "--public", world.public, "--out", image,
+                            "--overwrite", *base], capsys)  # fmt: skip
+    assert code == 2 and "would overwrite the input" in err and image.read_bytes() == before
     code, _, err = run_cli(["surrogate", "train", world.target, "--public", world.public, "--out", distilled.out, *base], capsys)
     assert code == 2 and "already exists" in err
     code, _, err = run_cli(["surrogate", "train", world.target, "--public", tmp_path / "missing", "--out",
@@ -191,3 +196,33 @@ def test_the_default_resnet18_surrogate_agrees_with_a_trained_target(fmnist_dir,
     assert result.arch == "torchvision:resnet18" and result.agreement_n == 200
     assert result.agreement >= 0.75 and result.agreement >= majority + 0.2, (result.agreement, majority)
     assert result.warnings == []
+
+
+@pytest.mark.slow  # two fresh processes (each imports torch) and four epochs: ~40 s on a busy 2-core machine
+def test_sigterm_exits_143_and_resume_gives_the_uninterrupted_surrogate(world, distilled, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}", "OMP_NUM_THREADS": "1"}
+    out, state = tmp_path / "s.pt", tmp_path / "s.pt.train-state"
+    argv = [sys.executable, "-m", "mishield", "surrogate", "train", str(world.target), "--public", str(world.public),
+            "--out", str(out), "--arch", STUDENT, "--epochs", "4", "--batch-size", "32", "--device", "cpu",
+            "--trust-checkpoint"]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, cwd=repo, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 300
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)  # as a scheduler preempting the job would, once an epoch is saved
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert "SIGTERM" in err and state.exists() and not out.exists()
+    done = subprocess.run([*argv, "--resume"], check=False, env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not state.exists()
+    a, b = load_model(distilled.out, trust_checkpoint=True).model, load_model(out, trust_checkpoint=True).model
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
