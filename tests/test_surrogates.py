@@ -198,7 +198,7 @@ def test_the_default_resnet18_surrogate_agrees_with_a_trained_target(fmnist_dir,
     assert result.warnings == []
 
 
-@pytest.mark.slow  # two fresh processes (each imports torch) and four epochs: ~40 s on a busy 2-core machine
+@pytest.mark.slow  # two fresh processes (each imports torch) and four epochs: 18-40 s on a shared 2-core machine
 def test_sigterm_exits_143_and_resume_gives_the_uninterrupted_surrogate(world, distilled, tmp_path):
     import os
     import signal
