@@ -9,6 +9,7 @@ The public API (everything in `__all__`), grouped by what a user does:
   `SkipSite`, `SurgeryPlan`, `SurgeryResult`;
 * fine-tune with your own loop around it: `TrainingRecipe`, `run_schedule`;
 * measure the leak: `audit` -> `AuditReport` (one `ModelAudit` per model, a `PrivacyGate`);
+  distil surrogates of a target for the adaptive attack: `train_surrogate` -> `SurrogateResult`;
 * export: `export_onnx`, `OnnxExportReport`;
 * errors, each carrying the CLI's exit code: `MishieldError`, `UsageError`, `BadInputError`,
   `PrivacyGateError`, `ParityError`.
@@ -42,6 +43,8 @@ _API = {
     "ModelAudit": "mishield.attack.results",
     "PrivacyGate": "mishield.attack.results",
     "audit": "mishield.attack.audit",
+    "SurrogateResult": "mishield.attack.surrogates",
+    "train_surrogate": "mishield.attack.surrogates",
     "TrainingRecipe": "mishield.training",
     "run_schedule": "mishield.training",
     "OnnxExportReport": "mishield.onnx_export",
@@ -68,6 +71,7 @@ __all__ = [
     "SkipSite",
     "SurgeryPlan",
     "SurgeryResult",
+    "SurrogateResult",
     "TrainingRecipe",
     "UsageError",
     "__version__",
@@ -81,6 +85,7 @@ __all__ = [
     "plan_surgery",
     "run_schedule",
     "save_model",
+    "train_surrogate",
 ]
 
 

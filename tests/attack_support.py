@@ -129,3 +129,18 @@ def noise_image_folder(root, per_class: int, classes=("a", "b", "c"), size: int 
             arr = (torch.rand(size, size, generator=gen) * 255).to(torch.uint8).numpy()
             Image.fromarray(arr, mode="L").save(root / c / f"{i}.png")
     return root
+
+
+def class_disjoint_folders(fmnist_dir, root):
+    """private/ (classes 0-4) and public/ (5-9) of the shared Fashion-MNIST folder, as ImageFolders of
+    links (train/ and val/ each): the target never sees the attacker's public classes, as in the demo."""
+    from pathlib import Path
+
+    root = Path(root)
+    names = sorted(p.name for p in (Path(fmnist_dir) / "train").iterdir())
+    for role, group in (("private", names[:5]), ("public", names[5:])):
+        for split in ("train", "val"):
+            (root / role / split).mkdir(parents=True)
+            for name in group:
+                (root / role / split / name).symlink_to(Path(fmnist_dir) / split / name, target_is_directory=True)
+    return root / "private", root / "public"

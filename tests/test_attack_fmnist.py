@@ -42,13 +42,10 @@ CLI_ATTACK = ["-S", "60", "-C", "4", "-I", "6", "-K", "3", "-A", "3", "--batch-s
 
 @pytest.fixture(scope="module")
 def world(fmnist_dir, tmp_path_factory) -> SimpleNamespace:
+    from attack_support import class_disjoint_folders
+
     root = tmp_path_factory.mktemp("attack")
-    names = sorted(p.name for p in (fmnist_dir / "train").iterdir())
-    for role, group in (("private", names[:5]), ("public", names[5:])):
-        for split in ("train", "val"):
-            (root / role / split).mkdir(parents=True)
-            for name in group:
-                (root / role / split / name).symlink_to(fmnist_dir / split / name, target_is_directory=True)
+    class_disjoint_folders(fmnist_dir, root)
     prior = train_prior(
         root / "public", root / "prior.safetensors",
         PriorTrainingConfig(resolution=32, latent_dim=64, width=32, epochs=20, batch_size=64, lr=3e-4, seed=0),

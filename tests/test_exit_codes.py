@@ -70,6 +70,10 @@ USAGE = {  # command -> argument lists that are usage errors (exit 2)
         ["train-eval", "--out", "{tmp}/e.pt"],
         ["train-eval", "--data", "{data}", "--out", "{tmp}/e.pt", "--input-size", "4"],
     ],
+    "surrogate train": [
+        ["surrogate", "train", "{damaged}", "--out", "{tmp}/s.pt"],  # --public missing
+        ["surrogate", "train", "{damaged}", "--public", "{data}", "--out", "{tmp}/s.pt", "--epochs", "0"],
+    ],
 }
 
 BAD_INPUT = {  # command -> a damaged model file or a missing data folder (exit 3)
@@ -79,6 +83,7 @@ BAD_INPUT = {  # command -> a damaged model file or a missing data folder (exit 
     "audit": ["audit", "{damaged}", "--data", "{data}", "--out", "{tmp}/a", *AUDIT],
     "prior train": ["prior", "train", "--data", "{missing}", "--out", "{tmp}/p.safetensors", "--device", "cpu"],
     "train-eval": ["train-eval", "--data", "{missing}", "--out", "{tmp}/e.pt", "--device", "cpu", *TINY[:2]],
+    "surrogate train": ["surrogate", "train", "{damaged}", "--public", "{data}", "--out", "{tmp}/s.pt", "--device", "cpu"],
 }
 
 

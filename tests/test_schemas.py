@@ -116,6 +116,23 @@ def test_train_eval(private, tmp_path, capsys):
     assert validate("train-eval", out)["classes"] == ["0_tshirt_top", "1_trouser", "2_pullover"]
 
 
+def test_surrogate_train(private, public, tmp_path, capsys):
+    from mishield.models import build_architecture, save_model
+    from mishield.preprocessing import Preprocessing
+
+    target = save_model(tmp_path / "t.pt", build_architecture(RESNET, 3).eval(), arch=RESNET, num_classes=3, surgery=None,
+                        preprocessing=Preprocessing((3, 32, 32)))  # fmt: skip
+    args = ["surrogate", "train", target, "--public", public, "--out", tmp_path / "s.pt", "--arch", "attack_support:tiny_resnet",
+            "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--json"]  # fmt: skip
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    doc = validate("surrogate-train", out)
+    assert doc["agreement_n"] == 5 and doc["public_images"] == 46 and doc["input_size"] == [3, 32, 32]
+    del doc["target_sha256"]
+    with pytest.raises(AssertionError, match="'target_sha256' is a required property"):
+        validate("surrogate-train", json.dumps(doc))
+
+
 def test_audit_at_the_smallest_budget(private, public, tmp_path, capsys):
     from mishield.attack.evalmodel import train_eval_model
     from mishield.attack.priors import DCGANGenerator, save_generator

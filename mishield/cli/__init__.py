@@ -55,10 +55,11 @@ def _register() -> None:
     app.command("harden")(harden_cmd.harden)
     app.command("export")(export_cmd.export)
 
-    from mishield.cli import audit_cmd, prior_cmd, train_eval_cmd
+    from mishield.cli import audit_cmd, prior_cmd, surrogate_cmd, train_eval_cmd
     app.command("audit")(audit_cmd.audit)
     app.command("train-eval")(train_eval_cmd.train_eval)
     app.add_typer(prior_cmd.app, name="prior")
+    app.add_typer(surrogate_cmd.app, name="surrogate")
 
     from mishield.cli import demo_cmd, env_cmd
     app.command("demo")(demo_cmd.demo)

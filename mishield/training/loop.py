@@ -123,11 +123,18 @@ def clean_worker_error(err: Exception) -> MishieldError | None:
 # The training step
 
 
+# A training objective other than cross-entropy on the folder labels: (logits, inputs, labels) ->
+# (loss, the labels "correct" counts against). Distillation (mishield.attack.surrogates) uses it
+# to train on a teacher's soft outputs and count agreement with the teacher's argmax.
+Criterion = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
 class TrainStep:
     """One optimisation step: forward (bf16 autocast on CUDA), CE (+ BiDO), backward, Adam.
 
     Returns device tensors (no host sync): summed loss, CE, HSIC(X, Z) and HSIC(Y, Z) terms and the
-    number of correct predictions, so a caller reads them only when it wants to.
+    number of correct predictions, so a caller reads them only when it wants to. With a
+    `criterion` its loss takes CE's place (reported as "ce") and "correct" counts its labels.
     """
 
     def __init__(
@@ -139,8 +146,10 @@ class TrainStep:
         num_classes: int,
         bido: BiDOConfig | None = None,
         tap: FeatureTap | None = None,
+        criterion: Criterion | None = None,
     ):
         self.model = model
+        self.criterion = criterion
         self.optimizer = optimizer
         self.runtime = runtime
         self.num_classes = num_classes
@@ -157,7 +166,10 @@ class TrainStep:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(rt):
             logits = self.model(x)
-        ce = F.cross_entropy(logits.float(), y)
+        if self.criterion is not None:
+            ce, y = self.criterion(logits.float(), x, y)
+        else:
+            ce = F.cross_entropy(logits.float(), y)
         loss = ce
         zero = ce.new_zeros(())
         hx_sum = hy_sum = zero
@@ -255,6 +267,7 @@ class _StageContext:
     state_path: Path | None = None
     bido_points: list[str] = field(default_factory=list)
     on_epoch: EpochCallback | None = None
+    criterion: Criterion | None = None
 
 
 @dataclass
@@ -302,7 +315,7 @@ def _setup_stage(ctx: _StageContext, model: nn.Module, stage: str, first: int, r
         )
     if ctx.compile:
         net = torch.compile(net)
-    step = TrainStep(net, optimizer, rt, num_classes=ctx.num_classes, bido=recipe.bido, tap=tap)
+    step = TrainStep(net, optimizer, rt, num_classes=ctx.num_classes, bido=recipe.bido, tap=tap, criterion=ctx.criterion)
     return _Stage(optimizer, scheduler, step, net, start, tap)
 
 
@@ -520,11 +533,15 @@ def fit(
     progress: ProgressCallback | None = None,
     on_epoch: EpochCallback | None = None,
     stop_after: int | None = None,
+    criterion: Criterion | None = None,
+    fingerprint_extra: dict | None = None,
 ) -> FitResult:
     """Train `model` (in place) on `data.train` with the recipe's optimizer and LR schedule.
 
-    The reusable single-stage trainer (evaluation models are trained with it). With
+    The reusable single-stage trainer (evaluation models and surrogates are trained with it). With
     `state_path` the state is saved after every epoch and `resume=True` continues from it.
+    `criterion` replaces cross-entropy (see `Criterion`); `fingerprint_extra` adds what else
+    defines the run (a distillation's teacher and temperature) to what a resumed run must share.
     """
     recipe = TrainingRecipe(schedule="finetune", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, bido=bido)
     rt = make_runtime(device)
@@ -532,9 +549,9 @@ def fit(
     log = JsonlLog(log_path, enabled=rt.is_main)
     ctx = _StageContext(
         rt, recipe, data, preprocessing, num_classes, default_workers(rt) if workers is None else workers,
-        compile, progress, log, state_path=state_path, on_epoch=on_epoch,
+        compile, progress, log, state_path=state_path, on_epoch=on_epoch, criterion=criterion,
     )
-    fingerprint = run_fingerprint(recipe, data, preprocessing, model, None)
+    fingerprint = run_fingerprint(recipe, data, preprocessing, model, None) | (fingerprint_extra or {})
     state = resume_classifier_state(state_path, resume, fingerprint, recipe)
     history: list[dict] = list(state["history"]) if state else []
     t0 = time.perf_counter()
