@@ -99,8 +99,8 @@ def markdown(doc: dict) -> str:
                      f"[{pct(r['interval'][0])}, {pct(r['interval'][1])}] | {paired} | {pct(r['selection_only_acc1'])} | "
                      f"{r['target_confidence']:.2f} | {r['knn_dist']:.1f} |")
     agree = ", ".join(f"{k}: {100 * v:.1f} %" for k, v in doc["surrogate_agreement"].items())
-    lines += ["", f"Surrogate agreement with its target on held-out public images: {agree}. "
-              f"Surrogates {doc['surrogate_seconds']:.0f} s, audit {doc['audit_seconds']:.0f} s; {doc['hardware']}; {doc['software']}."]
+    lines += ["", (f"Surrogate agreement with its target on held-out public images: {agree}. "
+                   f"Surrogates {doc['surrogate_seconds']:.0f} s, audit {doc['audit_seconds']:.0f} s; {doc['hardware']}; {doc['software']}.")]
     return "\n".join(lines) + "\n"
 
 

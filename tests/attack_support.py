@@ -144,3 +144,20 @@ def class_disjoint_folders(fmnist_dir, root):
             for name in group:
                 (root / role / split / name).symlink_to(Path(fmnist_dir) / split / name, target_is_directory=True)
     return root / "private", root / "public"
+
+
+def train_tiny_target(private, out, epochs: int, seed: int = 0):
+    """A `tiny_resnet` trained on the private ImageFolder at 32 px and saved as a mishield file with its class names."""
+    from mishield.data import load_image_folders
+    from mishield.models import save_model
+    from mishield.preprocessing import Preprocessing
+    from mishield.training import fit
+
+    pre = Preprocessing((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    splits = load_image_folders(private)
+    torch.manual_seed(seed)
+    model = tiny_resnet(len(splits.classes))
+    fit(model, splits, pre, epochs=epochs, lr=1e-3, batch_size=64, device="cpu", seed=seed, workers=0)
+    save_model(out, model, arch="attack_support:tiny_resnet", num_classes=len(splits.classes), surgery=None,
+               preprocessing=pre, extra={"classes": splits.classes})
+    return out

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from attack_support import train_tiny_target
 from clirun import run_cli
 
 from mishield.attack.surrogates import (
@@ -24,28 +25,14 @@ from mishield.attack.surrogates import (
 )
 from mishield.errors import BadInputError, UsageError
 from mishield.fileio import sha256_file
-from mishield.models import load_model, save_model
+from mishield.models import load_model
 from mishield.preprocessing import Preprocessing
-from mishield.training import TrainingInterrupted, fit
+from mishield.training import TrainingInterrupted
 
 TARGET_ARCH = "attack_support:tiny_resnet"
 STUDENT = "attack_support:tiny_resnet"  # small enough for the default suite; the default arch is tested slow
 PRE = Preprocessing((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 FAST = {"arch": STUDENT, "epochs": 4, "batch_size": 32, "device": "cpu", "workers": 0, "trust_checkpoint": True}
-
-
-def _train_target(private: Path, out: Path, epochs: int, seed: int = 0) -> Path:
-    from attack_support import tiny_resnet
-
-    from mishield.data import load_image_folders
-
-    splits = load_image_folders(private)
-    torch.manual_seed(seed)
-    model = tiny_resnet(5)
-    fit(model, splits, PRE, epochs=epochs, lr=1e-3, batch_size=64, device="cpu", seed=seed, workers=0)
-    save_model(out, model, arch=TARGET_ARCH, num_classes=5, surgery=None, preprocessing=PRE,
-               extra={"classes": splits.classes})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +44,12 @@ def world(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("surrogate")
     private = materialize_fashion_mnist(root / "private", [0, 1, 2, 3, 4], train_per_class=100, val_per_class=10)
     public = materialize_fashion_mnist(root / "public", [5, 6, 7, 8, 9], train_per_class=150, val_per_class=10)
-    target = _train_target(private, root / "target.pt", epochs=4)
+    target = train_tiny_target(private, root / "target.pt", epochs=4)
     flat = root / "flat"  # a flat folder of 38 public images: the layout without class folders
     flat.mkdir()
     for path in sorted((public / "train").glob("*/*.png"))[::20]:
         (flat / f"{path.parent.name}-{path.name}").symlink_to(path)
-    other = _train_target(private, root / "other.pt", epochs=1, seed=1)
+    other = train_tiny_target(private, root / "other.pt", epochs=1, seed=1)
     return SimpleNamespace(root=root, private=private, public=public, target=target, other=other, flat=flat)
 
 
@@ -187,7 +174,7 @@ def test_the_default_resnet18_surrogate_agrees_with_a_trained_target(fmnist_dir,
     from mishield.attack.surrogates import public_items, split_public
 
     private, public = class_disjoint_folders(fmnist_dir, tmp_path)
-    target = _train_target(private, tmp_path / "target.pt", epochs=4)  # 0.84 accuracy on the private val images
+    target = train_tiny_target(private, tmp_path / "target.pt", epochs=4)  # 0.84 accuracy on the private val images
     result = train_surrogate(target, public, tmp_path / "s.pt", device="cpu", workers=0, trust_checkpoint=True)
     loaded = load_model(target, trust_checkpoint=True)
     held_out = target_labels(loaded.model, split_public(public_items(public)[0], 0.1, 0)[1], loaded.preprocessing)
@@ -226,3 +213,44 @@ def test_sigterm_exits_143_and_resume_gives_the_uninterrupted_surrogate(world, d
     a, b = load_model(distilled.out, trust_checkpoint=True).model, load_model(out, trust_checkpoint=True).model
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
+
+
+# -- the surrogates in the audit (`mishield audit --attack lomma --surrogate FILE`) ---------------
+
+AUDIT = ["--data", None, "--prior", "none", "--device", "cpu", "-S", "8", "-C", "2", "-I", "2", "-K", "1", "-A", "1",
+         "--allow-weak-evaluator", "--trust-checkpoint", "--eval-arch", TARGET_ARCH]  # fmt: skip
+
+
+def _audit(world, out, *extra) -> list:
+    # The 1-epoch `other` model stands in for an evaluation model (a wiring test: weak, hence --allow-weak-evaluator).
+    return ["audit", world.target, "--out", out, "--eval-model", world.other, *[world.private if a is None else a for a in AUDIT], *extra]
+
+
+def test_the_audit_runs_each_attack_on_each_model_through_its_own_surrogates(world, distilled, tmp_path, capsys):
+    code, out, err = run_cli([*_audit(world, tmp_path / "a", "--attack", "ppa,lomma", "--surrogate", distilled.out), "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    (model,) = doc["models"]
+    assert doc["options"]["attacks"] == ["ppa", "lomma"] and [r["attack"] for r in model["attacks"]] == ["ppa", "lomma"]
+    assert model["surrogates"] == [{"source": str(distilled.out), "arch": STUDENT, "agreement": distilled.agreement,
+                                    "agreement_n": distilled.agreement_n}]  # fmt: skip
+    assert model["attack"] in ("ppa", "lomma") and model["verdict"]["attack"] in ("ppa", "lomma")
+    assert {r["grid"] for r in model["attacks"]} == {f"grids/0_target.pt_{a}.png" for a in ("ppa", "lomma")}
+    assert all((tmp_path / "a" / r["grid"]).is_file() for r in model["attacks"])
+    assert model["attacks"][1]["budget"]["loss"] == "logit" and model["attacks"][0]["budget"]["loss"] == "poincare"
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert "worst case: " in page and page.count('<rect class="bar') == 2  # one bar per model x attack
+
+
+def test_the_lomma_attack_needs_each_models_own_surrogate(world, distilled, tmp_path, capsys):
+    code, _, err = run_cli(_audit(world, tmp_path / "a", "--attack", "lomma"), capsys)
+    assert code == 2 and "has none" in err and "mishield surrogate train" in err, err
+    code, _, err = run_cli(_audit(world, tmp_path / "b", "--attack", "lomma", "--surrogate", world.target), capsys)
+    assert code == 3 and "not a surrogate model" in err, err
+    # A surrogate of another model (here: distilled from `target`, offered to an audit of `other` alone).
+    argv = _audit(world, tmp_path / "c", "--attack", "lomma", "--surrogate", distilled.out)
+    argv[1] = world.other
+    code, _, err = run_cli(argv, capsys)
+    assert code == 3 and "none of the audited models" in err, err
+    code, _, err = run_cli(_audit(world, tmp_path / "d", "--attack", "ppa,pgd"), capsys)
+    assert code == 2 and "--attack takes ppa, lomma" in err, err

@@ -221,6 +221,7 @@ def run_audit(
     allow_weak_budget: bool = False,
     attacks: list[AttackKind] | None = None,
     surrogates: list[list] | None = None,
+    extra_warnings: list[str] | None = None,
 ) -> AuditReport | None:
     """Audit `targets` (the first is the baseline of the Δ columns); returns the report on rank 0.
 
@@ -263,7 +264,7 @@ def run_audit(
     if not runtime.is_main:
         return None
 
-    warnings = _warnings(targets, evaluations) + trust_warnings + weak + _surrogate_warnings(targets, attacks, surrogates)
+    warnings = [*_warnings(targets, evaluations), *trust_warnings, *weak, *_surrogate_warnings(targets, attacks, surrogates), *(extra_warnings or ())]
     return _report(targets, evaluations, evaluators, trust, parts, natural_accs, data, classes, prior, config, runtime,
                    max_attack_acc, seeds, attacks, warnings, provenance, Path(out_dir), overwrite)
 
@@ -477,12 +478,13 @@ def audit(
     try:
         targets, evaluations, splits, image_prior = _load_inputs(
             models, data, prior, evals, eval_arch, load_options, trust_checkpoint, config, val_fraction)
-        own = _match_surrogates(targets, surrogates, trust_checkpoint)
+        own, surrogate_warnings = _match_surrogates(targets, surrogates, trust_checkpoint)
         chosen = classes if isinstance(classes, list) else parse_classes(classes, targets[0].num_classes)
         report = run_audit(
             targets, evaluations, splits, prior=image_prior, config=config, out_dir=out, classes=chosen, runtime=runtime,
             max_attack_acc=max_attack_acc, overwrite=overwrite, progress=progress, provenance=provenance, seeds=seeds,
             allow_weak_evaluator=allow_weak_evaluator, allow_weak_budget=allow_weak_budget, attacks=kinds, surrogates=own,
+            extra_warnings=surrogate_warnings,
         )  # fmt: skip
         failing = broadcast(report.gate.failing if report and report.gate else [], runtime)
     finally:
@@ -534,10 +536,16 @@ def _load_inputs(models, data, prior, eval_models, eval_arch, load_options, trus
     return targets, evaluations, splits, image_prior
 
 
-def _match_surrogates(targets: list[AuditTarget], files, trust_checkpoint: bool) -> list[list]:
-    """Each target's surrogates as (module, Preprocessing) pairs, matched by the target SHA-256 each file records."""
+def _match_surrogates(targets: list[AuditTarget], files, trust_checkpoint: bool) -> tuple[list[list], list[str]]:
+    """Each target's surrogates as (module, Preprocessing) pairs, matched by the target SHA-256 each
+    file records, and warnings for weak ones; the targets' `info` lists their surrogates for the report."""
     if not files:
-        return [[] for _ in targets]
+        return [[] for _ in targets], []
     from mishield.attack.surrogates import match_surrogates
 
-    return match_surrogates([t.info.get("sha256") for t in targets], [str(f) for f in files], trust_checkpoint=trust_checkpoint)
+    found, warnings = match_surrogates([(t.info.get("sha256"), tuple(t.preprocessing.input_size)) for t in targets],
+                                       [str(f) for f in files], trust_checkpoint=trust_checkpoint)
+    for t, own in zip(targets, found):
+        t.info["surrogates"] = [{"source": str(s.source), "arch": s.arch, **{k: s.recipe["surrogate"].get(k) for k in ("agreement", "agreement_n")}}
+                                for s in own]  # fmt: skip
+    return [[(s.model, s.preprocessing) for s in own] for own in found], warnings

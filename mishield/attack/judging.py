@@ -148,8 +148,10 @@ VERDICT_ORDER = {"leaky": 0, "inconclusive": 1}
 
 def model_verdict(rows: list[Row]) -> dict:
     """Worst case over attacks: leaky if any attack shows leakage, else inconclusive if any attack
-    was inconclusive (an attack that failed proves nothing), else the worst-case row's verdict."""
-    failing = sorted((r for r in rows if r.verdict["status"] in VERDICT_ORDER), key=lambda r: VERDICT_ORDER[r.verdict["status"]])
+    was inconclusive (an attack that failed proves nothing), else the worst-case row's verdict;
+    among rows of the same status, the most severe one speaks."""
+    failing = [r for r in rows if r.verdict["status"] in VERDICT_ORDER]
+    failing.sort(key=lambda r: (VERDICT_ORDER[r.verdict["status"]], -r.severity[0], -r.severity[1]))  # stable: attack order on ties
     chosen = failing[0] if failing else worst(rows)
     verdict = dict(chosen.verdict)
     if len(rows) > 1:
