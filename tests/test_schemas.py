@@ -122,7 +122,7 @@ def test_surrogate_train(private, public, tmp_path, capsys):
 
     target = save_model(tmp_path / "t.pt", build_architecture(RESNET, 3).eval(), arch=RESNET, num_classes=3, surgery=None,
                         preprocessing=Preprocessing((3, 32, 32)))  # fmt: skip
-    args = ["surrogate", "train", target, "--public", public, "--out", tmp_path / "s.pt", "--arch", "attack_support:tiny_resnet",
+    args = ["surrogate", "train", target, "--public", public, "--out", tmp_path / "s.pt", "--surrogate-arch", "attack_support:tiny_resnet",
             "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--json"]  # fmt: skip
     code, out, err = run_cli(args, capsys)
     assert code == 0, err

@@ -137,7 +137,7 @@ def test_cli_json_validates_and_a_flat_public_folder_works(world, tmp_path, caps
     jsonschema = pytest.importorskip("jsonschema")
     from mishield.schemas import load_schema
 
-    args = ["surrogate", "train", world.target, "--public", world.flat, "--out", tmp_path / "s.pt", "--arch", STUDENT,
+    args = ["surrogate", "train", world.target, "--public", world.flat, "--out", tmp_path / "s.pt", "--surrogate-arch", STUDENT,
             "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--trust-checkpoint", "--json"]  # fmt: skip
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
@@ -148,7 +148,7 @@ def test_cli_json_validates_and_a_flat_public_folder_works(world, tmp_path, caps
 
 
 def test_cli_refusals(world, distilled, tmp_path, capsys):
-    base = ["--arch", STUDENT, "--epochs", "1", "--device", "cpu", "--trust-checkpoint"]
+    base = ["--surrogate-arch", STUDENT, "--epochs", "1", "--device", "cpu", "--trust-checkpoint"]
     code, _, err = run_cli(["surrogate", "train", world.target, "--public", world.public, "--out", world.target,
                             "--overwrite", *base], capsys)  # fmt: skip
     assert code == 2 and "is the input" in err
@@ -197,7 +197,7 @@ def test_sigterm_exits_143_and_resume_gives_the_uninterrupted_surrogate(world, d
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}", "OMP_NUM_THREADS": "1"}
     out, state = tmp_path / "s.pt", tmp_path / "s.pt.train-state"
     argv = [sys.executable, "-m", "mishield", "surrogate", "train", str(world.target), "--public", str(world.public),
-            "--out", str(out), "--arch", STUDENT, "--epochs", "4", "--batch-size", "32", "--device", "cpu",
+            "--out", str(out), "--surrogate-arch", STUDENT, "--epochs", "4", "--batch-size", "32", "--device", "cpu",
             "--trust-checkpoint"]  # fmt: skip
     proc = subprocess.Popen(argv, env=env, cwd=repo, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 300

@@ -25,13 +25,13 @@ def train(
     target: ModelArg,
     public: Annotated[Path, typer.Option("--public", help="Public images (ImageFolder or a flat folder; labels are ignored), never the private data.")],
     out: Annotated[Path, typer.Option("--out", help="Surrogate model file to write.")],
-    arch: Annotated[str, typer.Option("--arch", help="Surrogate architecture: timm:NAME, torchvision:NAME or package.module:factory (default: a ResNet, with skips: the adaptive case).")] = "torchvision:resnet18",
+    surrogate_arch: Annotated[str, typer.Option("--surrogate-arch", help="Surrogate architecture: timm:NAME, torchvision:NAME or package.module:factory (default: a ResNet, with skips: the adaptive case).")] = "torchvision:resnet18",
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 64,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Distillation temperature T (KL of the softened outputs, times T^2).")] = 4.0,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out fraction of the public images the agreement is measured on.")] = 0.1,
-    target_arch: Annotated[str | None, typer.Option("--target-arch", help="The target's architecture when TARGET is a plain state dict (timm:NAME, torchvision:NAME, package.module:factory).")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="TARGET's architecture when its file does not record one (a plain state dict): timm:NAME, torchvision:NAME or package.module:factory.")] = None,
     num_classes: NumClassesOpt = None,
     input_size: InputSizeOpt = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -49,10 +49,10 @@ def train(
     refuse_input_as_output(out, (target, public))
     with progress_bars() as progress:
         result = train_surrogate(
-            target, public, out, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
+            target, public, out, arch=surrogate_arch, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
             resolution=input_size, device=device, seed=seed, resume=resume, overwrite=overwrite, progress=progress,
             on_epoch=epoch_printer(), trust_checkpoint=trust_checkpoint, val_fraction=val_fraction,
-            load_options={"arch": target_arch, "num_classes": num_classes},
+            load_options={"arch": arch, "num_classes": num_classes},
         )  # fmt: skip
     for warning in result.warnings:
         console.err.print(f"[yellow]warning:[/] {warning}")
