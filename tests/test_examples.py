@@ -99,11 +99,16 @@ def test_release_gate_passes_then_blocks_an_impossible_threshold(tmp_path):
     assert attack_acc > 0.0
 
     # The same models against 0.0: the audit exits 4, the script stops before exporting and fails.
+    # The adaptive attack too: a surrogate of the hardened model, distilled in the script.
     blocked = _gate(tmp_path, data, "block", "0.0", EVAL_MODEL=str(out / "eval.safetensors"),
-                    PRIOR=str(out / "prior.safetensors"))  # fmt: skip
+                    PRIOR=str(out / "prior.safetensors"), MISHIELD_ATTACKS="ppa,lomma",
+                    MISHIELD_SURROGATE_ARGS="--epochs 2 --batch-size 32 --device cpu")  # fmt: skip
     assert blocked.returncode == 4, blocked.stderr
     assert "release blocked" in blocked.stderr
     assert not (tmp_path / "block" / "model.onnx").exists()
     blocked_report = json.loads((tmp_path / "block" / "audit.json").read_text())
     gate = blocked_report["gate"]
     assert (gate["max_attack_acc"], gate["passed"], gate["failing"]) == (0.0, False, [blocked_report["models"][0]["name"]])
+    assert blocked_report["options"]["attacks"] == ["ppa", "lomma"]
+    assert [r["attack"] for r in blocked_report["models"][0]["attacks"]] == ["ppa", "lomma"]
+    jsonschema.validate(json.loads((tmp_path / "block" / "surrogate.json").read_text()), load_schema("surrogate-train"))

@@ -230,6 +230,9 @@ def test_the_audit_runs_each_attack_on_each_model_through_its_own_surrogates(wor
     code, out, err = run_cli([*_audit(world, tmp_path / "a", "--attack", "ppa,lomma", "--surrogate", distilled.out), "--json"], capsys)
     assert code == 0, err
     doc = json.loads(out)
+    from mishield.schemas import load_schema
+
+    pytest.importorskip("jsonschema").validate(doc, load_schema("audit"))
     (model,) = doc["models"]
     assert doc["options"]["attacks"] == ["ppa", "lomma"] and [r["attack"] for r in model["attacks"]] == ["ppa", "lomma"]
     assert model["surrogates"] == [{"source": str(distilled.out), "arch": STUDENT, "agreement": distilled.agreement,
