@@ -67,7 +67,7 @@ def test_audit_holds_out_validation_when_data_has_no_val_folder(flat_data, tmp_p
 
     config = make_config("ci")
     with caplog.at_level(logging.WARNING):
-        _, _, splits, _ = _load_inputs(ARCH, flat_data, "none", ARCH, None, {"num_classes": 3}, False, config)
+        _, _, splits, _ = _load_inputs(ARCH, flat_data, "none", [ARCH], None, {"num_classes": 3}, False, config)
     assert len(splits.val) == 12 and len(splits.train) == 108 and "no val/ folder" in caplog.text
-    _, _, splits, _ = _load_inputs(ARCH, flat_data, "none", ARCH, None, {"num_classes": 3}, False, config, 0.25)
+    _, _, splits, _ = _load_inputs(ARCH, flat_data, "none", [ARCH], None, {"num_classes": 3}, False, config, 0.25)
     assert len(splits.val) == 30
