@@ -43,7 +43,8 @@ from mishield.attack.augment import candidate_keys
 from mishield.attack.evalmodel import Evaluator, train_eval_model
 from mishield.attack.metrics import topk_hits
 from mishield.attack.ppa import AttackConfig, PPAAttack, select_top, to_uint8
-from mishield.attack.priors import PriorTrainingConfig, load_prior, train_prior
+from mishield.attack.prior_training import PriorTrainingConfig, train_prior
+from mishield.attack.priors import load_prior
 from mishield.attack.stats import (
     chance_level,
     class_bootstrap,
