@@ -156,6 +156,8 @@ def _comparable(report: dict) -> dict:
     report["options"].pop("world_size")
     for m in report["models"]:
         m.pop("timing")
+        for row in m["attacks"]:
+            row.pop("timing")
     return report
 
 
