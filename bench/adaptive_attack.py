@@ -9,6 +9,8 @@ each model one surrogate (default torchvision ResNet-18: skip connections, the a
 distilled from the model's soft outputs on the PUBLIC images (`mishield.train_surrogate`); then ONE
 `mishield.audit` call runs `ppa` and `lomma` on both models with the default attack preset, so each
 row's paired difference is against the undefended model under the same attack, pool and crops.
+`--models` picks other files of the folder, e.g. `--models seed0-none.pt seed0-RoLSS.pt` in
+bench/privacy_tradeoff.py's --out (the same data/, prior.safetensors and eval.pt layout).
 The question (issue 12): does RoLSS's advantage under PPA survive an attacker who optimises
 through surrogates that have the skip connections RoLSS removed?
 """
@@ -34,7 +36,8 @@ def main() -> None:
     import mishield
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("demo", type=Path, help="a `mishield demo --out` folder")
+    parser.add_argument("demo", type=Path, help="a `mishield demo --out` folder (or bench/privacy_tradeoff.py's --out)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="model files in that folder; the first is the baseline")
     parser.add_argument("--out", type=Path, default=Path("/tmp/adaptive"))
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--surrogate-arch", default="torchvision:resnet18")
@@ -45,7 +48,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    models = [args.demo / m for m in MODELS]
+    models = [args.demo / m for m in args.models]
     surrogates, agreement = [], {}
     for model in models:
         path = args.out / f"surrogate-{model.stem}.pt"
