@@ -135,7 +135,7 @@ def _rows(report: AuditReport) -> list[tuple[str, dict, dict | None]]:
 def bar_chart(report: AuditReport, width: int = 820, bar: int = 26, gap: int = 14) -> dict:
     """Geometry of the SVG bar chart (attack accuracy @1 per model, its interval as a whisker,
     chance and the gate's threshold as vertical lines), laid out here and drawn by the template."""
-    left, right, top = 180, 200, 24  # the right margin holds the label beside a whisker that reaches 100 %
+    left, right, top = 200, 240, 24  # the right margin holds the label beside a whisker that reaches 100 %
     span = width - left - right
 
     def x(v: float | None) -> float:
