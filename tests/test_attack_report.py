@@ -86,12 +86,12 @@ def test_bar_chart_places_the_interval_and_the_threshold():
     report = _report()
     report.models[0].metrics = {**report.models[0].metrics, "attack_acc1_interval": {"low": 0.1, "high": 0.5}}
     chart = bar_chart(report, width=600)
-    span = 600 - 180 - 200
+    left, span = 200, 600 - 200 - 240  # the chart's margins: labels on the left, whisker labels on the right
     r = chart["rows"][0]
-    assert r["w"] == pytest.approx(0.25 * span) and r["lo"] == pytest.approx(180 + 0.1 * span) and r["hi"] == pytest.approx(180 + 0.5 * span)
-    assert chart["rows"][1]["hi"] == pytest.approx(180 + 0.5 * span)  # read from the bare ci95 pair [0.1, 0.5]
+    assert r["w"] == pytest.approx(0.25 * span) and r["lo"] == pytest.approx(left + 0.1 * span) and r["hi"] == pytest.approx(left + 0.5 * span)
+    assert chart["rows"][1]["hi"] == pytest.approx(left + 0.5 * span)  # read from the bare ci95 pair [0.1, 0.5]
     assert [line["cls"] for line in chart["lines"]] == ["threshold"]
-    assert chart["lines"][0]["x"] == pytest.approx(180 + 0.2 * span)
+    assert chart["lines"][0]["x"] == pytest.approx(left + 0.2 * span)
 
 
 def test_real_images_match_the_reconstructions_size_and_channels(tmp_path):
