@@ -161,3 +161,32 @@ def train_tiny_target(private, out, epochs: int, seed: int = 0):
     save_model(out, model, arch="attack_support:tiny_resnet", num_classes=len(splits.classes), surgery=None,
                preprocessing=pre, extra={"classes": splits.classes})
     return out
+
+
+def flat_colour_prior():
+    """A prior whose latent (3,) gives an 8x8 image of one colour tanh(latent): every crop of it looks the same."""
+    from mishield.attack.priors import Prior
+
+    class FlatColourPrior(Prior):
+        def __init__(self):
+            super().__init__((3, 8, 8), (3,), {"source": "test"})
+
+        def generate(self, latents: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(latents)[:, :, None, None].expand(-1, -1, 8, 8)
+
+    return FlatColourPrior()
+
+
+def train_on_tensors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float = 2e-3) -> nn.Module:
+    """Adam on cross-entropy in shuffled batches of 50 (seeded): the small Fashion-MNIST models of the attack tests."""
+    import torch.nn.functional as F
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)  # the embedded file is sorted by class
+        for i in range(0, len(x), 50):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[order[i : i + 50]]), y[order[i : i + 50]]).backward()
+            optimizer.step()
+    return model.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attack_support import flat_colour_prior
 from torch import nn
 
 from mishield.attack.audit import parse_classes
@@ -22,23 +23,13 @@ from mishield.attack.ppa import (
     out_of_memory_hint,
     select_top,
 )
-from mishield.attack.priors import DCGANGenerator, GeneratorPrior, Prior
+from mishield.attack.priors import DCGANGenerator, GeneratorPrior
 from mishield.errors import BadInputError, UsageError
 from mishield.preprocessing import Preprocessing
 from mishield.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"))
 HALF = Preprocessing((3, 8, 8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # normalised input == prior image
-
-
-class FlatColourPrior(Prior):
-    """latent (3,) -> an 8x8 image of one colour tanh(latent): every crop of it looks the same."""
-
-    def __init__(self):
-        super().__init__((3, 8, 8), (3,), {"source": "test"})
-
-    def generate(self, latents: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(latents)[:, :, None, None].expand(-1, -1, 8, 8)
 
 
 class ChannelMeanClassifier(nn.Module):
@@ -55,7 +46,7 @@ class ChannelMeanClassifier(nn.Module):
 
 def _attack(**overrides) -> PPAAttack:
     config = make_config("quick", **{"samples": 40, "candidates": 6, "iterations": 10, "keep": 3, "final_augmentations": 4, "batch_size": 7, **overrides})
-    return PPAAttack(FlatColourPrior(), ChannelMeanClassifier(), HALF, config, CPU)
+    return PPAAttack(flat_colour_prior(), ChannelMeanClassifier(), HALF, config, CPU)
 
 
 def test_initial_selection_keeps_the_top_c_pool_images_of_each_class():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from attack_support import TinyGenerator
+from attack_support import TinyGenerator, flat_colour_prior, train_on_tensors
 from torch import nn
 
 from mishield.attack.augment import candidate_keys, uniforms
@@ -24,7 +24,7 @@ from mishield.attack.losses import (
 )
 from mishield.attack.poincare import poincare_loss
 from mishield.attack.ppa import PRESETS, InversionStep, PPAAttack, make_config
-from mishield.attack.priors import GeneratorPrior, Prior
+from mishield.attack.priors import GeneratorPrior
 from mishield.data import load_embedded_fashion_mnist
 from mishield.errors import BadInputError, UsageError
 from mishield.preprocessing import Preprocessing
@@ -32,16 +32,6 @@ from mishield.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"))
 HALF = Preprocessing((3, 8, 8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # normalised input == prior image
-
-
-class FlatColourPrior(Prior):
-    """latent (3,) -> an 8x8 image of one colour tanh(latent): every crop of it looks the same."""
-
-    def __init__(self):
-        super().__init__((3, 8, 8), (3,), {"source": "test"})
-
-    def generate(self, latents: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(latents)[:, :, None, None].expand(-1, -1, 8, 8)
 
 
 class ChannelStatClassifier(nn.Module):
@@ -155,7 +145,7 @@ def test_feature_tap_needs_a_classifier_layer():
 def test_prototypes_are_per_class_means_of_the_candidates_features_under_each_model():
     # batch_size 4 < C = 6: a class's candidates span two forward passes
     config = _small_config(loss="logit", batch_size=4)
-    attack = PPAAttack(FlatColourPrior(), ChannelStatClassifier(), HALF, config, CPU,
+    attack = PPAAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, config, CPU,
                        surrogates=[(ChannelStatClassifier(seed=4, square=True), HALF)])  # fmt: skip
     latents, _ = attack.initial_selection([1, 3])
     target_table, surrogate_table = attack.class_prototypes(latents, [1, 3])
@@ -169,7 +159,7 @@ def test_prototypes_are_per_class_means_of_the_candidates_features_under_each_mo
 
 
 def test_run_sets_the_prototypes_before_optimising_and_a_bare_step_refuses_without_them():
-    attack = PPAAttack(FlatColourPrior(), ChannelStatClassifier(), HALF, _small_config(loss="logit"), CPU)
+    attack = PPAAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, _small_config(loss="logit"), CPU)
     labels = torch.tensor([0, 1])
     with pytest.raises(RuntimeError, match="prototypes"):
         attack.step.run(torch.zeros(2, 3), labels, candidate_keys(0, labels, torch.arange(2)), 1)
@@ -210,9 +200,9 @@ def test_step_gradient_is_the_mean_of_the_per_model_gradients(loss):
 def test_selection_scores_with_the_target_alone():
     """A surrogate that ranks the classes the opposite way changes the optimisation, not the selection."""
     config = _small_config(loss="logit")
-    alone = PPAAttack(FlatColourPrior(), ChannelStatClassifier(), HALF, config, CPU)
+    alone = PPAAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, config, CPU)
     contrary = ChannelStatClassifier(sign=-1.0)
-    augmented = PPAAttack(FlatColourPrior(), ChannelStatClassifier(), HALF, config, CPU, surrogates=[(contrary, HALF)])
+    augmented = PPAAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, config, CPU, surrogates=[(contrary, HALF)])
     (lat_alone, init_alone), (lat_aug, init_aug) = alone.initial_selection([0, 2]), augmented.initial_selection([0, 2])
     assert torch.equal(lat_alone, lat_aug) and torch.equal(init_alone, init_aug)
     labels = torch.tensor([0, 2]).repeat_interleave(6)
@@ -225,7 +215,7 @@ def test_selection_scores_with_the_target_alone():
 
 def test_a_surrogate_with_another_class_count_is_refused():
     with pytest.raises(BadInputError, match="surrogate 1 has 7 classes but the target has 4"):
-        PPAAttack(FlatColourPrior(), ChannelStatClassifier(), HALF, _small_config(), CPU,
+        PPAAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, _small_config(), CPU,
                   surrogates=[(ChannelStatClassifier(classes=7), HALF)])  # fmt: skip
 
 
@@ -247,18 +237,6 @@ class PCAGenerator(nn.Module):
         return (self.mean + z @ self.basis).clamp(-1, 1).view(-1, *self.shape)
 
 
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=g)  # the file is sorted by class
-        for i in range(0, len(x), 50):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[order[i : i + 50]]), y[order[i : i + 50]]).backward()
-            optimizer.step()
-    return model.eval()
-
-
 def test_logit_attack_recovers_private_fashion_mnist_classes_judged_by_an_evaluator():
     """Private classes 0-4, a PCA prior of public classes 5-9 (class-disjoint), a CNN target, an MLP
     evaluator; about two seconds. An untrained target under the same attack stays near chance."""
@@ -273,9 +251,9 @@ def test_logit_attack_recovers_private_fashion_mnist_classes_judged_by_an_evalua
         return nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
                              nn.Flatten(), nn.Linear(32 * 7 * 7, 5))  # fmt: skip
 
-    target = _train(cnn(0), x[private], y[private], epochs=2)
+    target = train_on_tensors(cnn(0), x[private], y[private], epochs=2)
     torch.manual_seed(1)
-    judge = _train(nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 5)), x[private], y[private], epochs=3)
+    judge = train_on_tensors(nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 5)), x[private], y[private], epochs=3)
     evaluator = Evaluator(judge, pre, CPU)
     generator = PCAGenerator(x[public], 32)
     config = make_config("ci", samples=200, candidates=16, iterations=30, keep=8, final_augmentations=4, batch_size=80,

@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from attack_support import TinyGenerator
+from attack_support import TinyGenerator, train_on_tensors
 from torch import nn
 
 from mishield.attack.augment import candidate_keys, identity_thetas
@@ -42,15 +42,7 @@ def _fmnist_target() -> nn.Module:
         nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
         nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
     )  # fmt: skip
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        order = torch.randperm(len(x), generator=g)  # the file is sorted by class
-        for i in range(0, len(x), 50):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[order[i : i + 50]]), y[order[i : i + 50]]).backward()
-            optimizer.step()
-    return model.eval()
+    return train_on_tensors(model, x, y, epochs=2)
 
 
 def _attack(lr: float, iterations: int = 30) -> PPAAttack:
