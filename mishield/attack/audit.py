@@ -368,12 +368,10 @@ def _trust(targets, evaluations, evaluators, data, prior, config, runtime, max_a
     return records, warnings, natural_accs
 
 
-def _attack_all(targets, prior, evaluators, data, classes, config, runtime, progress, seeds=1, natural_accs=None,
-                attacks=None, surrogates=None) -> tuple[list, list]:  # fmt: skip
+def _attack_all(targets, prior, evaluators, data, classes, config, runtime, progress, seeds, natural_accs,
+                attacks, surrogates) -> tuple[list, list]:  # fmt: skip
     """This rank's share of every (target, attack) run, gathered on rank 0 as parts[target][attack],
-    and each target's natural accuracy."""
-    attacks = attacks or [ATTACKS["ppa"]]
-    surrogates = surrogates or [[] for _ in targets]
+    and each target's natural accuracy (measured here unless the trust checks already did)."""
     mine = shard_classes(classes, runtime)
     mine_set = set(mine)
     # Private images degraded to the attack's resolution, so KNN compares like with like (docs/audit.md "Trust checks").
