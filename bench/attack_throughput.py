@@ -40,8 +40,9 @@ from torchvision.transforms import v2 as T
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mishield.attack.augment import candidate_keys
+from mishield.attack.config import make_config
+from mishield.attack.engine import InversionStep
 from mishield.attack.poincare import poincare_loss
-from mishield.attack.ppa import InversionStep, make_config
 from mishield.attack.priors import DCGANGenerator, GeneratorPrior
 from mishield.preprocessing import Preprocessing
 from mishield.runtime import Runtime

@@ -40,12 +40,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # attack_support: the tests' tiny ResNet and evaluator CNN
 
 from mishield.attack.augment import candidate_keys
-from mishield.attack.evalmodel import Evaluator, train_eval_model
-from mishield.attack.metrics import topk_hits
-from mishield.attack.ppa import AttackConfig, PPAAttack, select_top, to_uint8
-from mishield.attack.prior_training import PriorTrainingConfig, train_prior
+from mishield.attack.config import AttackConfig
+from mishield.attack.engine import InversionAttack, select_top, to_uint8
 from mishield.attack.priors import load_prior
-from mishield.attack.stats import (
+from mishield.audit.evaluator import Evaluator
+from mishield.audit.metrics import topk_hits
+from mishield.audit.stats import (
     chance_level,
     class_bootstrap,
     paired_difference,
@@ -58,6 +58,8 @@ from mishield.preprocessing import Preprocessing
 from mishield.runtime import Runtime
 from mishield.surgery import apply_plan, plan_surgery
 from mishield.training import evaluate_accuracy, fit
+from mishield.training.evaluator import train_eval_model
+from mishield.training.prior import PriorTrainingConfig, train_prior
 
 TARGET_ARCH = "attack_support:tiny_resnet"
 EVAL_ARCH = "attack_support:small_plain_cnn"
@@ -136,7 +138,7 @@ def natural_accuracy(model, splits) -> float:
     return float(evaluate_accuracy(model, splits.val, PRE, batch_size=256, device="cpu"))
 
 
-def attack_curve(attack: PPAAttack, pool: torch.Tensor, classes: list[int], steps: list[int], evaluator: Evaluator) -> dict:
+def attack_curve(attack: InversionAttack, pool: torch.Tensor, classes: list[int], steps: list[int], evaluator: Evaluator) -> dict:
     """Optimise once to max(steps), judging a snapshot of the latents at every requested count."""
     cfg, inv = attack.config, attack.step
     labels = torch.tensor(classes).repeat_interleave(cfg.candidates)
@@ -166,7 +168,7 @@ def attack_curve(attack: PPAAttack, pool: torch.Tensor, classes: list[int], step
     return out
 
 
-def judge(attack: PPAAttack, latents, labels, keys, classes: list[int], evaluator: Evaluator) -> dict:
+def judge(attack: InversionAttack, latents, labels, keys, classes: list[int], evaluator: Evaluator) -> dict:
     """PPA's final selection on the current latents, then the evaluator's verdict on kept and all candidates."""
     cfg, n = attack.config, len(classes)
     scores = attack.final_scores(latents, labels, keys)
@@ -194,7 +196,7 @@ def run_grid(args, setup: dict, on_rows=None) -> list[dict]:
                 cfg = AttackConfig(samples=args.samples, candidates=args.candidates, iterations=max(args.steps), keep=args.keep,
                                    final_augmentations=args.final_augmentations, batch_size=512, seed=args.seed, lr=lr, betas=betas[bname],
                                    milestones=tuple(args.milestones), gamma=0.1)  # fmt: skip
-                attack = PPAAttack(prior, setup["models"][name], PRE, cfg, runtime)
+                attack = InversionAttack(prior, setup["models"][name], PRE, cfg, runtime)
                 pool, _ = attack.initial_selection(classes)
                 for step, res in attack_curve(attack, pool, classes, args.steps, evaluator).items():
                     kept[(name, bname, lr, step)] = res["kept"]

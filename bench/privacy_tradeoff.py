@@ -114,9 +114,9 @@ def main() -> None:
     import torch
 
     import mishield
-    from mishield.attack.evalmodel import train_eval_model
-    from mishield.attack.prior_training import PriorTrainingConfig, train_prior
     from mishield.demo import BATCH_SIZE, LR, RESOLUTION, demo_table
+    from mishield.training.evaluator import train_eval_model
+    from mishield.training.prior import PriorTrainingConfig, train_prior
 
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -39,12 +39,12 @@ _API = {
     "harden": "mishield.hardening",
     "ModelInspection": "mishield.inspection",
     "inspect_model": "mishield.inspection",
-    "AuditReport": "mishield.attack.results",
-    "ModelAudit": "mishield.attack.results",
-    "PrivacyGate": "mishield.attack.results",
-    "audit": "mishield.attack.audit",
-    "SurrogateResult": "mishield.attack.surrogates",
-    "train_surrogate": "mishield.attack.surrogates",
+    "AuditReport": "mishield.audit.results",
+    "ModelAudit": "mishield.audit.results",
+    "PrivacyGate": "mishield.audit.results",
+    "audit": "mishield.audit",
+    "SurrogateResult": "mishield.training.distillation",
+    "train_surrogate": "mishield.training.distillation",
     "TrainingRecipe": "mishield.training",
     "run_schedule": "mishield.training",
     "OnnxExportReport": "mishield.onnx_export",
@@ -93,7 +93,9 @@ def __getattr__(name: str):
     module = _API.get(name)
     if module is None:
         raise AttributeError(f"module 'mishield' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    found = importlib.import_module(module)
+    # `mishield.audit` is a callable package (mishield/audit/__init__.py), not a name inside one.
+    value = found if module == f"mishield.{name}" else getattr(found, name)
     globals()[name] = value  # later look-ups skip this function
     return value
 

@@ -375,7 +375,7 @@ def eval_transform(pre: Preprocessing) -> Callable:
 # ---------------------------------------------------------------------------------------------
 # Fingerprints and native size (provenance of evaluation models and priors; docs/audit.md "Trust checks")
 
-# Allowed prior resolutions (mishield.attack.generators); the default input size of `prior train`
+# Allowed prior resolutions (mishield.models.dcgan); the default input size of `prior train`
 # and `train-eval` is the smallest of these that holds the images' native size.
 RESOLUTIONS = (32, 64, 128, 256)
 

@@ -215,8 +215,8 @@ def _data_stage(stages: _Stages, ctx: dict) -> None:
 def _model_stages(stages: _Stages, ctx: dict) -> None:
     """The original target, its hardened copies, the evaluation model and the prior."""
     import mishield
-    from mishield.attack.evalmodel import train_eval_model
-    from mishield.attack.prior_training import PriorTrainingConfig, train_prior
+    from mishield.training.evaluator import train_eval_model
+    from mishield.training.prior import PriorTrainingConfig, train_prior
 
     out, size, dev, seed = ctx["out"], ctx["size"], ctx["device"], ctx["seed"]
     private, public = out / "data" / "private", out / "data" / "public"
@@ -329,7 +329,7 @@ def _hits(per_class: list[dict]):
 
 def demo_table(report: dict) -> list[dict]:
     """The paper-style rows from an audit report.json: one per model, the original first."""
-    from mishield.attack.stats import class_bootstrap, paired_difference
+    from mishield.audit.stats import class_bootstrap, paired_difference
 
     models = report["models"]
     base = _hits(models[0]["per_class"])

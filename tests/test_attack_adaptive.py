@@ -20,10 +20,10 @@ EVAL_ARCH = "attack_support:small_plain_cnn"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    from mishield.attack.evalmodel import train_eval_model
-    from mishield.attack.prior_training import PriorTrainingConfig, train_prior
-    from mishield.attack.surrogates import train_surrogate
     from mishield.data import materialize_fashion_mnist
+    from mishield.training.distillation import train_surrogate
+    from mishield.training.evaluator import train_eval_model
+    from mishield.training.prior import PriorTrainingConfig, train_prior
 
     root = tmp_path_factory.mktemp("adaptive")
     private = materialize_fashion_mnist(root / "private", [0, 1, 2, 3, 4], train_per_class=100, val_per_class=10)

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mishield.attack.audit as audit_module
-from mishield.attack.budgets import below_minimum, budget_warnings, travel
-from mishield.attack.ppa import PPAAttack, make_config
+import mishield.audit.runner as audit_module
+from mishield.attack.config import make_config
+from mishield.attack.engine import InversionAttack
 from mishield.attack.priors import (
     STYLEGAN_CENTER_CROP,
     DCGANGenerator,
@@ -19,6 +19,7 @@ from mishield.attack.priors import (
     Prior,
     center_crop,
 )
+from mishield.audit.budgets import below_minimum, budget_warnings, travel
 from mishield.errors import UsageError
 from mishield.preprocessing import Preprocessing
 from mishield.runtime import Runtime
@@ -83,7 +84,7 @@ def test_budget_fields_left_open_come_from_the_prior_kind():
 def test_lr_is_cut_at_the_milestones_in_the_optimisation_loop():
     config = make_config("ci", samples=12, candidates=3, keep=1, final_augmentations=1, iterations=10,
                          lr=0.1, milestones=(0.5, 8), gamma=0.1)  # fmt: skip
-    attack = PPAAttack(LinearPrior(), BrightClassifier(), HALF, config, CPU)
+    attack = InversionAttack(LinearPrior(), BrightClassifier(), HALF, config, CPU)
     seen: list[float] = []
     attack.step.run(torch.zeros(3, 3), torch.tensor([0, 1, 2]), torch.arange(3), 10,
                     lambda step: seen.append(attack.step.optimizer.param_groups[0]["lr"]))  # fmt: skip
@@ -94,25 +95,25 @@ def test_lr_is_cut_at_the_milestones_in_the_optimisation_loop():
 def test_z_space_latent_constraint_keeps_coordinates_and_norms_bounded():
     prior = LinearPrior()  # z-space defaults: |z_i| <= 3
     config = make_config("ci", samples=12, candidates=3, keep=1, final_augmentations=1, iterations=200, lr=0.5, milestones=())
-    attack = PPAAttack(prior, BrightClassifier(), HALF, config, CPU)
+    attack = InversionAttack(prior, BrightClassifier(), HALF, config, CPU)
     out = attack.step.run(torch.zeros(6, 3), torch.tensor([0, 1, 2, 3, 0, 1]), torch.arange(6), 200)
     assert out.abs().max() <= prior.latent_clamp + 1e-6 and out.abs().max() > 2.0  # it got pushed to the bound
     assert (out.norm(dim=1) <= prior.latent_clamp * 3**0.5 + 1e-5).all()
     prior.latent_clamp = None  # unconstrained: the same run drifts past it
-    free = PPAAttack(prior, BrightClassifier(), HALF, config, CPU).step.run(torch.zeros(6, 3), torch.tensor([0, 1, 2, 3, 0, 1]), torch.arange(6), 200)
+    free = InversionAttack(prior, BrightClassifier(), HALF, config, CPU).step.run(torch.zeros(6, 3), torch.tensor([0, 1, 2, 3, 0, 1]), torch.arange(6), 200)
     assert free.abs().max() > 3.5
 
 
 def test_selection_only_equals_an_attack_with_zero_steps():
     kw = {"samples": 30, "candidates": 4, "keep": 2, "final_augmentations": 3, "batch_size": 5, "lr": 0.2, "milestones": ()}
-    result = PPAAttack(LinearPrior(), BrightClassifier(), HALF, make_config("ci", iterations=8, **kw), CPU).run([0, 3])
-    zero = PPAAttack(LinearPrior(), BrightClassifier(), HALF, make_config("ci", iterations=0, **kw), CPU).run([0, 3])
+    result = InversionAttack(LinearPrior(), BrightClassifier(), HALF, make_config("ci", iterations=8, **kw), CPU).run([0, 3])
+    zero = InversionAttack(LinearPrior(), BrightClassifier(), HALF, make_config("ci", iterations=0, **kw), CPU).run([0, 3])
     base = result.selection_only
     assert base is not None and base.classes == [0, 3] and base.image_steps == 0
     assert torch.equal(base.images, zero.images) and torch.allclose(base.final_scores, zero.final_scores)
     assert base.images.shape == result.images.shape and base.final_scores.shape == result.final_scores.shape
     assert not torch.equal(result.images, base.images)  # the optimised images are another set
-    off = PPAAttack(LinearPrior(), BrightClassifier(), HALF, make_config("ci", iterations=2, selection_baseline=False, **kw), CPU).run([0])
+    off = InversionAttack(LinearPrior(), BrightClassifier(), HALF, make_config("ci", iterations=2, selection_baseline=False, **kw), CPU).run([0])
     assert off.selection_only is None
 
 

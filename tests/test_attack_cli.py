@@ -107,8 +107,8 @@ def test_prior_train_and_train_eval_write_loadable_files(tiny_data, tmp_path, ca
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_audit_runs_on_cuda_with_bf16_channels_last_and_compile(tiny_data, tmp_path, capsys):
-    from mishield.attack.evalmodel import train_eval_model
     from mishield.attack.priors import DCGANGenerator, save_generator
+    from mishield.training.evaluator import train_eval_model
 
     prior = save_generator(tmp_path / "prior.safetensors", DCGANGenerator(16, 32, 1, 8).eval(), {})
     eval_file = tmp_path / "eval.pt"

@@ -7,7 +7,6 @@ import torch
 from attack_support import flat_colour_prior
 from torch import nn
 
-from mishield.attack.audit import parse_classes
 from mishield.attack.augment import (
     candidate_keys,
     crop_thetas,
@@ -15,15 +14,16 @@ from mishield.attack.augment import (
     uniforms,
     warp,
 )
-from mishield.attack.inputs import ModelInput
-from mishield.attack.ppa import (
-    PPAAttack,
+from mishield.attack.config import make_config
+from mishield.attack.engine import (
+    InversionAttack,
     chunks,
-    make_config,
     out_of_memory_hint,
     select_top,
 )
+from mishield.attack.inputs import ModelInput
 from mishield.attack.priors import DCGANGenerator, GeneratorPrior
+from mishield.audit.runner import parse_classes
 from mishield.errors import BadInputError, UsageError
 from mishield.preprocessing import Preprocessing
 from mishield.runtime import Runtime
@@ -44,9 +44,9 @@ class ChannelMeanClassifier(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-def _attack(**overrides) -> PPAAttack:
+def _attack(**overrides) -> InversionAttack:
     config = make_config("quick", **{"samples": 40, "candidates": 6, "iterations": 10, "keep": 3, "final_augmentations": 4, "batch_size": 7, **overrides})
-    return PPAAttack(flat_colour_prior(), ChannelMeanClassifier(), HALF, config, CPU)
+    return InversionAttack(flat_colour_prior(), ChannelMeanClassifier(), HALF, config, CPU)
 
 
 def test_initial_selection_keeps_the_top_c_pool_images_of_each_class():
@@ -90,8 +90,8 @@ def test_reconstructions_do_not_depend_on_which_classes_share_the_batch():
     target = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
     pre = Preprocessing((3, 24, 24), (0.5,) * 3, (0.25,) * 3)
     config = make_config("quick", samples=30, candidates=4, iterations=3, keep=2, final_augmentations=3, batch_size=16)
-    everything = PPAAttack(prior, target, pre, config, CPU).run([0, 1, 2, 3, 4])
-    shard = PPAAttack(prior, target, pre, config, CPU).run([1, 4])
+    everything = InversionAttack(prior, target, pre, config, CPU).run([0, 1, 2, 3, 4])
+    shard = InversionAttack(prior, target, pre, config, CPU).run([1, 4])
     assert torch.equal(shard.images, everything.images[[1, 4]])
     assert torch.equal(shard.final_scores, everything.final_scores[[1, 4]])
 
@@ -108,8 +108,8 @@ def test_logit_loss_with_a_surrogate_does_not_depend_on_which_classes_share_the_
     pre = Preprocessing((3, 24, 24), (0.5,) * 3, (0.25,) * 3)
     surrogate_pre = Preprocessing((3, 16, 16), (0.5,) * 3, (0.5,) * 3)
     config = make_config("quick", samples=30, candidates=4, iterations=3, keep=2, final_augmentations=3, batch_size=10, loss="logit")
-    everything = PPAAttack(prior, net(0), pre, config, CPU, surrogates=[(net(1), surrogate_pre)]).run([0, 1, 2, 3, 4])
-    shard = PPAAttack(prior, net(0), pre, config, CPU, surrogates=[(net(1), surrogate_pre)]).run([1, 4])
+    everything = InversionAttack(prior, net(0), pre, config, CPU, surrogates=[(net(1), surrogate_pre)]).run([0, 1, 2, 3, 4])
+    shard = InversionAttack(prior, net(0), pre, config, CPU, surrogates=[(net(1), surrogate_pre)]).run([1, 4])
     assert torch.equal(shard.images, everything.images[[1, 4]])
     assert torch.equal(shard.final_scores, everything.final_scores[[1, 4]])
 
@@ -186,7 +186,7 @@ def test_step_loop_never_synchronises_with_the_host():
     prior = GeneratorPrior(DCGANGenerator(16, 32, 3, 8), 16, {"source": "test"})
     target = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
     config = make_config("quick", samples=32, candidates=4, iterations=3, keep=2, final_augmentations=2, batch_size=20)
-    attack = PPAAttack(prior, target, Preprocessing((3, 32, 32), (0.5,) * 3, (0.5,) * 3), config, runtime)
+    attack = InversionAttack(prior, target, Preprocessing((3, 32, 32), (0.5,) * 3, (0.5,) * 3), config, runtime)
     latents, _ = attack.initial_selection([0, 1, 2, 3, 4])
     labels = torch.arange(5, device="cuda").repeat_interleave(4)
     keys = candidate_keys(0, labels, torch.arange(4, device="cuda").repeat(5))

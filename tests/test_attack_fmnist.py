@@ -20,16 +20,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mishield.attack.audit import AuditTarget, run_audit
-from mishield.attack.evalmodel import train_eval_model
-from mishield.attack.ppa import make_config
-from mishield.attack.prior_training import PriorTrainingConfig, train_prior
+from mishield.attack.config import make_config
 from mishield.attack.priors import load_prior
+from mishield.audit.runner import AuditTarget, run_audit
 from mishield.cli import main
 from mishield.data import load_image_folders
 from mishield.models import load_model, save_model
 from mishield.preprocessing import Preprocessing
 from mishield.training import fit
+from mishield.training.evaluator import train_eval_model
+from mishield.training.prior import PriorTrainingConfig, train_prior
 
 TESTS = Path(__file__).parent
 TARGET_ARCH = "attack_support:tiny_resnet"

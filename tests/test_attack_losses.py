@@ -13,18 +13,19 @@ from attack_support import TinyGenerator, flat_colour_prior, train_on_tensors
 from torch import nn
 
 from mishield.attack.augment import candidate_keys, uniforms
-from mishield.attack.evalmodel import Evaluator
+from mishield.attack.config import PRESETS, make_config
+from mishield.attack.engine import InversionAttack, InversionStep
 from mishield.attack.losses import (
     LOGIT_FEATURE_WEIGHT,
     LOSSES,
-    FeatureTap,
+    PenultimateTap,
     class_prototypes,
     logit_loss,
     margin_loss,
 )
 from mishield.attack.poincare import poincare_loss
-from mishield.attack.ppa import PRESETS, InversionStep, PPAAttack, make_config
 from mishield.attack.priors import GeneratorPrior
+from mishield.audit.evaluator import Evaluator
 from mishield.data import load_embedded_fashion_mnist
 from mishield.errors import BadInputError, UsageError
 from mishield.preprocessing import Preprocessing
@@ -129,9 +130,9 @@ def test_bad_loss_names_and_weights_are_usage_errors():
 
 def test_feature_tap_needs_a_classifier_layer():
     with pytest.raises(BadInputError, match="`logit` loss needs them"):
-        FeatureTap(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+        PenultimateTap(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
     model = _conv()
-    tap = FeatureTap(model)
+    tap = PenultimateTap(model)
     logits, features = tap(model, torch.randn(2, 1, 8, 8))
     assert logits.shape == (2, 5) and features.shape == (2, 24)
     assert torch.allclose(model[-1](features), logits)  # the classifier's own input
@@ -145,7 +146,7 @@ def test_feature_tap_needs_a_classifier_layer():
 def test_prototypes_are_per_class_means_of_the_candidates_features_under_each_model():
     # batch_size 4 < C = 6: a class's candidates span two forward passes
     config = _small_config(loss="logit", batch_size=4)
-    attack = PPAAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, config, CPU,
+    attack = InversionAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, config, CPU,
                        surrogates=[(ChannelStatClassifier(seed=4, square=True), HALF)])  # fmt: skip
     latents, _ = attack.initial_selection([1, 3])
     target_table, surrogate_table = attack.class_prototypes(latents, [1, 3])
@@ -159,7 +160,7 @@ def test_prototypes_are_per_class_means_of_the_candidates_features_under_each_mo
 
 
 def test_run_sets_the_prototypes_before_optimising_and_a_bare_step_refuses_without_them():
-    attack = PPAAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, _small_config(loss="logit"), CPU)
+    attack = InversionAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, _small_config(loss="logit"), CPU)
     labels = torch.tensor([0, 1])
     with pytest.raises(RuntimeError, match="prototypes"):
         attack.step.run(torch.zeros(2, 3), labels, candidate_keys(0, labels, torch.arange(2)), 1)
@@ -200,9 +201,9 @@ def test_step_gradient_is_the_mean_of_the_per_model_gradients(loss):
 def test_selection_scores_with_the_target_alone():
     """A surrogate that ranks the classes the opposite way changes the optimisation, not the selection."""
     config = _small_config(loss="logit")
-    alone = PPAAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, config, CPU)
+    alone = InversionAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, config, CPU)
     contrary = ChannelStatClassifier(sign=-1.0)
-    augmented = PPAAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, config, CPU, surrogates=[(contrary, HALF)])
+    augmented = InversionAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, config, CPU, surrogates=[(contrary, HALF)])
     (lat_alone, init_alone), (lat_aug, init_aug) = alone.initial_selection([0, 2]), augmented.initial_selection([0, 2])
     assert torch.equal(lat_alone, lat_aug) and torch.equal(init_alone, init_aug)
     labels = torch.tensor([0, 2]).repeat_interleave(6)
@@ -215,7 +216,7 @@ def test_selection_scores_with_the_target_alone():
 
 def test_a_surrogate_with_another_class_count_is_refused():
     with pytest.raises(BadInputError, match="surrogate 1 has 7 classes but the target has 4"):
-        PPAAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, _small_config(), CPU,
+        InversionAttack(flat_colour_prior(), ChannelStatClassifier(), HALF, _small_config(), CPU,
                   surrogates=[(ChannelStatClassifier(classes=7), HALF)])  # fmt: skip
 
 
@@ -261,7 +262,7 @@ def test_logit_attack_recovers_private_fashion_mnist_classes_judged_by_an_evalua
 
     def attack_accuracy(model: nn.Module) -> tuple[float, float]:
         prior = GeneratorPrior(generator, 32, {"source": "pca"})
-        result = PPAAttack(prior, model, pre, config, CPU).run(list(range(5)))
+        result = InversionAttack(prior, model, pre, config, CPU).run(list(range(5)))
         labels = torch.arange(5).repeat_interleave(config.keep)
         judged = [evaluator.images(r.images.flatten(0, 1))[0].argmax(1) for r in (result, result.selection_only)]
         return tuple((j == labels).float().mean().item() for j in judged)

@@ -16,14 +16,15 @@ from attack_support import TinyGenerator, train_on_tensors
 from torch import nn
 
 from mishield.attack.augment import candidate_keys, identity_thetas
-from mishield.attack.evalmodel import train_eval_model
+from mishield.attack.config import make_config
+from mishield.attack.engine import InversionAttack
 from mishield.attack.poincare import poincare_loss
-from mishield.attack.ppa import PPAAttack, make_config
 from mishield.attack.priors import GeneratorPrior
 from mishield.data import load_embedded_fashion_mnist
 from mishield.models import load_model
 from mishield.preprocessing import Preprocessing
 from mishield.runtime import Runtime
+from mishield.training.evaluator import train_eval_model
 
 CPU = Runtime(torch.device("cpu"))
 PRE = Preprocessing((1, 28, 28), (0.5,), (0.5,))  # the prior draws 16 px, resized up to 28
@@ -45,7 +46,7 @@ def _fmnist_target() -> nn.Module:
     return train_on_tensors(model, x, y, epochs=2)
 
 
-def _attack(lr: float, iterations: int = 30) -> PPAAttack:
+def _attack(lr: float, iterations: int = 30) -> InversionAttack:
     # attack_support's generator (a linear map through tanh) gives varied images from the start;
     # an untrained DCGAN in eval mode draws near-constant ones, which no optimiser can improve.
     prior = GeneratorPrior(TinyGenerator(), TinyGenerator.z_dim, {"source": "test"})
@@ -55,10 +56,10 @@ def _attack(lr: float, iterations: int = 30) -> PPAAttack:
         "ci", samples=48, candidates=6, iterations=iterations, keep=3, final_augmentations=3, batch_size=18, lr=lr,
         milestones=(), selection_baseline=False,
     )
-    return PPAAttack(prior, target, PRE, config, CPU)
+    return InversionAttack(prior, target, PRE, config, CPU)
 
 
-def _optimise(attack: PPAAttack):
+def _optimise(attack: InversionAttack):
     """Initial selection, then the engine's own optimisation of exactly those latents."""
     cfg = attack.config
     latents, _ = attack.initial_selection(CLASSES)
@@ -69,14 +70,14 @@ def _optimise(attack: PPAAttack):
 
 
 @torch.no_grad()
-def _confidence(attack: PPAAttack, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _confidence(attack: InversionAttack, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Target-class softmax of each latent's image, uncropped: the quantity the attack raises."""
     x = attack.step.model_input(attack.prior.generate(latents), identity_thetas(len(latents), latents.device))
     return attack.target(x).softmax(1)[torch.arange(len(labels)), labels]
 
 
 @torch.no_grad()
-def _loss(attack: PPAAttack, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _loss(attack: InversionAttack, latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     x = attack.step.model_input(attack.prior.generate(latents), identity_thetas(len(latents), latents.device))
     return poincare_loss(attack.target(x), labels)
 

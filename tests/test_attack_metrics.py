@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mishield.attack.metrics import (
+from mishield.audit.metrics import (
     deltas,
     knn_distances,
     summarize,

@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from mishield.attack.generators import (
+from mishield.attack.priors import GeneratorPrior, PixelPrior, StyleGANPrior, load_prior
+from mishield.errors import BadInputError, UsageError
+from mishield.models.dcgan import (
     DCGANGenerator,
     load_generator_file,
     save_generator,
 )
-from mishield.attack.prior_training import PriorTrainingConfig, train_prior
-from mishield.attack.priors import GeneratorPrior, PixelPrior, StyleGANPrior, load_prior
-from mishield.errors import BadInputError, UsageError
+from mishield.training.prior import PriorTrainingConfig, train_prior
 
 
 @pytest.mark.parametrize("resolution", [32, 64, 128])

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from mishield.attack.report import (
+from mishield.audit.report import (
     SCHEMA,
     check_outputs,
     class_row,
@@ -17,7 +17,7 @@ from mishield.attack.report import (
     summary_table,
     write_report,
 )
-from mishield.attack.results import AuditReport, ModelAudit, PrivacyGate
+from mishield.audit.results import AuditReport, ModelAudit, PrivacyGate
 from mishield.errors import BadInputError, UsageError
 
 
@@ -81,7 +81,7 @@ def test_class_row_tiles_reconstructions_a_gap_and_private_images():
 
 
 def test_bar_chart_places_the_interval_and_the_threshold():
-    from mishield.attack.report import bar_chart
+    from mishield.audit.report import bar_chart
 
     report = _report()
     report.models[0].metrics = {**report.models[0].metrics, "attack_acc1_interval": {"low": 0.1, "high": 0.5}}

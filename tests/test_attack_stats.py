@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mishield.attack.metrics import wilson_interval
-from mishield.attack.stats import (
+from mishield.audit.metrics import wilson_interval
+from mishield.audit.stats import (
     Interval,
     above_chance,
     below_chance,

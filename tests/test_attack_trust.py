@@ -1,4 +1,4 @@
-"""Trust in the audit's inputs (mishield.attack.trust; docs/audit.md "Trust checks"), on real Fashion-MNIST.
+"""Trust in the audit's inputs (mishield.audit.trust; docs/audit.md "Trust checks"), on real Fashion-MNIST.
 
 Private data: Fashion-MNIST classes 0-4 (60 train + 30 val images each, 28 px). One evaluation
 model is trained once for the module (2 epochs, ~5 s on one CPU thread); the refusals are
@@ -23,8 +23,8 @@ TINY_ATTACK = ["-S", "8", "-C", "1", "-I", "1", "-K", "1", "-A", "1", "--device"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    from mishield.attack.evalmodel import train_eval_model
     from mishield.data import materialize_fashion_mnist
+    from mishield.training.evaluator import train_eval_model
 
     root = tmp_path_factory.mktemp("trust")
     private = materialize_fashion_mnist(root / "private", classes=range(5), train_per_class=60, val_per_class=30)
@@ -125,8 +125,8 @@ def test_permuted_class_names_are_refused(world, tmp_path, capsys):
 
 
 def test_every_evaluation_model_is_checked_and_the_most_leaky_one_counts(world, tmp_path, capsys):
-    from mishield.attack.evalmodel import train_eval_model
     from mishield.data import load_image_folders
+    from mishield.training.evaluator import train_eval_model
 
     # A good first evaluator does not shield a bad second one: each is checked on its own.
     classes = load_image_folders(world["private"]).classes
@@ -169,7 +169,7 @@ def test_the_target_as_its_own_evaluator_is_refused(world, tmp_path, capsys):
 
 
 def test_an_evaluator_below_the_floor_is_refused_unless_a_smoke_test_says_so(world, tmp_path, capsys):
-    from mishield.attack.evalmodel import train_eval_model
+    from mishield.training.evaluator import train_eval_model
 
     weak = world["root"] / "weak.pt"
     if not weak.exists():  # lr 1e-12: random weights in effect, but a real file with the right classes
@@ -193,8 +193,8 @@ def test_a_chance_level_target_is_refused_for_gating(world, tmp_path, capsys):
 
 
 def test_private_images_among_the_priors_training_images_are_refused(world, tmp_path, capsys):
-    from mishield.attack.generators import DCGANGenerator, save_generator
     from mishield.data import data_fingerprint, load_image_folders
+    from mishield.models.dcgan import DCGANGenerator, save_generator
 
     splits = load_image_folders(world["private"])
     # A prior whose training set held 3 of the private validation images among other (hashed) images.
@@ -221,12 +221,12 @@ def test_private_images_among_the_priors_training_images_are_refused(world, tmp_
 def test_prior_train_records_hashes_losses_and_writes_samples(tmp_path, capsys):
     from PIL import Image
 
-    from mishield.attack.generators import read_prior_hashes, read_prior_meta
     from mishield.data import (
         data_fingerprint,
         load_image_folders,
         materialize_fashion_mnist,
     )
+    from mishield.models.dcgan import read_prior_hashes, read_prior_meta
 
     public = materialize_fashion_mnist(tmp_path / "public", classes=[5, 6], train_per_class=31, val_per_class=1)
     out = tmp_path / "prior.safetensors"

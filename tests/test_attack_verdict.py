@@ -15,14 +15,14 @@ from PIL import Image
 from mishield.attack import audit as audit_module
 from mishield.attack import judging as judging_module
 from mishield.attack import stats
-from mishield.attack.results import PrivacyGate
+from mishield.audit.results import PrivacyGate
 from mishield.cli import main
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     """Three classes of random 16x16 greyscale images and an evaluation model trained 1 epoch on them."""
-    from mishield.attack.evalmodel import train_eval_model
+    from mishield.training.evaluator import train_eval_model
 
     root = tmp_path_factory.mktemp("verdict")
     gen = torch.Generator().manual_seed(0)

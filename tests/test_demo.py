@@ -126,7 +126,7 @@ def test_table_intervals_equal_those_of_the_raw_outcomes():
     # outcomes from the report's counts must give the intervals of the raw 0/1 array.
     import numpy as np
 
-    from mishield.attack.stats import class_bootstrap, paired_difference
+    from mishield.audit.stats import class_bootstrap, paired_difference
 
     rng = np.random.default_rng(0)
     raw_a = (rng.random((5, 8)) < [[0.9], [0.6], [0.5], [0.8], [0.2]]).astype(float)

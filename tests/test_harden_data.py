@@ -62,8 +62,8 @@ def test_explicit_input_size_wins_with_a_warning_when_far_from_the_data(flat_dat
 def test_audit_holds_out_validation_when_data_has_no_val_folder(flat_data, tmp_path, caplog):
     """`mishield audit --val-fraction`: natural accuracy needs held-out images; without val/ a seeded
     10 % (or the given fraction) of the private folder is held out, and the report says how many."""
-    from mishield.attack.audit import _load_inputs
-    from mishield.attack.ppa import make_config
+    from mishield.attack.config import make_config
+    from mishield.audit.runner import _load_inputs
 
     config = make_config("ci")
     with caplog.at_level(logging.WARNING):

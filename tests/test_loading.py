@@ -649,9 +649,9 @@ def test_input_files_unchanged(tmp_path, tv_model, timm_model, x):
 
 
 def test_mishield_file_of_the_builtin_eval_network_loads_without_flags(tmp_path):
-    from mishield.attack.evalmodel import DEFAULT_EVAL_ARCH
     from mishield.models import save_model
     from mishield.preprocessing import Preprocessing
+    from mishield.training.evaluator import DEFAULT_EVAL_ARCH
 
     model = build_architecture(DEFAULT_EVAL_ARCH, 4).eval()
     path = save_model(tmp_path / "eval.pt", model, arch=DEFAULT_EVAL_ARCH, num_classes=4, surgery=None,

@@ -13,8 +13,8 @@ import torchvision
 from torch import nn
 
 from mishield.attack.augment import candidate_keys
-from mishield.attack.metrics import deltas, knn_distances, summarize
 from mishield.attack.poincare import ONEHOT_SHRINK, poincare_loss
+from mishield.audit.metrics import deltas, knn_distances, summarize
 from mishield.errors import BadInputError, UsageError
 from mishield.surgery import apply_plan, plan_surgery, rebuild
 from mishield.training.bido import (
@@ -216,14 +216,14 @@ def test_run_reports_progress_image_steps_and_timings():
 
 
 def test_images_map_minus_one_to_zero_and_one_to_255():
-    from mishield.attack.ppa import to_uint8
+    from mishield.attack.engine import to_uint8
 
     out = to_uint8(torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0]))
     assert out.dtype == torch.uint8 and out.tolist() == [0, 0, 128, 191, 255, 255]
 
 
 def test_config_bounds_accept_the_smallest_valid_values():
-    from mishield.attack.ppa import make_config
+    from mishield.attack.config import make_config
 
     cfg = make_config("ci", samples=1, candidates=1, iterations=0, keep=1, final_augmentations=1, batch_size=1)
     assert (cfg.samples, cfg.candidates, cfg.keep, cfg.iterations) == (1, 1, 1, 0)  # I = 0: selection only

@@ -134,8 +134,8 @@ def test_surrogate_train(private, public, tmp_path, capsys):
 
 
 def test_audit_at_the_smallest_budget(private, public, tmp_path, capsys):
-    from mishield.attack.evalmodel import train_eval_model
     from mishield.attack.priors import DCGANGenerator, save_generator
+    from mishield.training.evaluator import train_eval_model
 
     prior = save_generator(tmp_path / "prior.safetensors", DCGANGenerator(latent_dim=8, resolution=32, channels=1, width=4).eval(), {})
     evaluation = tmp_path / "eval.pt"

@@ -17,17 +17,17 @@ import torch
 from attack_support import train_tiny_target
 from clirun import run_cli
 
-from mishield.attack.surrogates import (
-    MIN_AGREEMENT,
-    load_surrogates,
-    target_labels,
-    train_surrogate,
-)
 from mishield.errors import BadInputError, UsageError
 from mishield.fileio import sha256_file
 from mishield.models import load_model
 from mishield.preprocessing import Preprocessing
 from mishield.training import TrainingInterrupted
+from mishield.training.distillation import (
+    MIN_AGREEMENT,
+    load_surrogates,
+    target_labels,
+    train_surrogate,
+)
 
 TARGET_ARCH = "attack_support:tiny_resnet"
 STUDENT = "attack_support:tiny_resnet"  # small enough for the default suite; the default arch is tested slow
@@ -63,7 +63,7 @@ def test_the_surrogate_agrees_with_its_target_beyond_its_favourite_class(world, 
     # most public images to a few classes, so agreement is also compared with always answering the
     # target's most frequent class: the student must have learned more than that.
     loaded = load_model(world.target, trust_checkpoint=True)
-    from mishield.attack.surrogates import public_items, split_public
+    from mishield.training.distillation import public_items, split_public
 
     items, _ = public_items(world.public)
     held_out = target_labels(loaded.model, split_public(items, 0.1, 0)[1], loaded.preprocessing)
@@ -171,7 +171,7 @@ def test_cli_refusals(world, distilled, tmp_path, capsys):
 def test_the_default_resnet18_surrogate_agrees_with_a_trained_target(fmnist_dir, tmp_path):
     from attack_support import class_disjoint_folders
 
-    from mishield.attack.surrogates import public_items, split_public
+    from mishield.training.distillation import public_items, split_public
 
     private, public = class_disjoint_folders(fmnist_dir, tmp_path)
     target = train_tiny_target(private, tmp_path / "target.pt", epochs=4)  # 0.84 accuracy on the private val images

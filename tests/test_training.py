@@ -512,7 +512,7 @@ def _public(root: Path, per_class: int = 48) -> Path:
 
 @pytest.mark.slow  # three fresh processes (each imports torch): ~45 s on a busy 2-core machine
 def test_sigterm_during_prior_training_exits_143_and_resume_matches_an_uninterrupted_run(tmp_path):
-    from mishield.attack.generators import load_generator_file
+    from mishield.models.dcgan import load_generator_file
 
     data = _public(tmp_path / "public")
     args = ["--data", data, "--resolution", 32, "--latent-dim", 8, "--width", 4, "--epochs", 5,

@@ -1,9 +1,14 @@
-"""`mishield audit`: a Plug-and-Play-style model-inversion attack (Struppek et al., ICML 2022).
+"""The attack engine: model inversion through an image prior (PPA, Struppek et al., ICML 2022, and
+the adaptive LOMMA, Nguyen et al., CVPR 2023).
 
-The pieces are named after the paper's concepts: the Poincaré loss (`poincare`), the image
-priors the attacker optimises through (`priors`), the attack engine with its initial
-selection, optimisation and final selection (`ppa`), the metrics an independent evaluation
-model computes (`metrics`, `evalmodel`), the typed results (`results`: `AuditReport`) and the
-report files (`report`). `audit.audit` (exported as `mishield.audit`) ties them together; the
-CLI is a thin layer over it.
+    config.py     AttackConfig and its named presets (the budget: S, C, I, K, A, lr, ...)
+    engine.py     InversionAttack: initial selection -> optimisation -> final selection
+    losses.py     the identity losses (Poincaré, logit + feature prototype, margin)
+    poincare.py   the Poincaré loss
+    priors.py     the image priors the attacker optimises through
+    inputs.py     prior images -> a classifier's input (resize, channels, normalisation)
+    augment.py    the crops, hashed on the device
+    attacks.py    the attacks an audit can run, by name
+
+It knows nothing of audits or training: `mishield.audit` drives it and judges what it recovers.
 """

@@ -3,7 +3,7 @@
 Every loss maps a batch of logits (N, K) and target labels (N,) to per-sample float32 losses (N,)
 that fall as the image looks more like its label to the model; the engine sums them over the
 batch. A loss that also reads the model's penultimate features says so (`needs_features`); the
-engine then taps them with `FeatureTap` and hands it per-class prototypes (`class_prototypes`).
+engine then taps them with `PenultimateTap` and hands it per-class prototypes (`class_prototypes`).
 
 * `poincare` — PPA's Poincaré distance (Struppek et al., ICML 2022; `mishield.attack.poincare`).
 * `logit` — LOMMA's logit loss (Nguyen et al., CVPR 2023, "Re-thinking Model Inversion Attacks
@@ -85,7 +85,7 @@ LOSSES: dict[str, Loss] = {
 }
 
 
-class FeatureTap:
+class PenultimateTap:
     """A model's penultimate features (the input of its classifier layer), caught by a forward pre-hook.
 
     `tap(model, x)` returns `(logits, features)`. The hook keeps a tensor only during that call and

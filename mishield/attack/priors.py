@@ -3,8 +3,8 @@
 A prior turns latents into images in [-1, 1]. Four kinds plug into the same attack:
 
 * `GeneratorPrior`: any generator mapping z ~ N(0, I) to images, mishield's own DCGAN-like
-  generator (`mishield.attack.generators`, trained on public data by
-  `mishield.attack.prior_training.train_prior`) being the default;
+  generator (`mishield.models.dcgan`, trained on public data by
+  `mishield.training.prior.train_prior`) being the default;
 * `StyleGANPrior`: generators with `mapping` and `synthesis` (StyleGAN2-ADA's layout); the
   attack optimises w, drawn with truncation psi = 0.5 at initial selection as PPA does;
 * `PixelPrior` (`--prior none`): the latents are the pixels, regularised DeepInversion-style by
@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from mishield.attack.augment import crop_thetas, jitter_thetas
-from mishield.attack.generators import (
+from mishield.errors import BadInputError, first_line
+from mishield.models.dcgan import (
     DCGANGenerator,
     load_generator_file,
     save_generator,
 )
-from mishield.errors import BadInputError, first_line
 
 # mishield's own generator and its file are used with the priors; importable from here too.
 __all__ = [
@@ -240,7 +240,7 @@ class PixelPrior(Prior):
     the batch statistics entering each BatchNorm layer to the layer's running statistics, with
     total-variation and l2 image priors, and random jitter and flips at every step. Without
     BatchNorm only the weak image priors remain and the result drifts towards adversarial noise:
-    `mishield.attack.budgets` flags such an audit as weak.
+    `mishield.audit.budgets` flags such an audit as weak.
     """
 
     kind = "pixels"

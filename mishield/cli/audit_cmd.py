@@ -73,7 +73,7 @@ def audit(
     json_output: JsonOpt = False,
 ) -> None:
     """Attack each model with a Plug-and-Play-style inversion and report how much private data it gives away."""
-    from mishield.attack.audit import audit as run
+    from mishield.audit.runner import audit as run
     from mishield.cli.progress import progress_bars
     from mishield.errors import PrivacyGateError, UsageError
 
@@ -118,7 +118,7 @@ def _milestones(text: str | None) -> tuple[float, ...] | None:
 
 
 def _print(report, json_output: bool) -> None:
-    from mishield.attack.report import summary_table
+    from mishield.audit.report import summary_table
 
     if json_output:
         console.emit_json(report.to_dict())

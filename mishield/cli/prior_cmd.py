@@ -31,16 +31,16 @@ def train(
     json_output: JsonOpt = False,
 ) -> None:
     """Train a DCGAN on public data; the result is the default prior of `mishield audit --prior FILE`."""
-    from mishield.attack.generators import load_generator_file
-    from mishield.attack.prior_training import (
+    from mishield.cli.progress import epoch_printer, progress_bars
+    from mishield.errors import UsageError
+    from mishield.fileio import refuse_input_as_output
+    from mishield.models.dcgan import load_generator_file
+    from mishield.runtime import resolve_device
+    from mishield.training.prior import (
         PriorTrainingConfig,
         samples_path,
         train_prior,
     )
-    from mishield.cli.progress import epoch_printer, progress_bars
-    from mishield.errors import UsageError
-    from mishield.fileio import refuse_input_as_output
-    from mishield.runtime import resolve_device
 
     if channels not in (None, 1, 3):
         raise UsageError(f"--channels must be 1 or 3, got {channels}.")

@@ -42,9 +42,9 @@ def train(
     json_output: JsonOpt = False,
 ) -> None:
     """Distil a surrogate from TARGET's soft outputs on public images; `mishield audit` attacks it with the target."""
-    from mishield.attack.surrogates import train_surrogate
     from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.fileio import refuse_input_as_output
+    from mishield.training.distillation import train_surrogate
 
     refuse_input_as_output(out, (target, public))
     with progress_bars() as progress:

@@ -28,10 +28,10 @@ def train_eval(
     json_output: JsonOpt = False,
 ) -> None:
     """Train an evaluation model (default: a skip-free VGG-style CNN) on the private data for `mishield audit`."""
-    from mishield.attack.evalmodel import train_eval_model
     from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.fileio import refuse_input_as_output
     from mishield.runtime import resolve_device
+    from mishield.training.evaluator import train_eval_model
 
     refuse_input_as_output(out, (data,) if prior is None else (data, prior))
     with progress_bars() as progress:

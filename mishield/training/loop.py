@@ -124,7 +124,7 @@ def clean_worker_error(err: Exception) -> MishieldError | None:
 
 
 # A training objective other than cross-entropy on the folder labels: (logits, inputs, labels) ->
-# (loss, the labels "correct" counts against). Distillation (mishield.attack.surrogates) uses it
+# (loss, the labels "correct" counts against). Distillation (mishield.training.distillation) uses it
 # to train on a teacher's soft outputs and count agreement with the teacher's argmax.
 Criterion = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 

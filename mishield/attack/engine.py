@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,8 +22,9 @@ from mishield.attack.augment import (
     identity_thetas,
     uniforms,
 )
+from mishield.attack.config import AttackConfig
 from mishield.attack.inputs import ModelInput
-from mishield.attack.losses import LOSSES, FeatureTap, class_prototypes
+from mishield.attack.losses import LOSSES, PenultimateTap, class_prototypes
 from mishield.attack.priors import Prior
 from mishield.errors import BadInputError, UsageError
 from mishield.models.introspect import count_classes
@@ -37,136 +37,6 @@ Surrogate = tuple[nn.Module, Preprocessing]
 
 # Counter ranges of the hashed randomness: optimisation steps use [0, I), final selection this onward.
 FINAL_COUNTER_BASE = 1 << 20
-
-
-BUDGET_FIELDS = ("lr", "iterations", "betas", "milestones", "gamma")
-
-
-@dataclass(frozen=True)
-class AttackConfig:
-    """S, C, I, K, A and the rest of PPA's knobs; `PRESETS` holds named defaults.
-
-    `lr`, `iterations`, `betas`, `milestones` and `gamma` left at None come from the prior's
-    latent space (`Prior.budget`, via `resolve`): z-space and w-space need different budgets.
-    `milestones` cut the lr by `gamma` (MultiStepLR); a value in (0, 1) is a fraction of the
-    run, a value >= 1 a step number; `()` means no schedule.
-    """
-
-    samples: int = 1000  # S: initial-selection pool
-    candidates: int = 50  # C: kept per class for optimisation
-    iterations: int | None = None  # I: Adam steps (None: the prior's default)
-    keep: int = 20  # K: final reconstructions per class
-    final_augmentations: int = 20  # A: crops scoring each candidate at final selection
-    batch_size: int = 256
-    seed: int = 0
-    lr: float | None = None  # None: the prior's default
-    betas: tuple[float, float] | None = None
-    milestones: tuple[float, ...] | None = None
-    gamma: float | None = None
-    truncation: float = 0.5
-    center_crop: float | None = None  # fraction of each side of the prior's image; None: the prior's default
-    compile: bool = False
-    selection_baseline: bool = True  # also select from the un-optimised candidates (I = 0)
-    preset: str = "default"
-    step_scale: tuple[float, float] = (0.9, 1.0)
-    step_ratio: tuple[float, float] = (1.0, 1.0)
-    final_scale: tuple[float, float] = (0.5, 0.9)
-    final_ratio: tuple[float, float] = (0.8, 1.2)
-    final_flip: float = 0.5
-    loss: str = "poincare"  # the identity loss, a name in mishield.attack.losses.LOSSES
-    feature_weight: float | None = None  # the `logit` loss's lambda; None: LOSSES[loss].default_weight
-
-    def validate(self) -> AttackConfig:
-        for name in ("samples", "candidates", "keep", "final_augmentations", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
-        if self.iterations is not None and self.iterations < 0:
-            raise UsageError(f"`iterations` must be at least 0, got {self.iterations}.")
-        if self.candidates > self.samples:
-            raise UsageError(f"`candidates` ({self.candidates}) cannot exceed `samples` ({self.samples}).")
-        if self.keep > self.candidates:
-            raise UsageError(f"`keep` ({self.keep}) cannot exceed `candidates` ({self.candidates}).")
-        if self.milestones is not None and any(m <= 0 for m in self.milestones):
-            raise UsageError(f"`milestones` are fractions in (0, 1) or step numbers >= 1, got {list(self.milestones)}.")
-        if self.center_crop is not None and not 0.0 < self.center_crop <= 1.0:
-            raise UsageError(f"`center_crop` is a fraction of the image side in (0, 1], got {self.center_crop}.")
-        if self.loss not in LOSSES:
-            raise UsageError(f"`loss` must be one of {', '.join(LOSSES)}, got {self.loss!r}.")
-        # A loss without a feature term ignores `feature_weight`: one config serves every attack of an audit.
-        if self.feature_weight is not None and (not math.isfinite(self.feature_weight) or self.feature_weight < 0):
-            raise UsageError(f"`feature_weight` must be a finite number >= 0, got {self.feature_weight}.")
-        return self
-
-    def resolve(self, prior: Prior) -> AttackConfig:
-        """This config with every budget field left at None filled from the prior's latent space."""
-        defaults = {**prior.budget, **PRESET_PRIOR_BUDGETS.get(self.preset, {}).get(prior.kind, {})}
-        filled = {k: defaults[k] for k in BUDGET_FIELDS if getattr(self, k) is None}
-        if "betas" in filled:
-            filled["betas"] = tuple(filled["betas"])
-        if "milestones" in filled:
-            filled["milestones"] = tuple(filled["milestones"])
-        return replace(self, **filled).validate() if filled else self
-
-    def milestone_steps(self) -> list[int]:
-        """The steps at which the lr is cut (sorted, within the run); needs a resolved config."""
-        steps = {round(m * self.iterations) if m < 1 else int(m) for m in (self.milestones or ())}
-        return sorted(s for s in steps if 0 < s < (self.iterations or 0))
-
-    def lr_at(self, step: int) -> float:
-        """The lr of optimiser step `step` (0-based) under the MultiStep schedule."""
-        cuts = sum(1 for m in self.milestone_steps() if m <= step)
-        return self.lr * (self.gamma if self.gamma is not None else 1.0) ** cuts
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-# Named budgets and where each number comes from (docs/audit.md, "Presets"). Fields a preset
-# leaves out come from the prior (`AttackConfig.resolve`).
-PRESETS: dict[str, dict] = {
-    # mishield's own, sized for CI on the embedded 32 px data: small S/C/K/A, the prior's steps.
-    "ci": {"samples": 200, "candidates": 16, "keep": 8, "final_augmentations": 8},
-    # mishield's calibrated default: the prior's budget (z-space: 100 steps at lr 0.05 with cuts at
-    # 60 % / 80 %, from bench/audit_calibration.py's curve) and the pool of the former `quick`.
-    "default": {"samples": 1000, "candidates": 50, "keep": 20, "final_augmentations": 20},
-    # PPA, LukasStruppek/Plug-and-Play-Attacks configs/attacking/default_attacking_local.yaml
-    # (FaceScrub): search_space_size 2000, num_candidates 200, num_epochs 50, samples_per_target 50,
-    # final_selection iterations 100, Adam lr 0.005 betas [0.1, 0.1], MultiStepLR [30, 40] x0.1.
-    "ppa-facescrub": {"samples": 2000, "candidates": 200, "iterations": 50, "keep": 50, "final_augmentations": 100,
-                      "lr": 0.005, "betas": (0.1, 0.1), "milestones": (30, 40), "gamma": 0.1},
-    # PPA, configs/attacking/CelebA_FFHQ.yaml: search_space_size 5000, num_candidates 200,
-    # num_epochs 70, samples_per_target 50, iterations 100, Adam lr 0.005 betas [0.1, 0.1], no scheduler.
-    "ppa-celeba": {"samples": 5000, "candidates": 200, "iterations": 70, "keep": 50, "final_augmentations": 100,
-                   "lr": 0.005, "betas": (0.1, 0.1), "milestones": (), "gamma": 0.1},
-    # Koh et al. (ECCV 2024) FaceScrub runs as stated in issue 8: S=2000, C=16, I=50, K=8, A=100,
-    # lr x0.1 at steps 30 and 40. S, I, A, lr, betas and the schedule equal PPA's FaceScrub config
-    # above; C=16 and K=8 could not be checked (the paper's code ships as supplementary material,
-    # not in a public repository we could read).
-    "koh2024-facescrub": {"samples": 2000, "candidates": 16, "iterations": 50, "keep": 8, "final_augmentations": 100,
-                          "lr": 0.005, "betas": (0.1, 0.1), "milestones": (30, 40), "gamma": 0.1},
-}
-# Per prior kind, preset-specific budget defaults (used where the config leaves a field at None).
-PRESET_PRIOR_BUDGETS: dict[str, dict[str, dict]] = {
-    "ci": {"pixels": {"iterations": 200}},  # DeepInversion's 2000 steps are too many for CI
-}
-# Former names: `quick` was the default audit's size (now `default`, with the calibrated steps);
-# `paper` held PPA's CelebA numbers although it was labelled FaceScrub.
-DEPRECATED_PRESETS = {"quick": "default", "paper": "ppa-celeba"}
-
-
-def make_config(preset: str = "default", **overrides) -> AttackConfig:
-    """A preset's values with every non-None override applied on top."""
-    if preset in DEPRECATED_PRESETS:
-        new = DEPRECATED_PRESETS[preset]
-        warnings.warn(f"the attack preset {preset!r} is deprecated; it now means {new!r}.", FutureWarning, stacklevel=2)
-        preset = new
-    if preset not in PRESETS:
-        raise UsageError(f"`preset` must be one of {', '.join(PRESETS)}, got {preset!r}.")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}, "preset": preset}
-    for key in ("betas", "milestones"):
-        if values.get(key) is not None:
-            values[key] = tuple(values[key])
-    return AttackConfig(**values).validate()
 
 
 @dataclass
@@ -221,8 +91,8 @@ class InversionStep:
         self.model_input = self.model_inputs[0]  # the target's: selection reads it
         self.loss = LOSSES[config.loss]
         names = ["the target", *(f"surrogate {i + 1}" for i in range(len(surrogates)))]
-        self.taps = [FeatureTap(m, n) if self.loss.needs_features else None for m, n in zip(self.models, names)]
-        # Per model, the (K, D) class prototypes of a feature loss; set by PPAAttack before `run`.
+        self.taps = [PenultimateTap(m, n) if self.loss.needs_features else None for m, n in zip(self.models, names)]
+        # Per model, the (K, D) class prototypes of a feature loss; set by InversionAttack before `run`.
         self.prototypes: list[torch.Tensor | None] = [None] * len(self.models)
         self.forward = torch.compile(self._loss) if config.compile else self._loss
 
@@ -266,7 +136,7 @@ class InversionStep:
         sync), and the prior's latent constraint is applied after every step.
         """
         if self.loss.needs_features and any(p is None for p in self.prototypes):
-            raise RuntimeError(f"the {self.loss.name!r} loss needs class prototypes: set `prototypes` (PPAAttack.run does).")
+            raise RuntimeError(f"the {self.loss.name!r} loss needs class prototypes: set `prototypes` (InversionAttack.run does).")
         latents = latents.detach().clone().requires_grad_(True)
         optimizer = self.optimizer = self.make_optimizer(latents)
         cuts = set(self.config.milestone_steps())
@@ -285,7 +155,7 @@ class InversionStep:
         return latents.detach()
 
 
-class PPAAttack:
+class InversionAttack:
     """Initial selection -> optimisation -> final selection for one target model.
 
     `surrogates` (model, preprocessing) pairs join the target in the optimisation step only

@@ -16,16 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mishield.attack.metrics import deltas, summarize
-from mishield.attack.results import ModelAudit, PrivacyGate
-from mishield.attack.stats import (
+from mishield.audit.metrics import deltas, summarize
+from mishield.audit.results import ModelAudit, PrivacyGate
+from mishield.audit.stats import (
     MIN_TARGET_CONFIDENCE,
     Interval,
     chance_level,
     class_bootstrap,
     paired_difference,
 )
-from mishield.attack.stats import verdict as stats_verdict
+from mishield.audit.stats import verdict as stats_verdict
 
 # Per evaluator and class, the outcomes a rank reports; `--seeds` pools them along the image axis.
 EVALUATOR_OUTCOMES = ("top1", "top5", "knn", "unfiltered", "so_top1", "so_top5")
@@ -106,7 +106,7 @@ def _figures(out: dict, num_classes: int, evaluator: dict) -> tuple[dict, Interv
 
 def judge_row(attack: str, parts: list[dict], classes: list[int], class_names: list[str], num_classes: int,
               natural: tuple[float | None, int], judging: Judging, grid: str) -> Row:  # fmt: skip
-    """Judge one model under one attack from its ranks' parts (`mishield.attack.audit._attack_once`)."""
+    """Judge one model under one attack from its ranks' parts (`mishield.audit.runner._attack_once`)."""
     conf = per_class(parts, classes, lambda p: p["target_conf"])
     outs, figures = [], []
     for e, evaluator in enumerate(judging.evaluators):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mishield.attack.results import SCHEMA, SCHEMA_VERSION, AuditReport
+from mishield.audit.results import SCHEMA, SCHEMA_VERSION, AuditReport
 from mishield.fileio import atomic_output, check_writable, check_writable_dir
 
 __all__ = [  # SCHEMA and SCHEMA_VERSION are defined with the report type and re-exported here

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mishield.attack.generators import (
+from mishield.models.dcgan import (
     DCGANDiscriminator,
     DCGANGenerator,
     _check_resolution,

@@ -20,7 +20,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from mishield.attack.metrics import wilson_interval
+from mishield.audit.metrics import wilson_interval
 
 # Default lowest mean target confidence at which a class counts as reached by the attack: above
 # 0.5 the target's softmax puts the class first, whatever the number of classes.

@@ -1,7 +1,7 @@
 """`audit` and `run_audit`: attack each model, judge the reconstructions, write one report.
 
 `audit` is the library call behind `mishield audit`: it loads what it is given (files, specs or
-`LoadedModel`s), runs `run_audit` and returns the typed `AuditReport` (`mishield.attack.results`)
+`LoadedModel`s), runs `run_audit` and returns the typed `AuditReport` (`mishield.audit.results`)
 whose `to_dict()` is report.json. Under `torchrun` every rank runs this with its own shard of the
 classes and rank 0 writes the report (docs/architecture.md §3; the protocol and its concepts: §4).
 """
@@ -18,9 +18,12 @@ from torch import nn
 
 from mishield import __version__
 from mishield.attack.attacks import ATTACKS, AttackKind
-from mishield.attack.distributed import gather, shard_classes
-from mishield.attack.evalmodel import Evaluator, check_compatible
-from mishield.attack.judging import (
+from mishield.attack.config import AttackConfig
+from mishield.attack.engine import InversionAttack, out_of_memory_hint
+from mishield.attack.priors import PixelPrior, Prior
+from mishield.audit.distributed import gather, shard_classes
+from mishield.audit.evaluator import Evaluator, check_compatible
+from mishield.audit.judging import (
     EVALUATOR_OUTCOMES,
     Judging,
     gate,
@@ -28,11 +31,9 @@ from mishield.attack.judging import (
     judge_row,
     model_audits,
 )
-from mishield.attack.metrics import knn_distances, topk_hits
-from mishield.attack.ppa import AttackConfig, PPAAttack, out_of_memory_hint
-from mishield.attack.priors import PixelPrior, Prior
-from mishield.attack.report import SHOW_RECONSTRUCTIONS, real_images, write_report
-from mishield.attack.results import AuditReport
+from mishield.audit.metrics import knn_distances, topk_hits
+from mishield.audit.report import SHOW_RECONSTRUCTIONS, real_images, write_report
+from mishield.audit.results import AuditReport
 from mishield.errors import BadInputError, PrivacyGateError, UsageError
 from mishield.preprocessing import Preprocessing
 from mishield.progress import ProgressCallback
@@ -154,7 +155,7 @@ def _attack_once(target, prior, evaluators, privates, classes, config, runtime, 
 
     extra = {"surrogates": list(surrogates)} if surrogates else {}
     try:
-        result = PPAAttack(prior, target.model, target.preprocessing, config, runtime, **extra).run(classes, progress, on_candidates=judge)
+        result = InversionAttack(prior, target.model, target.preprocessing, config, runtime, **extra).run(classes, progress, on_candidates=judge)
     except RuntimeError as err:  # torch.OutOfMemoryError is one
         hint = out_of_memory_hint(err, config.batch_size)
         if hint is None:
@@ -234,9 +235,9 @@ def run_audit(
     (BatchNorm-statistics) mode; `runtime` (default CPU) is `mishield.runtime.make_runtime`'s, whose
     rank and world size shard the classes under torchrun. Writes report.json, report.html and grids/ into `out_dir`.
     `seeds` repeats every attack with seeds config.seed, config.seed + 1, ... and pools them per class.
-    The trust checks (`mishield.attack.trust`) run first; `allow_weak_evaluator` turns an evaluator
+    The trust checks (`mishield.audit.trust`) run first; `allow_weak_evaluator` turns an evaluator
     below the accuracy floor from a refusal into a warning, and then no gate may be set.
-    A gate below the documented minimum budget (`mishield.attack.budgets`) is refused unless
+    A gate below the documented minimum budget (`mishield.audit.budgets`) is refused unless
     `allow_weak_budget`; the report then carries `weak_audit` warnings.
     """
     _check_gate_threshold(max_attack_acc)
@@ -309,7 +310,7 @@ PRIOR_SAMPLES = "grids/prior_samples.png"
 
 @torch.no_grad()
 def _prior_samples(prior: Prior, seed: int, device: torch.device, n: int = 16) -> torch.Tensor:
-    from mishield.attack.ppa import to_uint8
+    from mishield.attack.engine import to_uint8
 
     latents = prior.sample(n, torch.Generator().manual_seed(seed + 7919), device)
     return to_uint8(prior.generate(latents)).cpu()
@@ -344,9 +345,9 @@ def _natural_acc(target: AuditTarget, data, config: AttackConfig, runtime: Runti
 
 
 def _trust(targets, evaluations, evaluators, data, prior, config, runtime, max_attack_acc, allow_weak) -> tuple[list, list, list | None]:
-    """The trust checks before any attack (`mishield.attack.trust`): each evaluator's record, warnings,
+    """The trust checks before any attack (`mishield.audit.trust`): each evaluator's record, warnings,
     and, for a gate, every target's natural accuracy (measured early so a chance-level target is refused before the attack)."""
-    from mishield.attack import trust
+    from mishield.audit import trust
 
     if allow_weak and max_attack_acc is not None:
         raise UsageError("`allow_weak_evaluator` is for smoke tests and cannot be combined with the `max_attack_acc` gate.")
@@ -392,7 +393,7 @@ def _attack_all(targets, prior, evaluators, data, classes, config, runtime, prog
 
 def _weak_budget(targets, prior, config, max_attack_acc, allow_weak_budget) -> list[str]:
     """`weak_audit: ...` warnings for a budget below the minimum; refuses such a gate unless allowed."""
-    from mishield.attack.budgets import budget_warnings
+    from mishield.audit.budgets import budget_warnings
 
     image_prior = prior if prior is not None else PixelPrior(targets[0].preprocessing.input_size)
     weak = budget_warnings(config, image_prior, [t.model for t in targets])
@@ -445,7 +446,7 @@ def audit(
     `attacks`: "ppa" (default), "lomma" or "ppa,lomma" (`mishield.attack.attacks.ATTACKS`); each
     model is judged by its worst case. `surrogates`: surrogate model files (`mishield surrogate
     train`), each matched to the audited model it was distilled from by that model's SHA-256;
-    the lomma attack needs at least one per model. `preset` (`mishield.attack.ppa.PRESETS`: ci, default, ppa-facescrub, ppa-celeba,
+    the lomma attack needs at least one per model. `preset` (`mishield.attack.engine.PRESETS`: ci, default, ppa-facescrub, ppa-celeba,
     koh2024-facescrub) gives the attack size; `attack` overrides single values (samples,
     candidates, iterations, keep, final_augmentations, batch_size, seed, lr, betas, milestones,
     gamma, center_crop, selection_baseline, compile); `seeds` repeats the attack with seeds seed,
@@ -459,9 +460,9 @@ def audit(
     (smoke tests only, never with a gate) lets an evaluator below the accuracy floor through with a warning.
     """
     from mishield.attack.attacks import parse_attacks
-    from mishield.attack.distributed import broadcast
-    from mishield.attack.ppa import make_config
-    from mishield.attack.report import check_outputs
+    from mishield.attack.config import make_config
+    from mishield.audit.distributed import broadcast
+    from mishield.audit.report import check_outputs
     from mishield.runtime import make_runtime
 
     config = make_config(preset, **(attack or {}))
@@ -494,7 +495,7 @@ def audit(
 
 def _load_inputs(models, data, prior, eval_models, eval_arch, load_options, trust_checkpoint, config, val_fraction=None):
     from mishield.attack.priors import load_prior
-    from mishield.attack.trust import check_prior_overlap
+    from mishield.audit.trust import check_prior_overlap
     from mishield.data import (
         DataSplits,
         fit_resolution,
@@ -539,7 +540,7 @@ def _match_surrogates(targets: list[AuditTarget], files, trust_checkpoint: bool)
     file records, and warnings for weak ones; the targets' `info` lists their surrogates for the report."""
     if not files:
         return [[] for _ in targets], []
-    from mishield.attack.surrogates import match_surrogates
+    from mishield.audit.surrogates import match_surrogates
 
     found, warnings = match_surrogates([(t.info.get("sha256"), tuple(t.preprocessing.input_size)) for t in targets],
                                        [str(f) for f in files], trust_checkpoint=trust_checkpoint)

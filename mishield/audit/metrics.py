@@ -54,7 +54,7 @@ def summarize(top1: torch.Tensor, top5: torch.Tensor, knn: torch.Tensor) -> dict
     """Aggregate per-image outcomes into point estimates (fractions in [0, 1]).
 
     No interval here: the images of one class are not independent, so the audit's intervals come
-    from `mishield.attack.stats.class_bootstrap`, which needs the per-class layout.
+    from `mishield.audit.stats.class_bootstrap`, which needs the per-class layout.
     """
     n = int(top1.numel())
     hits = int(top1.sum())

@@ -213,7 +213,7 @@ def check_target_for_gate(name: str, natural_acc: float | None, n: int, num_clas
 
 def check_prior_overlap(prior_file: str | Path | None, data) -> dict:
     """Refuse private images that are among the prior's training images; returns the provenance record."""
-    from mishield.attack.generators import read_prior_hashes
+    from mishield.models.dcgan import read_prior_hashes
 
     hashes = read_prior_hashes(Path(prior_file)) if prior_file is not None and Path(str(prior_file)).is_file() else None
     if hashes is None:
@@ -251,7 +251,7 @@ def prior_quality(prior, evaluator, data, *, n: int = 256, seed: int = 0, max_pr
     """
     if prior is None or prior.kind == "pixels" or not data.val:
         return None
-    from mishield.attack.ppa import chunks
+    from mishield.attack.engine import chunks
 
     device = evaluator.runtime.device
     prior.to(device)
