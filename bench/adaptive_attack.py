@@ -53,16 +53,16 @@ def main() -> None:
     for model in models:
         path = args.out / f"surrogate-{model.stem}.pt"
         if not path.exists():
-            result = mishield.train_surrogate(model, args.demo / "data" / "public", path, arch=args.surrogate_arch,
-                                              epochs=args.surrogate_epochs, device="cpu")
+            config = mishield.SurrogateConfig(arch=args.surrogate_arch, epochs=args.surrogate_epochs, device="cpu")
+            result = mishield.train_surrogate(model, args.demo / "data" / "public", path, config=config)
             agreement[model.name] = result.agreement
         else:
             agreement[model.name] = mishield.load_model(path).recipe["surrogate"]["agreement"]
         surrogates.append(path)
     t1 = time.perf_counter()
+    config = mishield.AuditConfig.preset(args.preset, attacks="ppa,lomma", seeds=args.seeds, device="cpu", overwrite=True)
     report = mishield.audit(models, data=args.demo / "data" / "private", prior=args.demo / "prior.safetensors",
-                            eval_model=args.demo / "eval.pt", out=args.out / "audit", preset=args.preset, attacks="ppa,lomma",
-                            surrogates=surrogates, seeds=args.seeds, device="cpu", overwrite=True)
+                            eval_model=args.demo / "eval.pt", config=config, surrogates=surrogates, out=args.out / "audit")
     doc = {"command": " ".join(["python", "bench/adaptive_attack.py", *sys.argv[1:]]), "surrogate_agreement": agreement,
            "surrogate_seconds": t1 - t0, "audit_seconds": time.perf_counter() - t1, "rows": rows(report.to_dict()),
            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",

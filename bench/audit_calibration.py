@@ -57,8 +57,8 @@ from mishield.models import load_model, save_model
 from mishield.preprocessing import Preprocessing
 from mishield.runtime import Runtime
 from mishield.surgery import apply_plan, plan_surgery
-from mishield.training import evaluate_accuracy, fit
-from mishield.training.evaluator import train_eval_model
+from mishield.training import RunOptions, TrainingRecipe, evaluate_accuracy, fit
+from mishield.training.evaluator import EvalModelConfig, train_eval_model
 from mishield.training.prior import PriorTrainingConfig, train_prior
 
 TARGET_ARCH = "attack_support:tiny_resnet"
@@ -115,7 +115,7 @@ def prepare(out: Path, target_epochs: int, prior_epochs: int, eval_epochs: int) 
     if not paths["trained"].exists():
         torch.manual_seed(0)
         trained = tiny_resnet(5)
-        fit(trained, splits, PRE, epochs=target_epochs, lr=1e-3, batch_size=64, device="cpu", seed=0)
+        fit(trained, splits, PRE, TrainingRecipe("finetune", epochs=target_epochs, lr=1e-3, batch_size=64), options=RunOptions(device="cpu"))
         save_model(paths["trained"], trained, arch=TARGET_ARCH, num_classes=5, surgery=None, preprocessing=PRE)
     if not paths["untrained"].exists():
         torch.manual_seed(1)
@@ -124,11 +124,13 @@ def prepare(out: Path, target_epochs: int, prior_epochs: int, eval_epochs: int) 
         # TTS at bench size: the trained model is stage 1, RoLSS on the last stage, then a short stage 2.
         trained = load_model(paths["trained"], arch=TARGET_ARCH).model
         result = apply_plan(trained, plan_surgery(trained, "rolss", input_size=PRE.input_size))
-        fit(result.model, splits, PRE, epochs=max(1, target_epochs // 2), lr=1e-3, batch_size=64, device="cpu", seed=0)
+        fit(result.model, splits, PRE, TrainingRecipe("finetune", epochs=max(1, target_epochs // 2), lr=1e-3, batch_size=64),
+            options=RunOptions(device="cpu"))
         save_model(paths["rolss"], result.model, arch=TARGET_ARCH, num_classes=5, surgery=result.spec, preprocessing=PRE)
     eval_path = out / "eval.pt"
     if not eval_path.exists():
-        train_eval_model(private, eval_path, arch=EVAL_ARCH, input_size=32, epochs=eval_epochs, lr=1e-3, batch_size=64, seed=1)
+        train_eval_model(private, eval_path, config=EvalModelConfig(arch=EVAL_ARCH, input_size=32, epochs=eval_epochs, lr=1e-3,
+                                                                    batch_size=64, seed=1))
     models = {name: load_model(p, arch=TARGET_ARCH).model.eval() for name, p in paths.items()}
     evaluator = load_model(eval_path, arch=EVAL_ARCH).model.eval()
     return {"splits": splits, "prior": prior_path, "models": models, "evaluator": evaluator}

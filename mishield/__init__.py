@@ -4,12 +4,16 @@ The public API (everything in `__all__`), grouped by what a user does:
 
 * load and save models: `load_model`, `save_model`, `LoadedModel`;
 * look before changing anything: `inspect_model` -> `ModelInspection`;
-* harden in one call (surgery, and with private data fine-tuning): `harden` -> `HardenResult`;
+* harden in one call (surgery, and with private data fine-tuning): `harden(model, config=HardenConfig(...))`
+  -> `HardenResult`;
 * find skip connections and rewrite them step by step: `analyse`, `plan_surgery`, `apply_plan`,
   `SkipSite`, `SurgeryPlan`, `SurgeryResult`;
-* fine-tune with your own loop around it: `TrainingRecipe`, `run_schedule`;
-* measure the leak: `audit` -> `AuditReport` (one `ModelAudit` per model, a `PrivacyGate`);
-  distil surrogates of a target for the adaptive attack: `train_surrogate` -> `SurrogateResult`;
+* fine-tune with your own loop around it: `TrainingRecipe`, `RunOptions`, `run_schedule`;
+* measure the leak: `audit(models, ..., config=AuditConfig.preset(...))` -> `AuditReport` (one
+  `ModelAudit` per model, a `PrivacyGate`; the budget is an `AttackConfig`); train what an audit
+  needs: the image prior (`train_prior`, `PriorTrainingConfig`), the evaluation model
+  (`train_eval_model`, `EvalModelConfig`) and surrogates for the adaptive attack (`train_surrogate`,
+  `SurrogateConfig` -> `SurrogateResult`);
 * export: `export_onnx`, `OnnxExportReport`;
 * errors, each carrying the CLI's exit code: `MishieldError`, `UsageError`, `BadInputError`,
   `PrivacyGateError`, `ParityError`.
@@ -35,16 +39,25 @@ _API = {
     "analyse": "mishield.surgery",
     "apply_plan": "mishield.surgery",
     "plan_surgery": "mishield.surgery",
+    "HardenConfig": "mishield.hardening",
     "HardenResult": "mishield.hardening",
     "harden": "mishield.hardening",
     "ModelInspection": "mishield.inspection",
     "inspect_model": "mishield.inspection",
+    "AttackConfig": "mishield.attack.config",
+    "AuditConfig": "mishield.audit.config",
     "AuditReport": "mishield.audit.results",
     "ModelAudit": "mishield.audit.results",
     "PrivacyGate": "mishield.audit.results",
     "audit": "mishield.audit",
+    "SurrogateConfig": "mishield.training.distillation",
     "SurrogateResult": "mishield.training.distillation",
     "train_surrogate": "mishield.training.distillation",
+    "EvalModelConfig": "mishield.training.evaluator",
+    "train_eval_model": "mishield.training.evaluator",
+    "PriorTrainingConfig": "mishield.training.prior",
+    "train_prior": "mishield.training.prior",
+    "RunOptions": "mishield.training",
     "TrainingRecipe": "mishield.training",
     "run_schedule": "mishield.training",
     "OnnxExportReport": "mishield.onnx_export",
@@ -57,8 +70,12 @@ _API = {
 }
 
 __all__ = [
+    "AttackConfig",
+    "AuditConfig",
     "AuditReport",
     "BadInputError",
+    "EvalModelConfig",
+    "HardenConfig",
     "HardenResult",
     "LoadedModel",
     "MishieldError",
@@ -66,11 +83,14 @@ __all__ = [
     "ModelInspection",
     "OnnxExportReport",
     "ParityError",
+    "PriorTrainingConfig",
     "PrivacyGate",
     "PrivacyGateError",
+    "RunOptions",
     "SkipSite",
     "SurgeryPlan",
     "SurgeryResult",
+    "SurrogateConfig",
     "SurrogateResult",
     "TrainingRecipe",
     "UsageError",
@@ -85,6 +105,8 @@ __all__ = [
     "plan_surgery",
     "run_schedule",
     "save_model",
+    "train_eval_model",
+    "train_prior",
     "train_surrogate",
 ]
 

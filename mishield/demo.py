@@ -215,38 +215,40 @@ def _data_stage(stages: _Stages, ctx: dict) -> None:
 def _model_stages(stages: _Stages, ctx: dict) -> None:
     """The original target, its hardened copies, the evaluation model and the prior."""
     import mishield
-    from mishield.training.evaluator import train_eval_model
+    from mishield.hardening import HardenConfig
+    from mishield.training.evaluator import EvalModelConfig, train_eval_model
     from mishield.training.prior import PriorTrainingConfig, train_prior
 
     out, size, dev, seed = ctx["out"], ctx["size"], ctx["device"], ctx["seed"]
     private, public = out / "data" / "private", out / "data" / "public"
-    common = {"data": private, "batch_size": BATCH_SIZE, "lr": LR, "device": dev, "workers": 0, "seed": seed, "overwrite": True,
-              "progress": ctx["progress"], "on_epoch": ctx["on_epoch"]}
-    spec = {"load_options": {"num_classes": len(PRIVATE_CLASSES), "input_size": RESOLUTION}}
+    run = {"device": dev, "workers": 0, "seed": seed, "overwrite": True, "batch_size": BATCH_SIZE, "lr": LR}
+    report = {"progress": ctx["progress"], "on_epoch": ctx["on_epoch"]}
+    spec = {"num_classes": len(PRIVATE_CLASSES), "input_size": RESOLUTION}
+    tts = HardenConfig(method="rolss", schedule="tts", epochs=size["target_epochs"] - size["tts_stage1"],
+                       stage1_epochs=size["tts_stage1"], **run)
     stages.run("target", {"epochs": size["target_epochs"], "seed": seed, "arch": TARGET_ARCH, "lr": LR, **stages.stamp("data")},
                ["original.pt"], lambda: _train_target(ctx))
     stages.run("rolss_tts", {"epochs": size["target_epochs"], "stage1": size["tts_stage1"], "seed": seed, "lr": LR, **stages.stamp("data")},
                ["rolss-tts.pt"], lambda: _harden_record(mishield.harden(
-                   TARGET_ARCH, method="rolss", schedule="tts", epochs=size["target_epochs"] - size["tts_stage1"],
-                   stage1_epochs=size["tts_stage1"], out=out / "rolss-tts.pt", **spec, **common)))
+                   TARGET_ARCH, config=tts, data=private, out=out / "rolss-tts.pt", load_options=spec, **report)))
     # SSF fine-tunes the trained original (at a tenth of the learning rate: it is already trained).
+    ssf = HardenConfig(method="ssf", schedule="finetune", epochs=size["ssf_epochs"], **{**run, "lr": LR / 10})
     stages.run("ssf", {"epochs": size["ssf_epochs"], "seed": seed, **stages.stamp("data", "target")},
                ["ssf.pt"], lambda: _harden_record(mishield.harden(
-                   out / "original.pt", method="ssf", schedule="finetune", epochs=size["ssf_epochs"],
-                   out=out / "ssf.pt", **{**common, "lr": LR / 10})))
+                   out / "original.pt", config=ssf, data=private, out=out / "ssf.pt", **report)))
     if size["bido"]:
         stages.run("bido_rolss", {"epochs": size["target_epochs"], "stage1": size["tts_stage1"], "seed": seed,
                                   **stages.stamp("data")},
                    ["bido-rolss.pt"], lambda: _harden_record(mishield.harden(
-                       TARGET_ARCH, method="rolss", schedule="tts", bido=True,
-                       epochs=size["target_epochs"] - size["tts_stage1"], stage1_epochs=size["tts_stage1"], out=out / "bido-rolss.pt", **spec, **common)))
-    stages.run("eval", {"epochs": size["eval_epochs"], "seed": seed + 1, "lr": LR, **stages.stamp("data")}, ["eval.pt"], lambda: train_eval_model(
-        private, out / "eval.pt", input_size=RESOLUTION, epochs=size["eval_epochs"], batch_size=BATCH_SIZE, lr=LR,
-        device=dev, seed=seed + 1, overwrite=True, workers=0, progress=ctx["progress"], on_epoch=ctx["on_epoch"]))
+                       TARGET_ARCH, config=tts.replace(bido=True), data=private, out=out / "bido-rolss.pt",
+                       load_options=spec, **report)))
+    evaluator = EvalModelConfig(input_size=RESOLUTION, epochs=size["eval_epochs"], batch_size=BATCH_SIZE, lr=LR, device=dev,
+                                seed=seed + 1, overwrite=True, workers=0)
+    stages.run("eval", {"epochs": size["eval_epochs"], "seed": seed + 1, "lr": LR, **stages.stamp("data")}, ["eval.pt"],
+               lambda: train_eval_model(private, out / "eval.pt", config=evaluator, **report))
     prior_config = PriorTrainingConfig(resolution=RESOLUTION, seed=seed, **size["prior"])
     stages.run("prior", {**size["prior"], "seed": seed, **stages.stamp("data")}, ["prior.safetensors"], lambda: {"out": str(train_prior(
-        public, out / "prior.safetensors", prior_config, device=dev, overwrite=True,
-        progress=ctx["progress"], on_epoch=ctx["on_epoch"]))})
+        public, out / "prior.safetensors", prior_config, device=dev, overwrite=True, **report))})
 
 
 def _train_target(ctx: dict) -> dict:
@@ -255,14 +257,15 @@ def _train_target(ctx: dict) -> dict:
 
     import mishield
     from mishield.data import load_image_folders
-    from mishield.training import evaluate_accuracy, fit
+    from mishield.training import RunOptions, TrainingRecipe, evaluate_accuracy, fit
 
     out = ctx["out"]
     torch.manual_seed(ctx["seed"])
     loaded = mishield.load_model(TARGET_ARCH, num_classes=len(PRIVATE_CLASSES), input_size=RESOLUTION)
     splits = load_image_folders(out / "data" / "private")
-    fit(loaded.model, splits, loaded.preprocessing, epochs=ctx["size"]["target_epochs"], batch_size=BATCH_SIZE, lr=LR,
-        device=ctx["device"], seed=ctx["seed"], workers=0, progress=ctx["progress"], on_epoch=ctx["on_epoch"])
+    recipe = TrainingRecipe(schedule="finetune", epochs=ctx["size"]["target_epochs"], batch_size=BATCH_SIZE, lr=LR, seed=ctx["seed"])
+    fit(loaded.model, splits, loaded.preprocessing, recipe, options=RunOptions(device=ctx["device"], workers=0),
+        progress=ctx["progress"], on_epoch=ctx["on_epoch"])
     model = loaded.model.eval().cpu()
     accuracy = evaluate_accuracy(model, splits.val, loaded.preprocessing, batch_size=BATCH_SIZE)
     mishield.save_model(out / "original.pt", model, arch=TARGET_ARCH, num_classes=len(PRIVATE_CLASSES), surgery=None,
@@ -277,6 +280,7 @@ def _harden_record(result) -> dict:
 def _audit_stage(stages: _Stages, ctx: dict, names: list[str]) -> dict:
     """One audit of every model, the original first: the Δ and paired columns are against it."""
     import mishield
+    from mishield.audit.config import AuditConfig
 
     out, size = ctx["out"], ctx["size"]
     files = [out / f for n, f in MODELS if n == "original" or n in names]
@@ -284,12 +288,12 @@ def _audit_stage(stages: _Stages, ctx: dict, names: list[str]) -> dict:
                 **stages.stamp(*stages.plan[:stages.plan.index("audit")])}
 
     def work() -> None:
+        # --quick is a smoke run: its evaluator may stay below the trust floor, which the report then
+        # states as a warning (and no gate is set); the full demo must pass it.
+        config = AuditConfig.preset(**size["attack"], seed=ctx["seed"], device=ctx["device"], overwrite=True,
+                                    allow_weak_evaluator=ctx["quick"])
         mishield.audit(files, data=out / "data" / "private", prior=out / "prior.safetensors", eval_model=out / "eval.pt",
-                       out=out / "audit", attack={**size["attack"], "seed": ctx["seed"]}, device=ctx["device"],
-                       overwrite=True, progress=ctx["progress"],
-                       # --quick is a smoke run: its evaluator may stay below the trust floor, which the
-                       # report then states as a warning (and no gate is set); the full demo must pass it.
-                       allow_weak_evaluator=ctx["quick"])
+                       config=config, out=out / "audit", progress=ctx["progress"])
 
     stages.run("audit", settings, ["audit/report.json", "audit/report.html"], work)
     return json.loads((out / "audit" / "report.json").read_text())

@@ -11,11 +11,13 @@ its flag (`--alpha`), so the same check reads right from Python and from the she
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mishield.configs import resolve_config
 from mishield.errors import BadInputError, UsageError
 from mishield.progress import EpochCallback, ProgressCallback
 
@@ -26,11 +28,9 @@ if TYPE_CHECKING:  # torch-heavy types, named for readers and type checkers only
     from mishield.surgery import SurgeryPlan, SurgeryResult
     from mishield.training import TrainingRecipe
 
-METHODS = ("rolss", "ssf")
 SCHEDULES = ("tts", "finetune")
 DEFAULT_EPOCHS_WITH_DATA = 10
 DEFAULT_STAGE1_EPOCHS = 5  # the paper's M
-
 
 
 def state_path_for(out: Path) -> Path:
@@ -101,30 +101,72 @@ class HardenResult:
         }
 
 
-@dataclass
-class _Training:
-    """The fine-tuning half of `harden`'s arguments, validated together."""
+@dataclass(frozen=True)
+class HardenConfig:
+    """How to harden: which skips change and how, and (with data) how to fine-tune.
 
-    data: Path | None
-    val_data: Path | None
-    val_fraction: float | None
-    schedule: str | None
-    epochs: int | None
-    stage1_epochs: int | None
-    lr: float | None
-    batch_size: int
-    bido: bool
-    bido_lx: float
-    bido_ly: float
-    seed: int
-    device: str
-    workers: int | None
-    compile: bool
-    reset_head: bool
-    resume: bool
-    input_size_given: bool = True  # False: a plain state dict whose resolution the data must tell
+    Surgery: `method` rolss or ssf, `alpha` SSF's k (default 0.2 additive, 0.01 concatenative),
+    `stage` (resolution stage, default the last) or `sites` (globs over skip-site names). Fine-tuning
+    (needs `data`): `schedule` tts or finetune (default finetune for a trained checkpoint, tts for
+    an untrained spec), `epochs` (N, default 10), `stage1_epochs` (TTS's M, default 5), `lr` (default
+    1e-4 for a trained checkpoint, 1e-3 for random weights or `reset_head`), `batch_size`, BiDO
+    (`bido`, `bido_lx`, `bido_ly`), `seed`, `device`, `workers`, `compile`, `reset_head`, `resume`
+    (continue OUT.train-state), `val_fraction` (a seeded hold-out where the data has no val/).
+    `overwrite` replaces an existing output. `HardenConfig.from_recipe("recipes/paper-tts.yaml")`
+    reads a recipe file; `HardenConfig.paper_tts()` is the paper's full TTS recipe.
+    """
 
-    def check(self) -> None:
+    method: str = "rolss"
+    alpha: float | None = None
+    stage: int | None = None
+    sites: tuple[str, ...] | None = None
+    schedule: str | None = None
+    epochs: int | None = None
+    stage1_epochs: int | None = None
+    lr: float | None = None
+    batch_size: int = 128
+    bido: bool = False
+    bido_lx: float = 0.05
+    bido_ly: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    workers: int | None = None
+    compile: bool = False
+    reset_head: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    val_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sites, str):
+            object.__setattr__(self, "sites", (self.sites,))
+        elif self.sites is not None:
+            object.__setattr__(self, "sites", tuple(self.sites))
+        self.validate()
+
+    @classmethod
+    def paper_tts(cls, **changes) -> HardenConfig:
+        """Koh et al.'s TTS recipe: 5 epochs with full skips, surgery, 95 more (Adam 1e-3, batch 128)."""
+        return cls(**{"schedule": "tts", "stage1_epochs": 5, "epochs": 95, "lr": 1e-3, **changes})
+
+    @classmethod
+    def from_recipe(cls, path: str | Path, **changes) -> HardenConfig:
+        """A recipe file's values (recipes/*.yaml: the keys are these fields), with `changes` on top."""
+        from mishield.recipes import load_recipe
+
+        recipe = load_recipe(Path(path))
+        unknown = sorted(set(recipe) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise BadInputError(f"recipe {path} has unknown key(s) {', '.join(unknown)}.")
+        return cls(**{**recipe, **changes})
+
+    def replace(self, **changes) -> HardenConfig:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> HardenConfig:
+        from mishield.surgery.methods import check_method
+
+        check_method(self.method, self.alpha)
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise UsageError(f"`schedule` must be tts or finetune, not {self.schedule!r}.")
         for name in ("epochs", "stage1_epochs", "workers"):
@@ -137,96 +179,83 @@ class _Training:
             raise UsageError(f"`lr` must be a positive number, got {self.lr}.")
         if self.bido_lx < 0 or self.bido_ly < 0:
             raise UsageError("`bido_lx` and `bido_ly` must be 0 or more.")
-        if self.data is None:
-            self._check_no_training_options()
         if self.schedule == "finetune" and self.stage1_epochs is not None:
             raise UsageError("`stage1_epochs` applies to `schedule` tts only.")
+        return self
 
-    def _check_no_training_options(self) -> None:
-        given = [name for name, value in (
-            ("epochs", self.epochs or None), ("val_data", self.val_data), ("val_fraction", self.val_fraction),
-            ("schedule", self.schedule), ("stage1_epochs", self.stage1_epochs), ("lr", self.lr),
-            ("bido", self.bido or None), ("resume", self.resume or None), ("reset_head", self.reset_head or None),
-            ("compile", self.compile or None),
+    def training_options_given(self) -> list[str]:
+        """The fine-tuning fields set away from their defaults (an error without data)."""
+        return [name for name, value in (
+            ("epochs", self.epochs or None), ("val_fraction", self.val_fraction), ("schedule", self.schedule),
+            ("stage1_epochs", self.stage1_epochs), ("lr", self.lr), ("bido", self.bido or None),
+            ("resume", self.resume or None), ("reset_head", self.reset_head or None), ("compile", self.compile or None),
         ) if value is not None]
-        if given:
-            raise UsageError(
-                f"`{given[0]}` needs training data; pass `data` (an ImageFolder of your private images)."
-            )
-
-
-def _check_method(method: str, alpha: float | None) -> None:
-    if method not in METHODS:
-        raise UsageError(f"`method` must be rolss or ssf, not {method!r}.")
-    if alpha is not None and method == "rolss":
-        raise UsageError("`alpha` applies to `method` ssf only (rolss is ssf with k = 0).")
 
 
 def harden(
     model: str | Path | LoadedModel,
     *,
-    method: str = "rolss",
-    alpha: float | None = None,
-    stage: int | None = None,
-    sites: list[str] | str | None = None,
-    out: str | Path | None = None,
-    overwrite: bool = False,
+    config: HardenConfig | None = None,
     data: str | Path | None = None,
     val_data: str | Path | None = None,
-    val_fraction: float | None = None,
-    schedule: str | None = None,
-    epochs: int | None = None,
-    stage1_epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int = 128,
-    bido: bool = False,
-    bido_lx: float = 0.05,
-    bido_ly: float = 0.5,
-    seed: int = 0,
-    device: str = "auto",
-    workers: int | None = None,
-    compile: bool = False,
-    reset_head: bool = False,
-    resume: bool = False,
+    out: str | Path | None = None,
     progress: ProgressCallback | None = None,
     on_epoch: EpochCallback | None = None,
     load_options: dict | None = None,
+    **keywords,
 ) -> HardenResult:
-    """Rewrite `model`'s last-stage skips (or `stage` / `sites`) and, given `data`, fine-tune it.
+    """Rewrite `model`'s last-stage skips (or `config.stage` / `config.sites`) and, given `data`, fine-tune it.
 
     `model` is a `LoadedModel` or anything `mishield.load_model` reads (a file or an architecture
-    spec, loaded with `load_options`). Without `data` only the surgery runs. With it the default
-    schedule is finetune for a trained checkpoint (its training was TTS stage 1) and tts for an
-    untrained spec; the default learning rate is 1e-4 for a trained checkpoint and 1e-3 for random
-    weights or `reset_head`. `progress(stage, step, steps)` and `on_epoch(record)` report the
-    training (`mishield.progress`; the main process only). `out` (optional) receives a mishield model file that reloads with no
-    options; while training, `OUT.train-state` (for `resume`) and `OUT.train.jsonl` sit beside it.
+    spec, loaded with `load_options`). `config` (`HardenConfig`) says how. Without `data` only the
+    surgery runs. With it the model is fine-tuned on the private ImageFolder `data` (validated on
+    `val_data`, its val/ folder, or a seeded hold-out). `progress(stage, step, steps)` and
+    `on_epoch(record)` report the training (`mishield.progress`; the main process only). `out`
+    (optional) receives a mishield model file that reloads with no options; while training,
+    `OUT.train-state` (for `config.resume`) and `OUT.train.jsonl` sit beside it.
+
+    The former keyword form (`method=`, `epochs=`, ...) still works for one release, with a
+    DeprecationWarning.
     """
-    if isinstance(sites, str):
-        sites = [sites]
-    _check_method(method, alpha)
-    training = _Training(
-        Path(data) if data is not None else None, Path(val_data) if val_data is not None else None,
-        val_fraction, schedule, epochs, stage1_epochs, lr, batch_size, bido, bido_lx, bido_ly, seed, device,
-        workers, compile, reset_head, resume,
-        input_size_given=not isinstance(model, (str, Path)) or (load_options or {}).get("input_size") is not None,
-    )
-    training.check()
+    config = resolve_config("harden", config, keywords, HardenConfig)
+    if data is None:
+        given = config.training_options_given() + (["val_data"] if val_data is not None else [])
+        if given:
+            raise UsageError(f"`{given[0]}` needs training data; pass `data` (an ImageFolder of your private images).")
     out = Path(out) if out is not None else None
     if out is not None:
         from mishield.fileio import check_writable
 
-        check_writable(out, overwrite, inputs=[x for x in (model, data, val_data) if isinstance(x, (str, Path))])
-    if resume and out is None:
+        check_writable(out, config.overwrite, inputs=[x for x in (model, data, val_data) if isinstance(x, (str, Path))])
+    if config.resume and out is None:
         raise UsageError("`resume` continues the run whose state sits beside `out`; pass `out` too.")
-    if data is not None and out is not None and state_path_for(out).exists() and not resume and not overwrite:
+    if data is not None and out is not None and state_path_for(out).exists() and not config.resume and not config.overwrite:
         raise UsageError(f"{state_path_for(out)} holds an interrupted run; pass `resume` to continue it or "
                          "`overwrite` to start over.")
 
     loaded = _load(model, load_options)
-    if training.data is None:
-        return _surgery_only(loaded, method, alpha, stage, sites, out, overwrite)
-    return _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, training, (progress, on_epoch))
+    if data is None:
+        return _surgery_only(loaded, config, out)
+    size_given = not isinstance(model, (str, Path)) or (load_options or {}).get("input_size") is not None
+    return _fine_tune(loaded, config, _Data(Path(data), None if val_data is None else Path(val_data), size_given), out,
+                      Callbacks(progress, on_epoch))
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The private data `harden` fine-tunes on."""
+
+    train: Path
+    val: Path | None
+    input_size_given: bool  # False: a plain state dict whose resolution the data must tell
+
+
+@dataclass(frozen=True)
+class Callbacks:
+    """The two ways the library reports training (`mishield.progress`); None is silent."""
+
+    progress: ProgressCallback | None = None
+    on_epoch: EpochCallback | None = None
 
 
 def _load(model, load_options: dict | None) -> LoadedModel:
@@ -244,33 +273,33 @@ def _load(model, load_options: dict | None) -> LoadedModel:
     return loaded
 
 
-def _plan(loaded: LoadedModel, method, alpha, stage, sites) -> SurgeryPlan:
+def _plan(loaded: LoadedModel, config: HardenConfig) -> SurgeryPlan:
     from mishield.surgery import plan_surgery
 
-    return plan_surgery(loaded.model, method, alpha=alpha, stage=stage, sites=sites,
-                        input_size=loaded.preprocessing.input_size)
+    return plan_surgery(loaded.model, config.method, alpha=config.alpha, stage=config.stage,
+                        sites=None if config.sites is None else list(config.sites), input_size=loaded.preprocessing.input_size)
 
 
 def _previous_surgery(loaded: LoadedModel) -> list:
     return list((loaded.recipe or {}).get("surgery") or [])
 
 
-def _surgery_only(loaded, method, alpha, stage, sites, out, overwrite) -> HardenResult:
+def _surgery_only(loaded: LoadedModel, config: HardenConfig, out: Path | None) -> HardenResult:
     from mishield.models import save_model
     from mishield.surgery import apply_plan
 
-    plan = _plan(loaded, method, alpha, stage, sites)
+    plan = _plan(loaded, config)
     result = apply_plan(loaded.model, plan)
     if out is not None:
         save_model(
             out, result.model, arch=loaded.arch, num_classes=loaded.num_classes,
             surgery=_previous_surgery(loaded) + [result.spec], preprocessing=loaded.preprocessing,
-            source=loaded.source, overwrite=overwrite,
+            source=loaded.source, overwrite=config.overwrite,
         )
     return HardenResult(model=result.model, plan=plan, surgery=result, out=out, seconds=result.seconds)
 
 
-def _recipe(loaded, t: _Training):
+def _recipe(loaded: LoadedModel, t: HardenConfig) -> TrainingRecipe:
     from mishield.training import BiDOConfig, TrainingRecipe, default_lr
 
     trained = loaded.kind != "spec"
@@ -285,18 +314,19 @@ def _recipe(loaded, t: _Training):
     )
 
 
-def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training, report) -> HardenResult:
+def _fine_tune(loaded: LoadedModel, t: HardenConfig, data: _Data, out: Path | None, report: Callbacks) -> HardenResult:
     from mishield.data import (
         check_num_classes,
         fit_resolution,
         load_image_folders,
         resolve_val_fraction,
     )
+    from mishield.training import RunOptions, run_schedule
     from mishield.training import reset_head as reset_classifier
-    from mishield.training import run_schedule
 
-    splits = load_image_folders(t.data, val_dir=t.val_data, val_fraction=resolve_val_fraction(t.data, t.val_data, t.val_fraction), seed=t.seed)
-    loaded = fit_resolution(loaded, splits.train, t.input_size_given)
+    fraction = resolve_val_fraction(data.train, data.val, t.val_fraction)
+    splits = load_image_folders(data.train, val_dir=data.val, val_fraction=fraction, seed=t.seed)
+    loaded = fit_resolution(loaded, splits.train, data.input_size_given)
     model_classes = loaded.num_classes
     if t.reset_head:
         reset_classifier(loaded.model, splits.num_classes)
@@ -304,24 +334,25 @@ def _fine_tune(loaded, method, alpha, stage, sites, out, overwrite, t: _Training
     else:
         check_num_classes(splits, model_classes)
     recipe = _recipe(loaded, t)
-    plan = _plan(loaded, method, alpha, stage, sites)
+    plan = _plan(loaded, t)
     state_path = log_path = None
     is_main = int(os.environ.get("RANK", "0")) == 0  # torchrun: rank 0 alone writes files
     if out is not None:
         state_path, log_path = state_path_for(out), log_path_for(out)
-        if is_main and not t.resume and overwrite:
+        if is_main and not t.resume and t.overwrite:
             state_path.unlink(missing_ok=True)
             log_path.unlink(missing_ok=True)
+    options = RunOptions(device=t.device, workers=t.workers, compile=t.compile, state_path=state_path, resume=t.resume,
+                         log_path=log_path)
     result = run_schedule(
-        loaded.model, plan, splits, loaded.preprocessing, recipe, device=t.device, workers=t.workers,
-        compile=t.compile, state_path=state_path, resume=t.resume, log_path=log_path,
-        progress=report[0] if is_main else None, on_epoch=report[1] if is_main else None, num_classes=model_classes,
+        loaded.model, plan, splits, loaded.preprocessing, recipe, options=options, num_classes=model_classes,
+        progress=report.progress if is_main else None, on_epoch=report.on_epoch if is_main else None,
     )
     record = result.training_record() | {"classes": list(splits.classes), "train_images": len(splits.train),
                                          "val_images": len(splits.val), "bido_features": result.bido_features}
     metrics = {k: result.metrics.get(k) for k in ("natural_acc_before", "natural_acc_after_surgery", "natural_acc_after")}
     if is_main and out is not None:
-        _write_trained(loaded, out, result, model_classes, overwrite, record, metrics)
+        _write_trained(loaded, out, result, model_classes, t.overwrite, record, metrics)
         state_path.unlink(missing_ok=True)  # the finished model supersedes the resumable state
     return HardenResult(
         model=result.model, plan=plan, surgery=result.surgery, out=out if is_main else None, training=record,

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mishield.audit.runner as audit_module
 from mishield.attack.config import make_config
 from mishield.attack.engine import InversionAttack
 from mishield.attack.priors import (
@@ -20,6 +19,7 @@ from mishield.attack.priors import (
     center_crop,
 )
 from mishield.audit.budgets import below_minimum, budget_warnings, travel
+from mishield.audit.runner import AuditRun
 from mishield.errors import UsageError
 from mishield.preprocessing import Preprocessing
 from mishield.runtime import Runtime
@@ -155,7 +155,7 @@ def test_a_weak_gate_is_refused_and_an_allowed_one_is_flagged(tmp_path, monkeypa
           "attack": {"samples": 6, "candidates": 2, "iterations": 1, "keep": 1, "final_augmentations": 1, "batch_size": 6}}
     target = mishield.load_model("attack_support:tiny_resnet", num_classes=3, input_size=16)
     # random-data models: the trust checks (tests/test_attack_trust.py) would refuse them first
-    monkeypatch.setattr(audit_module, "_trust", lambda targets, evaluations, *args: ([{"accuracy": None}] * len(evaluations), [], None))
+    monkeypatch.setattr(AuditRun, "_trust", lambda run: ([{"accuracy": None}] * len(run.evaluations), [], None))
     with pytest.raises(UsageError, match="too weak to gate"):
         mishield.audit(target, out=tmp_path / "refused", **kw)
     report = mishield.audit(target, out=tmp_path / "flagged", allow_weak_budget=True, **kw)

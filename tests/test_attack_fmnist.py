@@ -22,7 +22,9 @@ import torch
 
 from mishield.attack.config import make_config
 from mishield.attack.priors import load_prior
-from mishield.audit.runner import AuditTarget, run_audit
+from mishield.audit.config import AuditConfig
+from mishield.audit.loading import NamedModel
+from mishield.audit.runner import AuditRun
 from mishield.cli import main
 from mishield.data import load_image_folders
 from mishield.models import load_model, save_model
@@ -64,8 +66,8 @@ def world(fmnist_dir, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, prior=prior, splits=splits)
 
 
-def _target(path: Path, arch: str = TARGET_ARCH) -> AuditTarget:
-    return AuditTarget.from_loaded(load_model(path, arch=arch))
+def _target(path: Path, arch: str = TARGET_ARCH) -> NamedModel:
+    return NamedModel.from_loaded(load_model(path, arch=arch))
 
 
 def _quick_audit(world, out: Path, lr: float, *, with_untrained: bool):
@@ -74,10 +76,8 @@ def _quick_audit(world, out: Path, lr: float, *, with_untrained: bool):
     targets = [_target(world.root / "target.pt")]
     if with_untrained:
         targets.append(_target(world.root / "untrained.pt"))
-    return run_audit(
-        targets, _target(world.root / "eval.pt", EVAL_ARCH), world.splits,
-        prior=load_prior(str(world.prior)), config=config, out_dir=out,
-    )  # fmt: skip
+    return AuditRun(targets, [_target(world.root / "eval.pt", EVAL_ARCH)], world.splits, load_prior(str(world.prior)),
+                    AuditConfig(attack=config), out).run()
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +112,8 @@ def test_optimisation_beats_selection_only_on_a_trained_target(world, optimised,
 
 def test_generator_free_mode_runs_on_batchnorm_statistics(world, tmp_path):
     config = make_config("quick", samples=20, candidates=3, iterations=5, keep=2, final_augmentations=2, batch_size=15)
-    report = run_audit(
-        [_target(world.root / "target.pt")], _target(world.root / "eval.pt", EVAL_ARCH), world.splits,
-        prior=None, config=config, out_dir=tmp_path, classes=[0, 3],
-    )  # fmt: skip
+    report = AuditRun([_target(world.root / "target.pt")], [_target(world.root / "eval.pt", EVAL_ARCH)], world.splits, None,
+                      AuditConfig(attack=config, classes=[0, 3]), tmp_path).run()
     assert report.prior["kind"] == "pixels" and report.prior["bn_layers"] > 0
     assert report.models[0].metrics["n"] == 4 and report.classes == [0, 3]
     saved = json.loads((tmp_path / "report.json").read_text())

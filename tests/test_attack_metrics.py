@@ -12,8 +12,8 @@ from mishield.audit.metrics import (
     knn_distances,
     summarize,
     topk_hits,
-    wilson_interval,
 )
+from mishield.audit.stats import wilson_interval
 
 
 def test_topk_hits():

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from mishield.audit.metrics import wilson_interval
 from mishield.audit.stats import (
     Interval,
     above_chance,
@@ -24,6 +23,7 @@ from mishield.audit.stats import (
     t_quantile,
     unreached_classes,
     verdict,
+    wilson_interval,
 )
 
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mishield.attack import audit as audit_module
-from mishield.attack import judging as judging_module
-from mishield.attack import stats
+from mishield.audit import judging as judging_module
+from mishield.audit import stats
+from mishield.audit.loading import NamedModel
+from mishield.audit.outcomes import EvaluatorOutcome, ShardOutcome
 from mishield.audit.results import PrivacyGate
+from mishield.audit.runner import AuditRun
 from mishield.cli import main
 
 
@@ -62,7 +64,7 @@ def _audit(tiny: dict, out: Path, *extra) -> list:
 def without_trust_checks(monkeypatch):
     """These tests pin the gate's logic through the CLI with random-data models, which the trust checks
     (tests/test_attack_trust.py) rightly refuse before any attack; skip those checks here."""
-    monkeypatch.setattr(audit_module, "_trust", lambda targets, evaluations, *args: ([{"accuracy": None}] * len(evaluations), [], None))
+    monkeypatch.setattr(AuditRun, "_trust", lambda run: ([{"accuracy": None}] * len(run.evaluations), [], None))
 
 
 def test_a_failed_attack_is_inconclusive_and_fails_the_gate(tiny, tmp_path, capsys, without_trust_checks):
@@ -129,14 +131,14 @@ def test_the_gate_reads_the_upper_end_of_the_interval(tiny, tmp_path, capsys, mo
 def _parts(*hits: np.ndarray, conf: float = 0.9) -> list[dict]:
     """One rank's part of one (model, attack) run, judged by one evaluator per `hits` array."""
     n, k = hits[0].shape
-    evals = [{"top1": torch.tensor(h, dtype=torch.bool), "top5": torch.ones(n, k, dtype=torch.bool), "knn": torch.ones(n, k),
-              "unfiltered": torch.tensor(h, dtype=torch.bool), "so_top1": None, "so_top5": None} for h in hits]  # fmt: skip
-    return [{"classes": list(range(n)), "evals": evals, "target_conf": torch.full((n, k), conf),
-             "shown": torch.zeros(n, 1, 1, 4, 4, dtype=torch.uint8), "image_steps": 1, "seconds": 1.0, "timings": {}}]  # fmt: skip
+    evals = [EvaluatorOutcome(top1=torch.tensor(h, dtype=torch.bool), top5=torch.ones(n, k, dtype=torch.bool), knn=torch.ones(n, k),
+                              unfiltered=torch.tensor(h, dtype=torch.bool)) for h in hits]  # fmt: skip
+    return [ShardOutcome(classes=list(range(n)), evaluators=evals, target_conf=torch.full((n, k), conf),
+                         shown=torch.zeros(n, 1, 1, 4, 4, dtype=torch.uint8), image_steps=1, seconds=1.0, timings={})]
 
 
 def _target():
-    target = audit_module.AuditTarget("t", torch.nn.Identity(), None, 3)
+    target = NamedModel("t", torch.nn.Identity(), None, 3)
     target.preprocessing = type("P", (), {"to_dict": lambda self: {}})()
     return target
 

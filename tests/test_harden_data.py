@@ -62,12 +62,12 @@ def test_explicit_input_size_wins_with_a_warning_when_far_from_the_data(flat_dat
 def test_audit_holds_out_validation_when_data_has_no_val_folder(flat_data, tmp_path, caplog):
     """`mishield audit --val-fraction`: natural accuracy needs held-out images; without val/ a seeded
     10 % (or the given fraction) of the private folder is held out, and the report says how many."""
-    from mishield.attack.config import make_config
-    from mishield.audit.runner import _load_inputs
+    from mishield.audit.config import AuditConfig
+    from mishield.audit.loading import load_inputs
 
-    config = make_config("ci")
+    config = AuditConfig.preset("ci", load_options={"num_classes": 3})
     with caplog.at_level(logging.WARNING):
-        _, _, splits, _ = _load_inputs(ARCH, flat_data, "none", [ARCH], None, {"num_classes": 3}, False, config)
+        splits = load_inputs(ARCH, flat_data, "none", [ARCH], config).data
     assert len(splits.val) == 12 and len(splits.train) == 108 and "no val/ folder" in caplog.text
-    _, _, splits, _ = _load_inputs(ARCH, flat_data, "none", [ARCH], None, {"num_classes": 3}, False, config, 0.25)
+    splits = load_inputs(ARCH, flat_data, "none", [ARCH], config.replace(val_fraction=0.25)).data
     assert len(splits.val) == 30

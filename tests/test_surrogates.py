@@ -17,6 +17,7 @@ import torch
 from attack_support import train_tiny_target
 from clirun import run_cli
 
+from mishield.audit.surrogates import load_surrogates
 from mishield.errors import BadInputError, UsageError
 from mishield.fileio import sha256_file
 from mishield.models import load_model
@@ -24,7 +25,6 @@ from mishield.preprocessing import Preprocessing
 from mishield.training import TrainingInterrupted
 from mishield.training.distillation import (
     MIN_AGREEMENT,
-    load_surrogates,
     target_labels,
     train_surrogate,
 )

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from mishield.audit.metrics import deltas, summarize
+from mishield.audit.outcomes import EvaluatorOutcome, ShardOutcome
 from mishield.audit.results import ModelAudit, PrivacyGate
 from mishield.audit.stats import (
     MIN_TARGET_CONFIDENCE,
@@ -27,8 +28,6 @@ from mishield.audit.stats import (
 )
 from mishield.audit.stats import verdict as stats_verdict
 
-# Per evaluator and class, the outcomes a rank reports; `--seeds` pools them along the image axis.
-EVALUATOR_OUTCOMES = ("top1", "top5", "knn", "unfiltered", "so_top1", "so_top5")
 # What each evaluator's entry in a row's `metrics.evaluators` lists.
 EVALUATOR_SUMMARY = ("evaluator", "evaluator_acc", "attack_acc1", "attack_acc1_interval", "attack_acc5", "knn_dist",
                      "unfiltered_acc1", "selection_only_acc1")  # fmt: skip
@@ -70,25 +69,25 @@ class Row:
                 "grid": self.grid, "timing": self.timing, "budget": self.budget, "delta": self.delta}  # fmt: skip
 
 
-def per_class(parts: list[dict], classes: list[int], get: Callable[[dict], torch.Tensor | None]) -> torch.Tensor | None:
+def per_class(parts: list[ShardOutcome], classes: list[int], get: Callable[[ShardOutcome], torch.Tensor | None]) -> torch.Tensor | None:
     """[classes, images] of one outcome gathered from the ranks' parts, rows in `classes` order (None where not measured)."""
-    where = {c: (p, i) for p in parts for i, c in enumerate(p["classes"])}
+    where = {c: (p, i) for p in parts for i, c in enumerate(p.classes)}
     values = [get(where[c][0]) for c in classes]
     if any(v is None for v in values):
         return None
     return torch.stack([v[where[c][1]] for v, c in zip(values, classes)]).float()
 
 
-def _figures(out: dict, num_classes: int, evaluator: dict) -> tuple[dict, Interval]:
+def _figures(out: EvaluatorOutcome, num_classes: int, evaluator: dict) -> tuple[dict, Interval]:
     """One evaluator's verdict on one row: accuracy @1/@5 with class-bootstrap intervals, chance,
     KNN distance, unfiltered and selection-only accuracy."""
-    top1, top5, unfiltered, so_top1 = out["top1"], out["top5"], out["unfiltered"], out["so_top1"]
+    top1, top5, unfiltered, so_top1 = out.top1, out.top5, out.unfiltered, out.so_top1
     iv1, iv5 = class_bootstrap(top1.numpy()), class_bootstrap(top5.numpy())
     so = None if so_top1 is None else class_bootstrap(so_top1.numpy())
     figures = {
         "evaluator": evaluator["name"],
         "evaluator_acc": evaluator.get("accuracy"),
-        **summarize(top1.flatten(), top5.flatten(), out["knn"].flatten()),
+        **summarize(top1.flatten(), top5.flatten(), out.knn.flatten()),
         "interval_method": iv1.method,
         "attack_acc1_ci95": [iv1.low, iv1.high],
         "attack_acc1_interval": iv1.to_dict(),
@@ -104,13 +103,14 @@ def _figures(out: dict, num_classes: int, evaluator: dict) -> tuple[dict, Interv
     return figures, iv1
 
 
-def judge_row(attack: str, parts: list[dict], classes: list[int], class_names: list[str], num_classes: int,
+def judge_row(attack: str, parts: list[ShardOutcome], classes: list[int], class_names: list[str], num_classes: int,
               natural: tuple[float | None, int], judging: Judging, grid: str) -> Row:  # fmt: skip
-    """Judge one model under one attack from its ranks' parts (`mishield.audit.runner._attack_once`)."""
-    conf = per_class(parts, classes, lambda p: p["target_conf"])
+    """Judge one model under one attack from its ranks' parts (`mishield.audit.runner.AuditRun`)."""
+    conf = per_class(parts, classes, lambda p: p.target_conf)
     outs, figures = [], []
     for e, evaluator in enumerate(judging.evaluators):
-        out = {k: per_class(parts, classes, lambda p, k=k, e=e: p["evals"][e][k]) for k in EVALUATOR_OUTCOMES}
+        out = EvaluatorOutcome(**{f.name: per_class(parts, classes, lambda p, k=f.name, e=e: getattr(p.evaluators[e], k))
+                                  for f in fields(EvaluatorOutcome)})
         outs.append(out)
         figures.append(_figures(out, num_classes, evaluator))
     leaky = max(range(len(figures)), key=lambda e: (figures[e][1].high, figures[e][1].estimate))  # first on ties
@@ -122,19 +122,19 @@ def judge_row(attack: str, parts: list[dict], classes: list[int], class_names: l
                "paired_diff_acc1": None, "paired_diff_acc1_interval": None}  # fmt: skip
     rows = []
     for r, c in enumerate(classes):
-        s = summarize(out["top1"][r], out["top5"][r], out["knn"][r])
+        s = summarize(out.top1[r], out.top5[r], out.knn[r])
         rows.append({"class": c, "name": class_names[c], "n": s["n"], "attack_acc1": s["attack_acc1"], "attack_acc5": s["attack_acc5"],
                      "knn_dist": s["knn_dist"], "target_confidence": float(conf[r].mean()),
                      "reached": bool(conf[r].mean() >= MIN_TARGET_CONFIDENCE),
-                     "unfiltered_acc1": None if out["unfiltered"] is None else float(out["unfiltered"][r].mean()),
-                     "selection_only_acc1": None if out["so_top1"] is None else float(out["so_top1"][r].mean())})  # fmt: skip
+                     "unfiltered_acc1": None if out.unfiltered is None else float(out.unfiltered[r].mean()),
+                     "selection_only_acc1": None if out.so_top1 is None else float(out.so_top1[r].mean())})  # fmt: skip
     judged = stats_verdict(interval, judging.threshold, chance=best["chance_acc1"], target_confidence=conf.numpy())
-    where = {c: (p, i) for p in parts for i, c in enumerate(p["classes"])}
-    image_steps, seconds = sum(p["image_steps"] for p in parts), max(p["seconds"] for p in parts)
+    where = {c: (p, i) for p in parts for i, c in enumerate(p.classes)}
+    image_steps, seconds = sum(p.image_steps for p in parts), max(p.seconds for p in parts)
     timing = {"image_steps": image_steps, "seconds": seconds, "image_steps_per_s": image_steps / seconds if seconds else None,
-              **{k: max(p["timings"][k] for p in parts) for k in parts[0]["timings"]}}  # fmt: skip
-    return Row(attack, metrics, rows, {**judged.to_dict(), "attack": attack}, [o["top1"].numpy() for o in outs], leaky,
-               interval, grid, timing, dict(judging.budgets[attack]), {c: where[c][0]["shown"][where[c][1]] for c in classes})  # fmt: skip
+              **{k: max(p.timings[k] for p in parts) for k in parts[0].timings}}  # fmt: skip
+    return Row(attack, metrics, rows, {**judged.to_dict(), "attack": attack}, [o.top1.numpy() for o in outs], leaky,
+               interval, grid, timing, dict(judging.budgets[attack]), {c: where[c][0].shown[where[c][1]] for c in classes})  # fmt: skip
 
 
 def worst(rows: list[Row]) -> Row:

@@ -6,8 +6,6 @@ own adversarial-looking reconstructions perfect.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -37,17 +35,6 @@ def knn_distances(
             continue
         out[rows] = torch.cdist(features[rows], ref).pow(2).min(dim=1).values
     return out
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion: honest at small n and near 0 or 1."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def summarize(top1: torch.Tensor, top5: torch.Tensor, knn: torch.Tensor) -> dict:

@@ -20,8 +20,6 @@ from statistics import NormalDist
 
 import numpy as np
 
-from mishield.audit.metrics import wilson_interval
-
 # Default lowest mean target confidence at which a class counts as reached by the attack: above
 # 0.5 the target's softmax puts the class first, whatever the number of classes.
 MIN_TARGET_CONFIDENCE = 0.5
@@ -71,6 +69,17 @@ class Verdict:
 
     def to_dict(self) -> dict:
         return {"status": self.status, "passed": self.passed, "reason": self.reason}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion: honest at small n and near 0 or 1."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def _hits(hits, name: str = "hits") -> np.ndarray:

@@ -17,37 +17,23 @@ figures the report carries (docs/audit.md "Trust checks" gives the floors and wh
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mishield.audit.stats import chance_level, wilson_interval
 from mishield.errors import BadInputError
 
 # The share of the way from chance to perfect an evaluator must cover (docs/audit.md "Trust checks").
 FLOOR_SHARE = 0.5
 
 
-def chance(num_classes: int) -> float:
-    return 1.0 / num_classes
-
-
 def accuracy_floor(num_classes: int) -> float:
     """chance + 0.5 (1 - chance): 0.55 for 10 classes, 0.75 for 2, ~0.5 for 1000."""
-    c = chance(num_classes)
+    c = chance_level(num_classes)
     return c + FLOOR_SHARE * (1.0 - c)
-
-
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (here: a natural accuracy over independent images)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -153,7 +139,7 @@ def check_evaluator(evaluator, evaluation, targets, data, image_shape, *, allow_
     elif accuracy < floor:
         sentence = (f"the evaluation model {evaluation.name} recognises {100 * accuracy:.1f} % of the {n} private validation "
                     f"images at the attack's {image_shape[1]}x{image_shape[2]} px, below the floor of {100 * floor:.1f} % "
-                    f"(chance {100 * chance(data.num_classes):.1f} %), so its attack accuracy would say nothing; "
+                    f"(chance {100 * chance_level(data.num_classes):.1f} %), so its attack accuracy would say nothing; "
                     "train it longer or at the prior's resolution (mishield train-eval --prior).")
         if not allow_weak:
             raise BadInputError(sentence)
@@ -165,7 +151,7 @@ def check_evaluator(evaluator, evaluation, targets, data, image_shape, *, allow_
             f"the evaluation model {evaluation.name} was trained on other images than the private training images "
             f"audited here ({fingerprint.get('images')} recorded, {len(data.train)} here; data fingerprints differ); "
             "its accuracy was measured above, but train it on this data (mishield train-eval) for a like-for-like judge.")
-    record = {"accuracy": accuracy, "accuracy_n": n, "floor": floor, "chance": chance(data.num_classes),
+    record = {"accuracy": accuracy, "accuracy_n": n, "floor": floor, "chance": chance_level(data.num_classes),
               "resolution": list(image_shape[1:]), "classes_match": classes_match,
               "recorded_accuracy": (recorded.get("metrics") or {}).get("natural_acc"),
               "fingerprint": fingerprint, "fingerprint_match": fingerprint_match}
@@ -202,11 +188,11 @@ def check_target_for_gate(name: str, natural_acc: float | None, n: int, num_clas
             f"{name} cannot be gated: the private data has no validation images to show it learned anything, and a failed "
             "attack on a model that learned nothing looks like privacy; add a val/ folder."
         )
-    low, _ = wilson(natural_acc * n, n)
-    if low <= chance(num_classes):
+    low, _ = wilson_interval(round(natural_acc * n), n)
+    if low <= chance_level(num_classes):
         raise BadInputError(
             f"{name} cannot be gated: its natural accuracy {100 * natural_acc:.1f} % (95 % interval from {100 * low:.1f} %, "
-            f"{n} images) does not rise above chance ({100 * chance(num_classes):.1f} %), so a failed attack would look like "
+            f"{n} images) does not rise above chance ({100 * chance_level(num_classes):.1f} %), so a failed attack would look like "
             "privacy; check its mean/std, input size and class order."
         )
 

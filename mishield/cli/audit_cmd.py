@@ -81,27 +81,45 @@ def audit(
         raise UsageError(NO_EVAL_MODEL)
     if prior is None:
         raise UsageError(NO_PRIOR)
-    attack = {"samples": samples, "candidates": candidates, "iterations": iterations, "keep": keep, "lr": lr,
-              "final_augmentations": final_augmentations, "batch_size": batch_size, "seed": seed, "compile": compile_,
-              "milestones": _milestones(milestones), "gamma": gamma, "center_crop": center_crop,
-              "selection_baseline": selection_baseline}
+    options = {name: value for name, value in locals().items() if name in CONFIG_OPTIONS}
     provenance = {"preset": preset, "prior": prior, "eval_model": eval_model[0], "eval_models": list(eval_model),
                   "surrogates": [str(f) for f in surrogate or ()], "data": str(data), "models": list(models)}
-    with flags_in_errors(run, extra=(*LOAD_PARAMETERS, *attack)), progress_bars(os.environ.get("RANK", "0") == "0") as progress:
-        load = {"arch": arch, "num_classes": num_classes, "input_size": input_size,
-                "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
-        report = run(
-            models, data=data, prior=prior, eval_model=eval_model, out=out, classes=classes, preset=preset, attack=attack,
-            device=device, max_attack_acc=max_attack_acc, overwrite=overwrite, load_options=load, eval_arch=eval_arch,
-            trust_checkpoint=trust_checkpoint, progress=progress, provenance=provenance, seeds=seeds, val_fraction=val_fraction,
-            allow_weak_evaluator=allow_weak_evaluator, allow_weak_budget=allow_weak_budget, attacks=attacks,
-            surrogates=list(surrogate or ()),
-        )  # fmt: skip
+    with flags_in_errors(run, extra=(*LOAD_PARAMETERS, *CONFIG_OPTIONS)), \
+            progress_bars(os.environ.get("RANK", "0") == "0") as progress:
+        config = audit_config(options, provenance)
+        report = run(models, data=data, prior=prior, eval_model=eval_model, config=config, surrogates=list(surrogate or ()),
+                     out=out, progress=progress)  # fmt: skip
     if report is None:  # another rank under torchrun; rank 0 prints
         return
     _print(report, json_output)
     if not report.passed:
         raise PrivacyGateError(gate_message(report.gate, out / "report.html"))
+
+
+# The options of `mishield audit` that make its AuditConfig (the parameter names of `audit` above).
+CONFIG_OPTIONS = ("attacks", "classes", "preset", "samples", "candidates", "iterations", "keep", "final_augmentations",
+                  "batch_size", "seed", "seeds", "val_fraction", "lr", "milestones", "gamma", "center_crop",
+                  "selection_baseline", "allow_weak_budget", "device", "compile_", "max_attack_acc", "allow_weak_evaluator",
+                  "arch", "eval_arch", "num_classes", "trust_checkpoint", "input_size", "mean", "std", "overwrite")  # fmt: skip
+
+
+def audit_config(options: dict, provenance: dict | None = None):
+    """The one mapping from `mishield audit`'s options (CONFIG_OPTIONS, by parameter name) to its AuditConfig."""
+    from mishield.audit.config import AuditConfig
+
+    o = options
+    load = {"arch": o["arch"], "num_classes": o["num_classes"], "input_size": o["input_size"],
+            "mean": parse_floats(o["mean"], "--mean"), "std": parse_floats(o["std"], "--std")}
+    return AuditConfig.preset(
+        o["preset"], samples=o["samples"], candidates=o["candidates"], iterations=o["iterations"], keep=o["keep"],
+        final_augmentations=o["final_augmentations"], batch_size=o["batch_size"], seed=o["seed"], lr=o["lr"],
+        milestones=_milestones(o["milestones"]), gamma=o["gamma"], center_crop=o["center_crop"], compile=o["compile_"],
+        selection_baseline=o["selection_baseline"], attacks=o["attacks"], classes=o["classes"], seeds=o["seeds"],
+        max_attack_acc=o["max_attack_acc"], allow_weak_evaluator=o["allow_weak_evaluator"],
+        allow_weak_budget=o["allow_weak_budget"], val_fraction=o["val_fraction"], device=o["device"],
+        overwrite=o["overwrite"], trust_checkpoint=o["trust_checkpoint"], load_options=load, eval_arch=o["eval_arch"],
+        provenance=provenance,
+    )  # fmt: skip
 
 
 def _milestones(text: str | None) -> tuple[float, ...] | None:

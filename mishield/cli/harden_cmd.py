@@ -11,6 +11,7 @@ import typer
 
 from mishield.cli import console
 from mishield.cli.options import (
+    LOAD_PARAMETERS,
     ArchOpt,
     InputSizeOpt,
     JsonOpt,
@@ -34,6 +35,10 @@ TRAINING_PANEL = "Fine-tuning (needs --data)"
 # Options a --recipe file may set (the training recipe and the surgery it applies).
 RECIPE_KEYS = ("method", "alpha", "stage", "sites", "schedule", "epochs", "stage1_epochs", "lr", "batch_size",
                "bido", "bido_lx", "bido_ly", "seed", "val_fraction")
+
+
+# HardenConfig's fields, by the flag that sets each (messages name the fields in backticks).
+CONFIG_FLAGS = (*RECIPE_KEYS, "overwrite", "device", "workers", "compile", "reset_head", "resume", "data", "val_data", "out")
 
 
 # Options only `harden` has (shared ones are in mishield.cli.options).
@@ -161,6 +166,7 @@ def harden(
     private data (TTS / finetune, optional BiDO), and write a hardened model file."""
     from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.fileio import refuse_input_as_output
+    from mishield.hardening import HardenConfig
     from mishield.hardening import harden as harden_model
     from mishield.recipes import recipe_defaults
 
@@ -171,14 +177,13 @@ def harden(
     options = {k: r.get(k, v) for k, v in given.items()}
     refuse_input_as_output(out, (recipe_file,))  # the library checks the inputs it is given itself
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
-    with flags_in_errors(harden_model), progress_bars(is_main and data is not None) as bars:
+    with flags_in_errors(harden_model, extra=(*LOAD_PARAMETERS, *CONFIG_FLAGS)), progress_bars(is_main and data is not None) as bars:
+        config = HardenConfig(**options, overwrite=overwrite, device=device, workers=workers, compile=compile_model,
+                              reset_head=reset_head, resume=resume)
         load = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "input_size": input_size,
                 "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
-        result = harden_model(
-            model, out=out, overwrite=overwrite, data=data, val_data=val_data, device=device, workers=workers,
-            compile=compile_model, reset_head=reset_head, resume=resume, progress=bars,
-            on_epoch=epoch_printer(is_main), load_options=load, **options,
-        )
+        result = harden_model(model, config=config, data=data, val_data=val_data, out=out, progress=bars,
+                              on_epoch=epoch_printer(is_main), load_options=load)
     if not result.main_process:
         return
     summary = result.to_dict()

@@ -44,16 +44,15 @@ def train(
     """Distil a surrogate from TARGET's soft outputs on public images; `mishield audit` attacks it with the target."""
     from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.fileio import refuse_input_as_output
-    from mishield.training.distillation import train_surrogate
+    from mishield.training.distillation import SurrogateConfig, train_surrogate
 
     refuse_input_as_output(out, (target, public))
     with progress_bars() as progress:
-        result = train_surrogate(
-            target, public, out, arch=surrogate_arch, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
-            resolution=input_size, device=device, seed=seed, resume=resume, overwrite=overwrite, progress=progress,
-            on_epoch=epoch_printer(), trust_checkpoint=trust_checkpoint, val_fraction=val_fraction,
-            load_options={"arch": arch, "num_classes": num_classes},
-        )  # fmt: skip
+        config = SurrogateConfig(arch=surrogate_arch, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
+                                 resolution=input_size, device=device, seed=seed, resume=resume, overwrite=overwrite,
+                                 trust_checkpoint=trust_checkpoint, val_fraction=val_fraction)
+        result = train_surrogate(target, public, out, config=config, progress=progress, on_epoch=epoch_printer(),
+                                 load_options={"arch": arch, "num_classes": num_classes})
     for warning in result.warnings:
         console.err.print(f"[yellow]warning:[/] {warning}")
     if json_output:

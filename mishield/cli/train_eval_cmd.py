@@ -31,15 +31,14 @@ def train_eval(
     from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.fileio import refuse_input_as_output
     from mishield.runtime import resolve_device
-    from mishield.training.evaluator import train_eval_model
+    from mishield.training.evaluator import EvalModelConfig, train_eval_model
 
     refuse_input_as_output(out, (data,) if prior is None else (data, prior))
     with progress_bars() as progress:
-        summary = train_eval_model(
-            data, out, arch=arch, input_size=input_size, prior=prior, epochs=epochs, lr=lr, batch_size=batch_size,
-            val_fraction=val_fraction, device=resolve_device(device), seed=seed, overwrite=overwrite,
-            resume=resume, progress=progress, on_epoch=epoch_printer(),
-        )  # fmt: skip
+        config = EvalModelConfig(arch=arch, input_size=input_size, epochs=epochs, lr=lr, batch_size=batch_size,
+                                 val_fraction=val_fraction, device=resolve_device(device), seed=seed, overwrite=overwrite,
+                                 resume=resume)
+        summary = train_eval_model(data, out, config=config, prior=prior, progress=progress, on_epoch=epoch_printer())
     if json_output:
         console.emit_json(summary)
     else:

@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from mishield.errors import BadInputError, UsageError
+from mishield.errors import BadInputError
+from mishield.surgery.methods import (
+    DEFAULT_SSF_ALPHA,
+    check_alpha,
+    check_method,
+)
 from mishield.surgery.rewired import SkipRewiredModel
 from mishield.surgery.skips import (
     SkipAnalysis,
@@ -36,9 +41,6 @@ from mishield.surgery.skips import (
     merge_nodes,
     trace,
 )
-
-METHODS = ("rolss", "ssf")
-DEFAULT_SSF_ALPHA = {"add": 0.2, "concat": 0.01}  # the paper's defaults
 
 
 class SkipScale(nn.Module):
@@ -104,8 +106,7 @@ def plan_surgery(
     input_size: tuple[int, int, int] = (3, 224, 224),
 ) -> SurgeryPlan:
     """Analyse `model` and decide which skip sites `method` changes (default: the last stage)."""
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}.")
+    check_method(method)
     analysis = analyse(model, tuple(input_size))
     selected, description = analysis.select(stage=stage, sites=sites)
     if method == "rolss":
@@ -113,8 +114,7 @@ def plan_surgery(
     elif alpha is None:
         kinds = {analysis.site(n).kind for n in selected}
         alpha = DEFAULT_SSF_ALPHA["concat" if kinds == {"concat"} else "add"]
-    if not 0.0 <= alpha <= 1.0:
-        raise UsageError(f"`alpha` must lie in [0, 1] (0 is RoLSS, 1 the original model), got {alpha}.")
+    check_alpha(alpha)
     return SurgeryPlan(method, float(alpha), selected, description, analysis)
 
 

@@ -3,10 +3,13 @@
     recipe.py     TrainingRecipe, SCHEDULES, default_lr
     state.py      the one resumable-state format (atomic, versioned, fingerprinted)
     interrupt.py  divergence, Ctrl-C (exit 130) and SIGTERM (exit 143) stops
-    loop.py       TrainStep, epochs of a stage, fit, evaluate_accuracy
+    loop.py       TrainStep, epochs of a stage, fit, RunOptions, evaluate_accuracy
     schedule.py   run_schedule (TTS / finetune stages), reset_head
     bido.py       BiDO's HSIC terms and feature taps
     log.py        the JSON-lines training log
+    prior.py      the DCGAN image prior, trained on public data (mishield prior train)
+    distillation.py  surrogates distilled from a target (mishield surrogate train)
+    evaluator.py  the audit's evaluation model (mishield train-eval)
 """
 
 from mishield.training.bido import (
@@ -26,6 +29,7 @@ from mishield.training.log import JsonlLog
 from mishield.training.loop import (
     EpochRecord,
     FitResult,
+    RunOptions,
     TrainStep,
     evaluate_accuracy,
     fit,
@@ -57,6 +61,7 @@ __all__ = [
     "FeatureTap",
     "FitResult",
     "JsonlLog",
+    "RunOptions",
     "ScheduleResult",
     "TrainStep",
     "TrainingDiverged",

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mishield.configs import resolve_config
 from mishield.errors import BadInputError, UsageError
 from mishield.progress import EpochCallback, ProgressCallback
 
@@ -86,9 +87,11 @@ class Distillation:
     trainer reports is the running agreement.
     """
 
-    def __init__(self, teacher: nn.Module, temperature: float):
+    def __init__(self, teacher: nn.Module, temperature: float, identity: dict | None = None):
         self.teacher = teacher.eval().requires_grad_(False)
         self.temperature = temperature
+        # What a resumed run must share besides the recipe and data (`fit` adds it to the state's fingerprint).
+        self.fingerprint = {**(identity or {}), "temperature": temperature}
 
     def __call__(self, logits: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if next(self.teacher.parameters(), x).device != x.device:
@@ -182,17 +185,38 @@ def _student(arch: str, num_classes: int, channels: int) -> nn.Module:
     return student
 
 
-def _check_settings(epochs: int, batch_size: int, lr: float, temperature: float, val_fraction: float) -> None:
-    if epochs < 1:
-        raise UsageError(f"`epochs` must be at least 1, got {epochs}.")
-    if batch_size < 2:
-        raise UsageError(f"`batch_size` must be at least 2 (batch norm needs two images), got {batch_size}.")
-    if not lr > 0:
-        raise UsageError(f"`lr` must be a positive number, got {lr}.")
-    if not temperature > 0:
-        raise UsageError(f"`temperature` must be a positive number, got {temperature}.")
-    if not 0.0 < val_fraction < 1.0:
-        raise UsageError(f"`val_fraction` must lie strictly between 0 and 1, got {val_fraction}.")
+@dataclass(frozen=True)
+class SurrogateConfig:
+    """How to distil a surrogate: the student `arch` (default a ResNet-18, with skips: the adaptive
+    case), `epochs`, `batch_size`, `lr`, the distillation `temperature`, `resolution` (default the
+    target's), `val_fraction` of the public images held out to measure agreement, `device`, `seed`,
+    `workers`, `resume`, `overwrite` and `trust_checkpoint` (for the target file)."""
+
+    arch: str = DEFAULT_SURROGATE_ARCH
+    epochs: int = DEFAULT_EPOCHS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    lr: float = DEFAULT_LR
+    temperature: float = DEFAULT_TEMPERATURE
+    resolution: int | None = None
+    device: str | torch.device = "auto"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    trust_checkpoint: bool = False
+    val_fraction: float = 0.1
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise UsageError(f"`epochs` must be at least 1, got {self.epochs}.")
+        if self.batch_size < 2:
+            raise UsageError(f"`batch_size` must be at least 2 (batch norm needs two images), got {self.batch_size}.")
+        if not self.lr > 0:
+            raise UsageError(f"`lr` must be a positive number, got {self.lr}.")
+        if not self.temperature > 0:
+            raise UsageError(f"`temperature` must be a positive number, got {self.temperature}.")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UsageError(f"`val_fraction` must lie strictly between 0 and 1, got {self.val_fraction}.")
 
 
 def train_surrogate(
@@ -200,22 +224,11 @@ def train_surrogate(
     public: str | Path,
     out: str | Path,
     *,
-    arch: str = DEFAULT_SURROGATE_ARCH,
-    epochs: int = DEFAULT_EPOCHS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    lr: float = DEFAULT_LR,
-    temperature: float = DEFAULT_TEMPERATURE,
-    resolution: int | None = None,
-    device: str | torch.device = "auto",
-    seed: int = 0,
-    resume: bool = False,
-    overwrite: bool = False,
+    config: SurrogateConfig | None = None,
     progress: ProgressCallback | None = None,
     on_epoch: EpochCallback | None = None,
-    trust_checkpoint: bool = False,
-    val_fraction: float = 0.1,
     load_options: dict | None = None,
-    workers: int | None = None,
+    **keywords,
 ) -> SurrogateResult:
     """Distil `arch` from `target`'s soft outputs on the public images in `public`; write it to `out`.
 
@@ -225,26 +238,29 @@ def train_surrogate(
     the data's, as `harden` and `audit` decide). `public` is an ImageFolder or a flat folder of
     images; labels are ignored. `out` is a mishield model file whose recipe records
     `surrogate: {target_sha256, target_name, arch, agreement, agreement_n, temperature, epochs,
-    public_fingerprint}`; `OUT.train-state` sits beside it while training (`resume`).
+    public_fingerprint}`; `OUT.train-state` sits beside it while training (`config.resume`).
+    `config` (`SurrogateConfig`) says how; the former keyword form (`arch=`, `epochs=`, ...) is deprecated.
     """
     import time
 
     from mishield.data import DataSplits, data_fingerprint
     from mishield.fileio import check_writable
     from mishield.runtime import resolve_device
-    from mishield.training import evaluate_accuracy, fit
+    from mishield.training import RunOptions, TrainingRecipe, evaluate_accuracy, fit
     from mishield.training.state import refuse_stale_state, state_path_for
 
-    _check_settings(epochs, batch_size, lr, temperature, val_fraction)
+    c = resolve_config("train_surrogate", config, keywords, SurrogateConfig)
+    arch, epochs, batch_size, lr, temperature, seed = c.arch, c.epochs, c.batch_size, c.lr, c.temperature, c.seed
+    resume, overwrite, val_fraction = c.resume, c.overwrite, c.val_fraction
     out = Path(out)
     check_writable(out, overwrite, inputs=[x for x in (target, public) if isinstance(x, (str, Path))])
     state_path = state_path_for(out)
     refuse_stale_state(state_path, resume, overwrite)
     items, classes = public_items(public)
-    options = {**(load_options or {}), "trust_checkpoint": trust_checkpoint or (load_options or {}).get("trust_checkpoint", False)}
-    loaded, num_classes = _load_target(target, options, resolution, items)
+    options = {**(load_options or {}), "trust_checkpoint": c.trust_checkpoint or (load_options or {}).get("trust_checkpoint", False)}
+    loaded, num_classes = _load_target(target, options, c.resolution, items)
     pre = loaded.preprocessing
-    device = resolve_device(device)
+    device = resolve_device(c.device)
     train, held_out = split_public(items, val_fraction, seed)
     held_out = target_labels(loaded.model, held_out, pre, device=device, batch_size=max(batch_size, 64))
     torch.manual_seed(seed)
@@ -252,11 +268,11 @@ def train_surrogate(
     target_name = loaded.source.name if loaded.source else str(loaded.arch)
     names = list((loaded.recipe or {}).get("classes") or [str(i) for i in range(num_classes)])
     t0 = time.perf_counter()
-    result = fit(student, DataSplits(train, held_out, names), pre, epochs=epochs, lr=lr, batch_size=batch_size,
-                 device=device, seed=seed, num_classes=num_classes, workers=workers, state_path=state_path,
-                 resume=resume, progress=progress, on_epoch=on_epoch,
-                 criterion=Distillation(loaded.model, temperature),
-                 fingerprint_extra={"teacher_sha256": loaded.source_sha256, "temperature": temperature, "arch": arch})
+    criterion = Distillation(loaded.model, temperature, {"teacher_sha256": loaded.source_sha256, "arch": arch})
+    result = fit(student, DataSplits(train, held_out, names), pre,
+                 TrainingRecipe(schedule="finetune", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
+                 options=RunOptions(device=device, workers=c.workers, state_path=state_path, resume=resume),
+                 num_classes=num_classes, progress=progress, on_epoch=on_epoch, criterion=criterion)
     agreement = evaluate_accuracy(result.model, held_out, pre, device=device, batch_size=max(batch_size, 64))
     fingerprint, _ = data_fingerprint(items, classes)
     record = {"target_sha256": loaded.source_sha256, "target_name": target_name, "arch": arch,

@@ -7,39 +7,53 @@ class in it (docs/audit.md, "Evaluation model"). The judge itself is `mishield.a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mishield.configs import resolve_config
 from mishield.errors import BadInputError
 from mishield.progress import EpochCallback, ProgressCallback
 
 DEFAULT_EVAL_ARCH = "mishield.models.plaincnn:plain_cnn"
 
 
+@dataclass(frozen=True)
+class EvalModelConfig:
+    """How to train an evaluation model: `arch` (default mishield's skip-free CNN, which differs
+    from the audited ResNets), `input_size` (default: the prior's resolution, see train_eval_model),
+    the recipe (`epochs`, `lr`, `batch_size`, `seed`), `val_fraction` (a seeded hold-out where the
+    data has no val/), `device`, `workers`, `resume` and `overwrite`."""
+
+    arch: str = DEFAULT_EVAL_ARCH
+    input_size: int | None = None
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 128
+    val_fraction: float | None = None
+    device: torch.device | str = "cpu"
+    seed: int = 0
+    overwrite: bool = False
+    resume: bool = False
+    workers: int | None = None
+
+
 def train_eval_model(
     data_dir: str | Path,
     out: str | Path,
     *,
-    arch: str | None = None,
-    input_size: int | None = None,
+    config: EvalModelConfig | None = None,
     prior: str | Path | None = None,
-    epochs: int = 20,
-    lr: float = 1e-3,
-    batch_size: int = 128,
-    val_fraction: float | None = None,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    overwrite: bool = False,
-    resume: bool = False,
-    workers: int | None = None,
     progress: ProgressCallback | None = None,
     on_epoch: EpochCallback | None = None,
+    **keywords,
 ) -> dict:
     """Train an evaluation model on the private data and save it as a self-describing mishield file.
 
-    Trained by `mishield.training.fit`, so it shares the other trainers' guarantees: the state
-    beside `out` (`<out>.train-state`) after every epoch, `resume=True` to continue an
+    `config` (`EvalModelConfig`) says how; the former keyword form (`arch=`, `epochs=`, ...) is
+    deprecated. Trained by `mishield.training.fit`, so it shares the other trainers' guarantees: the state
+    beside `out` (`<out>.train-state`) after every epoch, `config.resume` to continue an
     interrupted run, a refusal of a state left by another run. `input_size` defaults to the
     attack's resolution: that of `prior` (a mishield prior file) when given, else the smallest
     prior resolution holding the images' native size (`mishield.data.default_resolution`: 28 px
@@ -51,15 +65,16 @@ def train_eval_model(
     from mishield.data import data_fingerprint, default_resolution, load_image_folders
     from mishield.fileio import check_writable
     from mishield.models import build_architecture, default_preprocessing, save_model
-    from mishield.training import evaluate_accuracy, fit
+    from mishield.training import RunOptions, TrainingRecipe, evaluate_accuracy, fit
     from mishield.training.state import refuse_stale_state, state_path_for
 
-    arch = arch or DEFAULT_EVAL_ARCH
+    c = resolve_config("train_eval_model", config, keywords, EvalModelConfig)
+    arch, input_size, epochs, lr, batch_size, seed = c.arch or DEFAULT_EVAL_ARCH, c.input_size, c.epochs, c.lr, c.batch_size, c.seed
     out = Path(out)
-    check_writable(out, overwrite)
+    check_writable(out, c.overwrite)
     state_path = state_path_for(out)
-    refuse_stale_state(state_path, resume, overwrite)
-    splits = load_image_folders(data_dir, val_fraction=val_fraction, seed=seed)
+    refuse_stale_state(state_path, c.resume, c.overwrite)
+    splits = load_image_folders(data_dir, val_fraction=c.val_fraction, seed=seed)
     if splits.num_classes < 2:
         raise BadInputError(
             f"{data_dir} has {splits.num_classes} class folder(s); an evaluation model needs at least 2 classes to tell apart."
@@ -70,11 +85,12 @@ def train_eval_model(
     torch.manual_seed(seed)
     model = build_architecture(arch, splits.num_classes)
     preprocessing = default_preprocessing(model, arch).with_input_size(input_size)
-    fit(model, splits, preprocessing, epochs=epochs, lr=lr, batch_size=batch_size, device=device, seed=seed,
-        workers=workers, state_path=state_path, resume=resume, progress=progress, on_epoch=on_epoch)
+    recipe = TrainingRecipe(schedule="finetune", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    fit(model, splits, preprocessing, recipe, options=RunOptions(device=c.device, workers=c.workers, state_path=state_path,
+                                                                 resume=c.resume), progress=progress, on_epoch=on_epoch)
     model = model.eval().cpu()
     accuracy = (
-        evaluate_accuracy(model, splits.val, preprocessing, device=device, batch_size=batch_size) if splits.val else None
+        evaluate_accuracy(model, splits.val, preprocessing, device=c.device, batch_size=batch_size) if splits.val else None
     )
     training = {"data": str(data_dir), "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "role": "evaluation",
                 "data_fingerprint": fingerprint}
@@ -87,7 +103,7 @@ def train_eval_model(
         surgery=None,
         preprocessing=preprocessing,
         extra={"training": training, "metrics": metrics, "classes": splits.classes},
-        overwrite=overwrite,
+        overwrite=c.overwrite,
     )
     state_path.unlink(missing_ok=True)  # the finished model supersedes the resumable state
     return {"out": str(out), "arch": arch, "classes": splits.classes, "natural_acc": accuracy, "epochs": epochs,

@@ -34,7 +34,7 @@ from mishield.data import (
     eval_transform,
     train_transform,
 )
-from mishield.errors import BadInputError, MishieldError
+from mishield.errors import BadInputError, MishieldError, UsageError
 from mishield.preprocessing import Preprocessing
 from mishield.progress import EpochCallback, ProgressCallback
 from mishield.runtime import (
@@ -53,7 +53,7 @@ from mishield.training.bido import (
 )
 from mishield.training.interrupt import TrainingDiverged, interrupted, preemptible
 from mishield.training.log import JsonlLog
-from mishield.training.recipe import RECIPE_LR, TrainingRecipe
+from mishield.training.recipe import TrainingRecipe
 from mishield.training.state import (
     data_signature,
     model_signature,
@@ -513,52 +513,85 @@ def to_cpu_eval(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a training run runs, beside what it trains (the `TrainingRecipe`): the device, loader
+    workers, torch.compile, the resumable state (`resume` continues it) and the JSON-lines log
+    beside the output, and `stop_after` (global epochs), which simulates an interruption in tests."""
+
+    device: str | torch.device = "auto"
+    workers: int | None = None
+    compile: bool = False
+    state_path: Path | None = None
+    resume: bool = False
+    log_path: Path | None = None
+    stop_after: int | None = None
+
+
+# fit()'s keyword arguments before TrainingRecipe and RunOptions, and which one each belongs to.
+_RECIPE_KEYWORDS = ("epochs", "lr", "batch_size", "seed", "bido")
+_OPTION_KEYWORDS = tuple(f.name for f in dataclasses.fields(RunOptions))
+
+
+def split_keywords(call: str, keywords: dict, recipe_keywords: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """The former keyword form of `fit` / `run_schedule`: (recipe fields, RunOptions fields), with a DeprecationWarning."""
+    if not keywords:
+        return {}, {}
+    unknown = sorted(set(keywords) - set(recipe_keywords) - set(_OPTION_KEYWORDS))
+    if unknown:
+        raise UsageError(f"`{call}` got unexpected keyword argument(s) {', '.join(unknown)}; pass `recipe` and `options` (RunOptions).")
+    import warnings
+
+    warnings.warn(f"{call}(..., {', '.join(sorted(keywords))}) is deprecated; pass recipe=TrainingRecipe(...) and "
+                  "options=RunOptions(...) instead.", DeprecationWarning, stacklevel=3)
+    return ({k: v for k, v in keywords.items() if k in recipe_keywords},
+            {k: v for k, v in keywords.items() if k in _OPTION_KEYWORDS})
+
+
 def fit(
     model: nn.Module,
     data: DataSplits,
     preprocessing: Preprocessing,
+    recipe: TrainingRecipe | None = None,
     *,
-    epochs: int,
-    lr: float = RECIPE_LR,
-    batch_size: int = 128,
-    device: str | torch.device = "auto",
-    seed: int = 0,
-    bido: BiDOConfig | None = None,
+    options: RunOptions | None = None,
     num_classes: int | None = None,
-    workers: int | None = None,
-    compile: bool = False,
-    state_path: Path | None = None,
-    resume: bool = False,
-    log_path: Path | None = None,
     progress: ProgressCallback | None = None,
     on_epoch: EpochCallback | None = None,
-    stop_after: int | None = None,
     criterion: Criterion | None = None,
-    fingerprint_extra: dict | None = None,
+    **keywords,
 ) -> FitResult:
-    """Train `model` (in place) on `data.train` with the recipe's optimizer and LR schedule.
+    """Train `model` (in place) on `data.train` for `recipe.epochs` with the recipe's optimizer and LR schedule.
 
-    The reusable single-stage trainer (evaluation models and surrogates are trained with it). With
-    `state_path` the state is saved after every epoch and `resume=True` continues from it.
-    `criterion` replaces cross-entropy (see `Criterion`); `fingerprint_extra` adds what else
-    defines the run (a distillation's teacher and temperature) to what a resumed run must share.
+    The reusable single-stage trainer (evaluation models, surrogates and priors' kin are trained
+    with it); `recipe` is a `TrainingRecipe` (its schedule is ignored: one stage). With
+    `options.state_path` the state is saved after every epoch and `options.resume` continues from
+    it. `criterion` replaces cross-entropy (see `Criterion`); its `fingerprint` attribute, if any,
+    adds what else defines the run (a distillation's teacher and temperature) to what a resumed run
+    must share. The former keyword form (`epochs=`, `lr=`, `device=`, ...) is deprecated.
     """
-    recipe = TrainingRecipe(schedule="finetune", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, bido=bido)
-    rt = make_runtime(device)
+    recipe_given, options_given = split_keywords("fit", keywords, _RECIPE_KEYWORDS)
+    if recipe is None:
+        if "epochs" not in recipe_given:
+            raise UsageError("`fit` needs `recipe` (a TrainingRecipe: epochs, lr, batch_size, seed, bido).")
+        recipe = TrainingRecipe(schedule="finetune", **recipe_given)
+    options = options or RunOptions(**options_given)
+    recipe = dataclasses.replace(recipe, schedule="finetune")
+    rt = make_runtime(options.device)
     num_classes = num_classes or data.num_classes
-    log = JsonlLog(log_path, enabled=rt.is_main)
+    log = JsonlLog(options.log_path, enabled=rt.is_main)
     ctx = _StageContext(
-        rt, recipe, data, preprocessing, num_classes, default_workers(rt) if workers is None else workers,
-        compile, progress, log, state_path=state_path, on_epoch=on_epoch, criterion=criterion,
+        rt, recipe, data, preprocessing, num_classes, default_workers(rt) if options.workers is None else options.workers,
+        options.compile, progress, log, state_path=options.state_path, on_epoch=on_epoch, criterion=criterion,
     )
-    fingerprint = run_fingerprint(recipe, data, preprocessing, model, None) | (fingerprint_extra or {})
-    state = resume_classifier_state(state_path, resume, fingerprint, recipe)
+    fingerprint = run_fingerprint(recipe, data, preprocessing, model, None) | dict(getattr(criterion, "fingerprint", None) or {})
+    state = resume_classifier_state(options.state_path, options.resume, fingerprint, recipe)
     history: list[dict] = list(state["history"]) if state else []
     t0 = time.perf_counter()
     try:
-        _train_stage(ctx, model, "train", 0, epochs, resume=state,
-                     checkpoint=checkpointer(rt, state_path, "train", recipe, fingerprint, {}),
-                     history=history, stop_after=stop_after)
+        _train_stage(ctx, model, "train", 0, recipe.epochs, resume=state,
+                     checkpoint=checkpointer(rt, options.state_path, "train", recipe, fingerprint, {}),
+                     history=history, stop_after=options.stop_after)
     finally:
         rt.close()
     return FitResult(to_cpu_eval(model), history, time.perf_counter() - t0,

@@ -1,7 +1,7 @@
 """The paper's two-stage schedule (TTS), plain fine-tuning after surgery, and `--reset-head`.
 
     result = run_schedule(model, plan, splits, preprocessing, TrainingRecipe(schedule="tts"),
-                          state_path=Path("out.pt.train-state"), log_path=Path("out.pt.train.jsonl"))
+                          options=RunOptions(state_path=Path("out.pt.train-state"), log_path=Path("out.pt.train.jsonl")))
 
 * **TTS** (docs/architecture.md; Koh et al., "On the Vulnerability of Skip Connections to Model
   Inversion Attacks", ECCV 2024): stage 1 trains the model as it is, with every skip connection,
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,12 +27,14 @@ from mishield.runtime import default_workers, make_runtime
 from mishield.training.bido import declared_feature_modules
 from mishield.training.log import JsonlLog
 from mishield.training.loop import (
+    RunOptions,
     _StageContext,
     _train_stage,
     checkpointer,
     evaluate_accuracy,
     resume_classifier_state,
     run_fingerprint,
+    split_keywords,
     to_cpu_eval,
 )
 from mishield.training.recipe import TrainingRecipe
@@ -74,16 +75,11 @@ def run_schedule(
     preprocessing: Preprocessing,
     recipe: TrainingRecipe,
     *,
-    device: str | torch.device = "auto",
-    workers: int | None = None,
-    compile: bool = False,
-    state_path: Path | None = None,
-    resume: bool = False,
-    log_path: Path | None = None,
+    options: RunOptions | None = None,
+    num_classes: int | None = None,
     progress: ProgressCallback | None = None,
     on_epoch: EpochCallback | None = None,
-    num_classes: int | None = None,
-    stop_after: int | None = None,
+    **keywords,
 ) -> ScheduleResult:
     """Harden `model` with `plan` (mishield.surgery.plan_surgery) under the TTS or finetune schedule.
 
@@ -91,18 +87,21 @@ def run_schedule(
     works on a copy). Natural accuracy on `data.val` is measured before anything changes, right
     after surgery, and at the end. `progress(stage, step, steps)` is called every step and
     `on_epoch(record)` after every epoch (rank 0; see `mishield.progress`). Ctrl-C or SIGTERM
-    stops the run with a resumable state (TrainingInterrupted, TrainingPreempted). `stop_after`
-    (global epochs) simulates an interruption (tests).
+    stops the run with a resumable state (TrainingInterrupted, TrainingPreempted). `options`
+    (`RunOptions`) give the device, workers, compile, the state and log files and `resume`; the
+    former keyword form (`device=`, `state_path=`, ...) is deprecated.
     """
-    rt = make_runtime(device)
+    options = options or RunOptions(**split_keywords("run_schedule", keywords)[1])
+    rt = make_runtime(options.device)
     t0 = time.perf_counter()
     ctx = _StageContext(
         rt, recipe, data, preprocessing, num_classes or data.num_classes,
-        default_workers(rt) if workers is None else workers, compile, progress, JsonlLog(log_path, enabled=rt.is_main),
-        feature_names=declared_feature_modules(model), state_path=state_path, on_epoch=on_epoch,
+        default_workers(rt) if options.workers is None else options.workers, options.compile, progress,
+        JsonlLog(options.log_path, enabled=rt.is_main), feature_names=declared_feature_modules(model),
+        state_path=options.state_path, on_epoch=on_epoch,
     )
     try:
-        result = _run_stages(ctx, model, plan, stop_after, resume)
+        result = _run_stages(ctx, model, plan, options.stop_after, options.resume)
     finally:
         rt.close()
     result.seconds = time.perf_counter() - t0

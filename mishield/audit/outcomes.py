@@ -1,0 +1,64 @@
+"""What one attack on one rank's classes hands to the judging: typed, per evaluator, per class.
+
+A rank attacks its shard of the classes (`mishield.audit.distributed`) and every evaluation model
+judges the kept reconstructions right there, so only these small tensors cross processes: 0/1
+hits and distances per class and image, never the images' features. `--seeds` repeats the attack
+on the same classes; `ShardOutcome.pooled` joins the repeats along the image axis, so the class
+stays the unit of every interval (docs/audit.md, "Intervals").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+def _cat(values: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if any(v is None for v in values) else torch.cat(list(values), dim=1)
+
+
+@dataclass
+class EvaluatorOutcome:
+    """One evaluation model's verdict on one shard; every tensor is [classes, images]."""
+
+    top1: torch.Tensor  # the attacked class is the evaluator's top-1 on a kept reconstruction
+    top5: torch.Tensor
+    knn: torch.Tensor  # squared feature distance to the nearest private image of the class
+    unfiltered: torch.Tensor | None = None  # top-1 on every optimised candidate, before final selection
+    so_top1: torch.Tensor | None = None  # top-1 on the selection-only (I = 0) baseline
+    so_top5: torch.Tensor | None = None
+
+    @classmethod
+    def pooled(cls, runs: Sequence[EvaluatorOutcome]) -> EvaluatorOutcome:
+        return cls(**{f.name: _cat([getattr(r, f.name) for r in runs]) for f in fields(cls)})
+
+
+@dataclass
+class ShardOutcome:
+    """One target under one attack on one rank's classes (`classes[i]` is row i of every tensor)."""
+
+    classes: list[int]
+    target_conf: torch.Tensor  # the target's confidence in the attacked class on each kept image
+    evaluators: list[EvaluatorOutcome]  # in the order of the audit's evaluation models
+    shown: torch.Tensor  # uint8 [classes, shown, C, H, W]: the reconstructions the report shows
+    image_steps: int
+    seconds: float
+    timings: dict[str, float]
+
+    @classmethod
+    def pooled(cls, runs: Sequence[ShardOutcome]) -> ShardOutcome:
+        """Repeats of the same classes (seeds) as one outcome: images joined per class, work summed;
+        the first run's reconstructions are the ones shown."""
+        first = runs[0]
+        if len(runs) == 1:
+            return first
+        return replace(
+            first,
+            target_conf=_cat([r.target_conf for r in runs]),
+            evaluators=[EvaluatorOutcome.pooled([r.evaluators[e] for r in runs]) for e in range(len(first.evaluators))],
+            image_steps=sum(r.image_steps for r in runs),
+            seconds=sum(r.seconds for r in runs),
+            timings={k: sum(r.timings[k] for r in runs) for k in first.timings},
+        )
