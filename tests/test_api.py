@@ -182,6 +182,29 @@ def test_import_graph_has_no_cycles_and_layers_point_down():
     assert not upward
 
 
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for n in graph.get(todo.pop(), ()):
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
+
+
+def test_the_attack_engine_imports_neither_the_audit_nor_the_trainers():
+    # One concept per package (docs/architecture.md §1): the engine is driven by the audit, never the reverse.
+    graph = _import_graph()
+    engine = [m for m in graph if m == "mishield.attack" or m.startswith("mishield.attack.")]
+    assert "mishield.attack.engine" in engine
+    for module in engine:
+        above = sorted(n for n in _reachable(graph, module)
+                       if n.split(".")[:2] in (["mishield", "audit"], ["mishield", "training"], ["mishield", "hardening"]))
+        assert not above, f"{module} reaches {above}"
+    # and the check sees a real edge: the audit does import the engine
+    assert "mishield.attack.engine" in _reachable(graph, "mishield.audit.runner")
+
+
 def test_cycle_finder_finds_a_function_level_cycle(tmp_path):
     # The walk above must see imports inside functions, or the test would pass vacuously.
     pkg = tmp_path / "mishield"
@@ -208,14 +231,16 @@ def test_audit_returns_the_report_object_it_writes(tmp_path):
                 Image.fromarray(arr, mode="L").save(tmp_path / "data" / split / c / f"{i}.png")
     torch.manual_seed(0)
     target = mishield.load_model("attack_support:tiny_resnet", num_classes=3, input_size=16)
+    config = mishield.AuditConfig.preset(
+        "default", samples=6, candidates=2, iterations=1, keep=1, final_augmentations=1, batch_size=6, classes="0,2",
+        device="cpu", load_options={"num_classes": 3, "input_size": 16},
+        allow_weak_evaluator=True,  # random evaluator on random images: a smoke run, which may not be gated
+    )
     report = mishield.audit(
         [target, "attack_support:tiny_resnet"], data=tmp_path / "data", prior="none",
         eval_model=mishield.load_model("attack_support:small_plain_cnn", num_classes=3, input_size=16),
-        out=tmp_path / "out", classes="0,2", attack={"samples": 6, "candidates": 2, "iterations": 1, "keep": 1,
-                                                    "final_augmentations": 1, "batch_size": 6},
-        device="cpu", load_options={"num_classes": 3, "input_size": 16},
-        allow_weak_evaluator=True,  # random evaluator on random images: a smoke run, which may not be gated
-    )  # fmt: skip
+        config=config, out=tmp_path / "out",
+    )
     assert isinstance(report, mishield.AuditReport) and isinstance(report.models[0], mishield.ModelAudit)
     assert report.classes == [0, 2] and [m.metrics["n"] for m in report.models] == [2, 2]
     assert report.models[0].delta is None and report.models[1].delta is not None
@@ -227,11 +252,46 @@ def test_audit_returns_the_report_object_it_writes(tmp_path):
     assert set(report.files) == {"json", "html", "grid0", "grid1"}
 
     with pytest.raises(mishield.UsageError, match="`max_attack_acc` is a fraction"):
-        mishield.audit([target], data=tmp_path / "data", prior=None, eval_model=target, out=tmp_path / "o2",
-                       max_attack_acc=40)
+        mishield.AuditConfig(max_attack_acc=40)
     with pytest.raises(mishield.UsageError, match="cannot be combined with the `max_attack_acc` gate"):
-        mishield.audit([target], data=tmp_path / "data", prior=None, eval_model=target, out=tmp_path / "o3",
-                       max_attack_acc=0.5, allow_weak_evaluator=True, device="cpu")
+        config.replace(max_attack_acc=0.5)
+
+
+def test_the_former_keyword_form_still_works_with_a_deprecation_warning(tmp_path):
+    from mishield.audit.config import from_keywords
+
+    old = {"preset": "ci", "attack": {"samples": 50, "lr": 0.01}, "max_attack_acc": 0.4, "seeds": 2, "attacks": "ppa,lomma",
+           "classes": [0, 2], "device": "cpu", "load_options": {"arch": "timm:test_resnet"}}
+    config = from_keywords(old)
+    assert config == mishield.AuditConfig.preset("ci", samples=50, lr=0.01, max_attack_acc=0.4, seeds=2, attacks=("ppa", "lomma"),
+                                                 classes=(0, 2), device="cpu", load_options={"arch": "timm:test_resnet"})
+    assert config.attack.samples == 50 and config.attack.candidates == 16 and config.attack.preset == "ci"
+    blocker = tmp_path / "report"
+    blocker.write_text("not a folder")
+    with pytest.warns(DeprecationWarning, match="config=AuditConfig"), pytest.raises(mishield.UsageError):
+        mishield.audit("m.pt", data=tmp_path, prior=None, eval_model="e.pt", out=blocker, preset="ci")
+    with pytest.raises(mishield.UsageError, match="not both"):
+        mishield.audit("m.pt", data=tmp_path, prior=None, eval_model="e.pt", config=config, preset="ci")
+    with pytest.raises(mishield.UsageError, match="unexpected keyword argument.*bogus"):
+        mishield.audit("m.pt", data=tmp_path, prior=None, eval_model="e.pt", bogus=1)
+    with pytest.warns(DeprecationWarning, match="config=HardenConfig"):
+        result = mishield.harden("timm:test_resnet", method="ssf", alpha=0.5, load_options={"num_classes": 3, "input_size": 32})
+    assert result.plan.alpha == 0.5 and result.plan.method == "ssf"
+    with pytest.raises(mishield.UsageError, match="unexpected keyword argument.*epoch\\b"):
+        mishield.harden("timm:test_resnet", epoch=3)
+
+
+def test_mishield_audit_is_callable_whatever_was_imported_first():
+    # `mishield.audit` is the audit package and the audit call at once (mishield/audit/__init__.py).
+    code = ("import mishield.audit.report, mishield, sys\n"
+            "print(callable(mishield.audit), mishield.audit is sys.modules['mishield.audit'], 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.stdout.split() == ["True", "True", "True"]
+    lazy = subprocess.run([sys.executable, "-c", "import mishield, sys; from mishield.audit import AuditConfig; "
+                           "print(callable(mishield.audit), 'torch' in sys.modules)"],
+                          capture_output=True, text=True, check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert lazy.stdout.split() == ["True", "False"]
 
 
 def test_no_citation_of_a_file_outside_the_repository():

@@ -181,7 +181,7 @@ def render_html(report: AuditReport, shown: dict | None = None, real: dict | Non
     import jinja2
 
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("mishield.attack", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+        loader=jinja2.PackageLoader("mishield.audit", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
     )
     env.filters.update(pct=_pct, num=_num, signed=_signed_pct, interval=_interval)
     return env.get_template("report.html.j2").render(
