@@ -5,7 +5,7 @@
 The ONNX gate compares onnxruntime's logits with PyTorch's float32 logits at an absolute 1e-4;
 this prints the max |logit| difference of PyTorch float32 vs float64, onnxruntime vs float64 and
 onnxruntime vs PyTorch float32 on a seeded probe batch, for an architecture with random weights
-and batch-norm statistics estimated on two random batches (as in tests/test_zoo.py).
+and batch-norm statistics estimated on two random batches (as in tests/surgery/test_zoo.py).
 """
 
 from __future__ import annotations

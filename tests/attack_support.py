@@ -9,6 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mishield.preprocessing import Preprocessing
+from mishield.runtime import Runtime
+
+CPU = Runtime(torch.device("cpu"))
+# Normalised input == prior image: (x + 1) / 2 normalised by 0.5 / 0.5 is x again.
+HALF = Preprocessing((3, 8, 8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
 
 class _Block(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
@@ -128,6 +135,24 @@ def noise_image_folder(root, per_class: int, classes=("a", "b", "c"), size: int 
         for i in range(per_class):
             arr = (torch.rand(size, size, generator=gen) * 255).to(torch.uint8).numpy()
             Image.fromarray(arr, mode="L").save(root / c / f"{i}.png")
+    return root
+
+
+def noise_splits(root, train: int, val: int, classes=("a", "b", "c"), size: int = 16, seed: int = 0):
+    """`root/train/<class>/<i>.png` and `root/val/...`: random greyscale PNGs (one generator, train
+    first), for wiring tests that need an ImageFolder with a val/ split but no learnable content."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    gen = torch.Generator().manual_seed(seed)
+    for split, count in (("train", train), ("val", val)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(count):
+                arr = (torch.rand(size, size, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr, mode="L").save(root / split / c / f"{i}.png")
     return root
 
 

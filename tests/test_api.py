@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from attack_support import noise_splits
 
 import mishield
 
@@ -220,15 +221,8 @@ def test_cycle_finder_finds_a_function_level_cycle(tmp_path):
 
 def test_audit_returns_the_report_object_it_writes(tmp_path):
     import torch
-    from PIL import Image
 
-    gen = torch.Generator().manual_seed(0)
-    for split, count in (("train", 4), ("val", 2)):
-        for c in ("a", "b", "c"):
-            (tmp_path / "data" / split / c).mkdir(parents=True)
-            for i in range(count):
-                arr = (torch.rand(16, 16, generator=gen) * 255).to(torch.uint8).numpy()
-                Image.fromarray(arr, mode="L").save(tmp_path / "data" / split / c / f"{i}.png")
+    noise_splits(tmp_path / "data", train=4, val=2)
     torch.manual_seed(0)
     target = mishield.load_model("attack_support:tiny_resnet", num_classes=3, input_size=16)
     config = mishield.AuditConfig.preset(
@@ -244,7 +238,7 @@ def test_audit_returns_the_report_object_it_writes(tmp_path):
     assert isinstance(report, mishield.AuditReport) and isinstance(report.models[0], mishield.ModelAudit)
     assert report.classes == [0, 2] and [m.metrics["n"] for m in report.models] == [2, 2]
     assert report.models[0].delta is None and report.models[1].delta is not None
-    assert report.gate is None and report.passed  # no gate on a smoke run (the gate: tests/test_attack_fmnist.py)
+    assert report.gate is None and report.passed  # no gate on a smoke run (the gate: tests/audit/test_audit_fmnist.py)
     assert any("below the floor" in w for w in report.warnings)
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved == {k: v for k, v in report.to_dict().items() if k != "files"}
@@ -288,8 +282,8 @@ def test_mishield_audit_is_callable_whatever_was_imported_first():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.stdout.split() == ["True", "True", "True"]
-    lazy = subprocess.run([sys.executable, "-c", "import mishield, sys; from mishield.audit import AuditConfig; "
-                           "print(callable(mishield.audit), 'torch' in sys.modules)"],
+    lazy_code = "import mishield, sys; from mishield.audit import AuditConfig; print(callable(mishield.audit), 'torch' in sys.modules)"
+    lazy = subprocess.run([sys.executable, "-c", lazy_code],
                           capture_output=True, text=True, check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert lazy.stdout.split() == ["True", "False"]
 

@@ -4,8 +4,8 @@ The target and the evaluation model learn classes 0-4; the attacker's prior is a
 on classes 5-9, which the target never saw. Everything is trained once per module.
 
 The module is marked slow: training the prior, target and evaluation model takes about four
-minutes on two busy cores (`pytest -m slow tests/test_attack_fmnist.py`). The default suite
-pins the same mechanisms on smaller parts in test_attack_mechanisms.py.
+minutes on two busy cores (`pytest -m slow tests/audit/test_audit_fmnist.py`). The default suite
+pins the same mechanisms on smaller parts in tests/attack/test_attack_mechanisms.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from mishield.training import fit
 from mishield.training.evaluator import train_eval_model
 from mishield.training.prior import PriorTrainingConfig, train_prior
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 TARGET_ARCH = "attack_support:tiny_resnet"
 EVAL_ARCH = "attack_support:small_plain_cnn"
 PRE = Preprocessing((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from attack_support import TinyGenerator, train_on_tensors
+from attack_support import CPU, TinyGenerator, train_on_tensors
 from torch import nn
 
 from mishield.attack.augment import candidate_keys, identity_thetas
@@ -23,10 +23,8 @@ from mishield.attack.priors import GeneratorPrior
 from mishield.data import load_embedded_fashion_mnist
 from mishield.models import load_model
 from mishield.preprocessing import Preprocessing
-from mishield.runtime import Runtime
 from mishield.training.evaluator import train_eval_model
 
-CPU = Runtime(torch.device("cpu"))
 PRE = Preprocessing((1, 28, 28), (0.5,), (0.5,))  # the prior draws 16 px, resized up to 28
 CLASSES = [1, 4, 7]
 

@@ -22,7 +22,7 @@ from clirun import run_cli as run
 from mishield.errors import UsageError
 from mishield.fileio import atomic_output, check_writable
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
 TINY = ["--arch", "attack_support:tiny_resnet", "--num-classes", "3", "--input-size", "16"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attack_support import flat_colour_prior
+from attack_support import CPU, HALF, flat_colour_prior
 from torch import nn
 
 from mishield.attack.augment import (
@@ -26,10 +26,6 @@ from mishield.attack.priors import DCGANGenerator, GeneratorPrior
 from mishield.audit.runner import parse_classes
 from mishield.errors import BadInputError, UsageError
 from mishield.preprocessing import Preprocessing
-from mishield.runtime import Runtime
-
-CPU = Runtime(torch.device("cpu"))
-HALF = Preprocessing((3, 8, 8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # normalised input == prior image
 
 
 class ChannelMeanClassifier(nn.Module):

@@ -267,7 +267,7 @@ DDP_SCRIPT = textwrap.dedent(
 def test_ddp_with_two_cpu_processes(fmnist_dir, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(script), str(tmp_path), str(fmnist_dir)],
@@ -435,7 +435,7 @@ def test_resume_with_a_lower_lr_continues_at_that_lr(fmnist_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Preemption (SIGTERM), Ctrl-C and --resume through the command line, for every trainer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _mishield(argv, state: Path | None = None) -> tuple[int, str]:

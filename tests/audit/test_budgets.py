@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from attack_support import CPU, HALF, noise_splits
 from torch import nn
 
 from mishield.attack.config import make_config
@@ -21,11 +22,6 @@ from mishield.attack.priors import (
 from mishield.audit.budgets import below_minimum, budget_warnings, travel
 from mishield.audit.runner import AuditRun
 from mishield.errors import UsageError
-from mishield.preprocessing import Preprocessing
-from mishield.runtime import Runtime
-
-CPU = Runtime(torch.device("cpu"))
-HALF = Preprocessing((3, 8, 8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 class BrightClassifier(nn.Module):
@@ -139,22 +135,15 @@ def test_generator_free_mode_flags_a_target_without_batchnorm():
 
 
 def test_a_weak_gate_is_refused_and_an_allowed_one_is_flagged(tmp_path, monkeypatch):
-    from PIL import Image
 
     import mishield
 
-    gen = torch.Generator().manual_seed(0)
-    for split, count in (("train", 3), ("val", 2)):
-        for c in ("a", "b", "c"):
-            (tmp_path / "data" / split / c).mkdir(parents=True)
-            for i in range(count):
-                arr = (torch.rand(16, 16, generator=gen) * 255).to(torch.uint8).numpy()
-                Image.fromarray(arr, mode="L").save(tmp_path / "data" / split / c / f"{i}.png")
+    noise_splits(tmp_path / "data", train=3, val=2)
     kw = {"data": tmp_path / "data", "prior": "none", "classes": "0,2", "device": "cpu", "max_attack_acc": 0.5,
           "eval_model": mishield.load_model("attack_support:small_plain_cnn", num_classes=3, input_size=16),
           "attack": {"samples": 6, "candidates": 2, "iterations": 1, "keep": 1, "final_augmentations": 1, "batch_size": 6}}
     target = mishield.load_model("attack_support:tiny_resnet", num_classes=3, input_size=16)
-    # random-data models: the trust checks (tests/test_attack_trust.py) would refuse them first
+    # random-data models: the trust checks (tests/audit/test_trust.py) would refuse them first
     monkeypatch.setattr(AuditRun, "_trust", lambda run: ([{"accuracy": None}] * len(run.evaluations), [], None))
     with pytest.raises(UsageError, match="too weak to gate"):
         mishield.audit(target, out=tmp_path / "refused", **kw)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from attack_support import noise_splits
 
 from mishield.cli import main
 
@@ -15,16 +15,7 @@ from mishield.cli import main
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     """Three classes of random 20x20 greyscale images (train/ and val/)."""
-    root = tmp_path_factory.mktemp("tiny")
-    gen = torch.Generator().manual_seed(0)
-    for split, count in (("train", 6), ("val", 2)):
-        for c in ("a", "b", "c"):
-            folder = root / split / c
-            folder.mkdir(parents=True)
-            for i in range(count):
-                arr = (torch.rand(20, 20, generator=gen) * 255).to(torch.uint8).numpy()
-                Image.fromarray(arr, mode="L").save(folder / f"{i}.png")
-    return root
+    return noise_splits(tmp_path_factory.mktemp("tiny"), train=6, val=2, size=20)
 
 
 def _run(args: list[str], capsys) -> tuple[int, str, str]:

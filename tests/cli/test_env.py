@@ -13,7 +13,7 @@ from clirun import run_cli
 import mishield
 from mishield import environment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_env_json_validates_and_reports_the_embedded_data_intact(capsys):

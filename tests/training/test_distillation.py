@@ -193,7 +193,7 @@ def test_sigterm_exits_143_and_resume_gives_the_uninterrupted_surrogate(world, d
     import sys
     import time
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}", "OMP_NUM_THREADS": "1"}
     out, state = tmp_path / "s.pt", tmp_path / "s.pt.train-state"
     argv = [sys.executable, "-m", "mishield", "surrogate", "train", str(world.target), "--public", str(world.public),

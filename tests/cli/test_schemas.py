@@ -17,7 +17,7 @@ from clirun import run_cli
 
 from mishield.schemas import COMMANDS, load_schema
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--num-classes", "3", "--input-size", "32"]
 RESNET = "torchvision:resnet18"
 

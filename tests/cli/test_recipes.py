@@ -11,7 +11,7 @@ from clirun import run_cli as run
 
 from mishield.cli.harden_cmd import RECIPE_KEYS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def harden(tmp_path, recipe_text, *flags, capsys):

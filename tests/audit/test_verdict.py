@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from attack_support import noise_splits
 
 from mishield.audit import judging as judging_module
 from mishield.audit import stats
@@ -27,14 +27,7 @@ def tiny(tmp_path_factory) -> dict:
     from mishield.training.evaluator import train_eval_model
 
     root = tmp_path_factory.mktemp("verdict")
-    gen = torch.Generator().manual_seed(0)
-    for split, count in (("train", 6), ("val", 2)):
-        for c in ("a", "b", "c"):
-            folder = root / "data" / split / c
-            folder.mkdir(parents=True)
-            for i in range(count):
-                arr = (torch.rand(16, 16, generator=gen) * 255).to(torch.uint8).numpy()
-                Image.fromarray(arr, mode="L").save(folder / f"{i}.png")
+    noise_splits(root / "data", train=6, val=2)
     evaluation = root / "eval.pt"
     train_eval_model(root / "data", evaluation, arch="attack_support:small_plain_cnn", input_size=16, epochs=1,
                      batch_size=8, device="cpu")  # fmt: skip
@@ -63,7 +56,7 @@ def _audit(tiny: dict, out: Path, *extra) -> list:
 @pytest.fixture
 def without_trust_checks(monkeypatch):
     """These tests pin the gate's logic through the CLI with random-data models, which the trust checks
-    (tests/test_attack_trust.py) rightly refuse before any attack; skip those checks here."""
+    (tests/audit/test_trust.py) rightly refuse before any attack; skip those checks here."""
     monkeypatch.setattr(AuditRun, "_trust", lambda run: ([{"accuracy": None}] * len(run.evaluations), [], None))
 
 

@@ -16,7 +16,7 @@ import pytest
 from attack_support import noise_image_folder
 from clirun import run_cli as run
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
 
 

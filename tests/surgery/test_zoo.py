@@ -1,7 +1,7 @@
 """The whole core path on a real model zoo: plan -> rolss and ssf -> save -> load -> ONNX parity.
 
 Small inputs keep it fast; the heavy architectures (and every ONNX export but a few) are marked
-slow: `pytest -m slow tests/test_zoo.py` runs them.
+slow: `pytest -m slow tests/surgery/test_zoo.py` runs them.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from attack_support import TinyGenerator, flat_colour_prior, train_on_tensors
+from attack_support import CPU, HALF, TinyGenerator, flat_colour_prior, train_on_tensors
 from torch import nn
 
 from mishield.attack.augment import candidate_keys, uniforms
@@ -29,10 +29,6 @@ from mishield.audit.evaluator import Evaluator
 from mishield.data import load_embedded_fashion_mnist
 from mishield.errors import BadInputError, UsageError
 from mishield.preprocessing import Preprocessing
-from mishield.runtime import Runtime
-
-CPU = Runtime(torch.device("cpu"))
-HALF = Preprocessing((3, 8, 8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # normalised input == prior image
 
 
 class ChannelStatClassifier(nn.Module):
