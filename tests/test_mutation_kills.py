@@ -133,7 +133,7 @@ def test_plan_defaults_rolss_with_k_zero_and_the_papers_ssf_constants():
     assert plan.to_dict()["analysis"] == plan.analysis.to_dict()
     assert plan_surgery(resnet, "ssf", input_size=(3, 64, 64)).alpha == 0.2  # additive default
     assert plan_surgery(_small_densenet(), "ssf", input_size=(3, 32, 32)).alpha == 0.01  # concatenative default
-    with pytest.raises(UsageError, match="choose one of: rolss, ssf"):
+    with pytest.raises(UsageError, match="`method` must be rolss or ssf"):
         plan_surgery(resnet, "prune", input_size=(3, 64, 64))
 
 

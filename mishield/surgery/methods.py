@@ -15,7 +15,7 @@ DEFAULT_SSF_ALPHA = {"add": 0.2, "concat": 0.01}  # the paper's defaults
 def check_method(method: str, alpha: float | None = None) -> None:
     """Refuse an unknown method, an SSF k outside [0, 1], and a k given to RoLSS (whose k is 0)."""
     if method not in METHODS:
-        raise UsageError(f"`method` must be one of {', '.join(METHODS)}, not {method!r}.")
+        raise UsageError(f"`method` must be rolss or ssf, not {method!r}.")
     if alpha is None:
         return
     if method == "rolss":
