@@ -43,7 +43,7 @@ ZOO = [
     ("timm:repvgg_a2", 64, None, False),
     ("timm:vit_small_patch16_224", 224, None, False),
     ("timm:convnext_tiny", 64, None, False),
-    ("tests.test_surgery:toy_factory", 32, None, True),
+    ("tests.surgery.test_surgery:toy_factory", 32, None, True),
 ]
 
 
@@ -109,7 +109,7 @@ def test_zoo_round_trip(arch, size, sites, tmp_path):
 
 
 @pytest.mark.parametrize("arch,size,sites", [
-    pytest.param(a, s, sel, marks=[] if a in ("torchvision:resnet18", "tests.test_surgery:toy_factory")
+    pytest.param(a, s, sel, marks=[] if a in ("torchvision:resnet18", "tests.surgery.test_surgery:toy_factory")
                  else [pytest.mark.slow], id=a)
     for a, s, sel, _ in ZOO
 ])
@@ -163,8 +163,8 @@ def test_a_broken_spec_still_fails_with_its_own_message(tmp_path):
     from mishield.errors import BadInputError
 
     torch.save({"fc.weight": torch.zeros(3, 4)}, tmp_path / "sd.pt")
-    with pytest.raises(BadInputError, match="Building tests.test_zoo:_broken_factory failed.*this factory is broken"):
-        load_model(tmp_path / "sd.pt", arch="tests.test_zoo:_broken_factory")
+    with pytest.raises(BadInputError, match="Building tests.surgery.test_zoo:_broken_factory failed.*this factory is broken"):
+        load_model(tmp_path / "sd.pt", arch="tests.surgery.test_zoo:_broken_factory")
 
 
 def _broken_factory(num_classes: int = 10) -> nn.Module:
