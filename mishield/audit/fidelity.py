@@ -13,7 +13,7 @@ beside accuracy, all computed in a feature space that did NOT come from the targ
   among ALL classes, is of class c;
 * `judge_agreement`: how often the evaluator and the KNN judge disagree, and the share of the
   evaluator's hits the KNN judge rejects (the estimate of false positives), with class-bootstrap
-  intervals (`mishield.attack.stats`: the attacked class is the unit);
+  intervals (`mishield.audit.stats`: the attacked class is the unit);
 * `fidelity_summary`: all distribution figures per class and pooled, with their cost.
 
 Every distance is computed in float64 and in row blocks (`chunk`), so memory stays bounded at
@@ -27,26 +27,21 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from statistics import NormalDist
 
 import numpy as np
 import torch
 
-from mishield.attack.metrics import wilson_interval
-from mishield.attack.stats import (
-    NO_CLASSES_METHOD,
+from mishield.audit.stats import (
     Interval,
-    _bootstrap_means,
     _check,
-    _percentiles,
     class_bootstrap,
     paired_difference,
+    ratio_bootstrap,
 )
 from mishield.errors import BadInputError, UsageError
 
 DEFAULT_K = 5  # Naeem et al.'s recommended k for precision / recall / density / coverage
 DEFAULT_CHUNK = 1024  # rows per distance block: 1024 x 10,000 float64 distances are 80 MB
-RATIO_METHOD = "class-bootstrap of a ratio (expanded percentile) + Wilson floor"
 # Subsample fractions of the FID_inf fit: FID is linear in 1/n over this range once n >> dims.
 FID_FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -324,7 +319,7 @@ def knn_judge_hits(recon_features, recon_labels, private_features, private_label
     A judge that is not a classifier: it has no decision boundary an attack could push a
     reconstruction across, only the private images themselves. Use features from an extractor
     that did not come from the target (docs/fidelity.md): in the target's own feature space,
-    adversarial features would again count as likeness. Unlike `mishield.attack.metrics.
+    adversarial features would again count as likeness. Unlike `mishield.audit.metrics.
     knn_distances`, which only looks at the attacked class, a reconstruction nearer to another
     class's images is a miss here. Blocks of `chunk` rows on both sides (`nearest_private`).
     """
@@ -380,8 +375,7 @@ def rejected_share(evaluator_hits, knn_hits, *, level: float = 0.95, resamples: 
 
     The estimate is a ratio of sums, (evaluator hit and KNN miss) / (evaluator hit), so each
     class weighs by its number of evaluator hits. The interval resamples CLASSES with
-    replacement, the same draw for numerator and denominator (the `mishield.attack.stats`
-    resampler with one seed), reads the expanded percentiles of the ratio, and is widened to the
+    replacement, the same draw for numerator and denominator (`mishield.audit.stats.ratio_bootstrap`), reads the expanded percentiles of the ratio, and is widened to the
     Wilson interval over the evaluator's hits as if they were independent, as `class_bootstrap`
     is. A resample that drew no class with an evaluator hit has no ratio and is left out (said
     in `note`). One class gives [0, 1], flagged degenerate.
@@ -390,21 +384,7 @@ def rejected_share(evaluator_hits, knn_hits, *, level: float = 0.95, resamples: 
     e, kn = _outcomes(evaluator_hits, "evaluator_hits"), _outcomes(knn_hits, "knn_hits")
     if e.shape != kn.shape:
         raise UsageError(f"`evaluator_hits` and `knn_hits` must judge the same reconstructions; shapes {e.shape} and {kn.shape}.")
-    num, den = (e * (1 - kn)).sum(axis=1), e.sum(axis=1)
-    if den.sum() == 0:
-        return None
-    estimate = float(num.sum() / den.sum())
-    common = {"level": level, "classes": e.shape[0], "images": int(den.sum()), "resamples": resamples}
-    if e.shape[0] == 1:
-        return Interval(estimate, 0.0, 1.0, method=NO_CLASSES_METHOD, degenerate=True,
-                        note="one class cannot say how much another class would differ; audit more classes.", **common)  # fmt: skip
-    nb, db = _bootstrap_means(num, resamples, seed), _bootstrap_means(den, resamples, seed)  # same seed: same classes
-    kept = db > 0
-    lo, hi = _percentiles(nb[kept] / db[kept], level, e.shape[0])
-    w_lo, w_hi = wilson_interval(int(num.sum()), int(den.sum()), NormalDist().inv_cdf(1 - (1 - level) / 2))
-    dropped = int((~kept).sum())
-    note = f"{dropped} of {resamples} resamples drew no class with an evaluator hit and were left out." if dropped else None
-    return Interval(estimate, min(lo, w_lo), max(hi, w_hi), method=RATIO_METHOD, note=note, **common)
+    return ratio_bootstrap((e * (1 - kn)).sum(axis=1), e.sum(axis=1), level=level, resamples=resamples, seed=seed)
 
 
 def judge_agreement(evaluator_hits, knn_hits, *, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> JudgeAgreement:

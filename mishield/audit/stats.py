@@ -198,6 +198,37 @@ def paired_difference(hits_a, hits_b, *, level: float = 0.95, resamples: int = 2
     return Interval(float(d.mean()), lo, hi, method=PAIRED_METHOD, **common)
 
 
+RATIO_METHOD = "class-bootstrap of a ratio (expanded percentile) + Wilson floor"
+
+
+def ratio_bootstrap(numerators, denominators, *, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Interval | None:
+    """Interval on sum(numerators) / sum(denominators) from per-class counts (a share of hits, say).
+
+    Each class weighs by its denominator. Classes are resampled with replacement, the SAME draw
+    for numerator and denominator, and the expanded percentiles of the ratio are read; the result
+    is widened to the Wilson interval over the denominator's units as if they were independent,
+    as `class_bootstrap` is. A resample that drew no class with a denominator has no ratio and is
+    left out (said in `note`). None when the denominators sum to 0; one class gives [0, 1].
+    """
+    _check(level, resamples)
+    num, den = np.asarray(numerators, dtype=np.float64), np.asarray(denominators, dtype=np.float64)
+    if den.sum() == 0:
+        return None
+    estimate = float(num.sum() / den.sum())
+    n_cls = num.shape[0]
+    common = {"level": level, "classes": n_cls, "images": int(den.sum()), "resamples": resamples}
+    if n_cls == 1:
+        return Interval(estimate, 0.0, 1.0, method=NO_CLASSES_METHOD, degenerate=True,
+                        note="one class cannot say how much another class would differ; audit more classes.", **common)  # fmt: skip
+    nb, db = _bootstrap_means(num, resamples, seed), _bootstrap_means(den, resamples, seed)  # same seed: same classes
+    kept = db > 0
+    lo, hi = _percentiles(nb[kept] / db[kept], level, n_cls)
+    w_lo, w_hi = wilson_interval(round(num.sum()), round(den.sum()), NormalDist().inv_cdf(1 - (1 - level) / 2))
+    dropped = int((~kept).sum())
+    note = f"{dropped} of {resamples} resamples drew no class with a denominator and were left out." if dropped else None
+    return Interval(estimate, min(lo, w_lo), max(hi, w_hi), method=RATIO_METHOD, note=note, **common)
+
+
 def _newcombe(a: np.ndarray, b: np.ndarray, level: float) -> tuple[float, float]:
     """Newcombe's hybrid score interval for b - a from two Wilson intervals (independent images)."""
     z = NormalDist().inv_cdf(1 - (1 - level) / 2)

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from mishield.attack.metrics import wilson_interval
 from mishield.audit.fidelity import (
     _trace_sqrt_feature_space,
     _trace_sqrt_sample_space,
@@ -28,6 +27,7 @@ from mishield.audit.fidelity import (
     precision_recall_density_coverage,
     rejected_share,
 )
+from mishield.audit.stats import wilson_interval
 from mishield.errors import BadInputError, UsageError
 
 prdc = precision_recall_density_coverage
