@@ -6,6 +6,9 @@
     loop.py       TrainStep, epochs of a stage, fit, RunOptions, evaluate_accuracy
     schedule.py   run_schedule (TTS / finetune stages), reset_head
     bido.py       BiDO's HSIC terms and feature taps
+    smoothing.py  (negative) label smoothing and its epoch schedule
+    freezing.py   partial freezing of the stem and first stages (TL-DMI)
+    transfer.py   TL-DMI's public pre-training, then frozen private fine-tuning
     log.py        the JSON-lines training log
     prior.py      the DCGAN image prior, trained on public data (mishield prior train)
     distillation.py  surrogates distilled from a target (mishield surrogate train)
@@ -18,6 +21,12 @@ from mishield.training.bido import (
     bido_loss,
     bido_terms,
     find_feature_modules,
+)
+from mishield.training.freezing import (
+    FreezePlan,
+    FrozenStages,
+    find_stages,
+    plan_freeze,
 )
 from mishield.training.interrupt import (
     TrainingDiverged,
@@ -35,6 +44,7 @@ from mishield.training.loop import (
     fit,
 )
 from mishield.training.recipe import (
+    MIDRE_ERASE,
     RECIPE_LR,
     SCHEDULES,
     TRAINED_CHECKPOINT_LR,
@@ -42,6 +52,12 @@ from mishield.training.recipe import (
     default_lr,
 )
 from mishield.training.schedule import ScheduleResult, reset_head, run_schedule
+from mishield.training.smoothing import (
+    NEGATIVE_ALPHA,
+    LabelSmoothing,
+    smoothed_cross_entropy,
+    smoothing_factor,
+)
 from mishield.training.state import (
     STATE_FORMAT,
     STATE_VERSION,
@@ -49,8 +65,16 @@ from mishield.training.state import (
     save_state,
     state_path_for,
 )
+from mishield.training.transfer import (
+    PublicPretraining,
+    TLDMIResult,
+    pretrain_on_public,
+    train_tl_dmi,
+)
 
 __all__ = [
+    "MIDRE_ERASE",
+    "NEGATIVE_ALPHA",
     "RECIPE_LR",
     "SCHEDULES",
     "STATE_FORMAT",
@@ -60,9 +84,14 @@ __all__ = [
     "EpochRecord",
     "FeatureTap",
     "FitResult",
+    "FreezePlan",
+    "FrozenStages",
     "JsonlLog",
+    "LabelSmoothing",
+    "PublicPretraining",
     "RunOptions",
     "ScheduleResult",
+    "TLDMIResult",
     "TrainStep",
     "TrainingDiverged",
     "TrainingInterrupted",
@@ -73,11 +102,17 @@ __all__ = [
     "default_lr",
     "evaluate_accuracy",
     "find_feature_modules",
+    "find_stages",
     "fit",
     "load_state",
+    "plan_freeze",
     "preemptible",
+    "pretrain_on_public",
     "reset_head",
     "run_schedule",
     "save_state",
+    "smoothed_cross_entropy",
+    "smoothing_factor",
     "state_path_for",
+    "train_tl_dmi",
 ]

@@ -51,9 +51,11 @@ from mishield.training.bido import (
     bido_terms,
     find_feature_modules,
 )
+from mishield.training.freezing import FreezePlan, FrozenStages, plan_freeze
 from mishield.training.interrupt import TrainingDiverged, interrupted, preemptible
 from mishield.training.log import JsonlLog
 from mishield.training.recipe import TrainingRecipe
+from mishield.training.smoothing import LabelSmoothing, smoothed_cross_entropy
 from mishield.training.state import (
     data_signature,
     model_signature,
@@ -135,6 +137,9 @@ class TrainStep:
     Returns device tensors (no host sync): summed loss, CE, HSIC(X, Z) and HSIC(Y, Z) terms and the
     number of correct predictions, so a caller reads them only when it wants to. With a
     `criterion` its loss takes CE's place (reported as "ce") and "correct" counts its labels.
+    With `label_smoothing` the CE is against the smoothed targets at the factor of epoch
+    `self.epoch` (set by the caller before each epoch; reported as "ce" too); while that factor
+    is 0 the step is plain CE, bit for bit.
     """
 
     def __init__(
@@ -147,9 +152,14 @@ class TrainStep:
         bido: BiDOConfig | None = None,
         tap: FeatureTap | None = None,
         criterion: Criterion | None = None,
+        label_smoothing: LabelSmoothing | None = None,
     ):
+        if criterion is not None and label_smoothing is not None:
+            raise UsageError("`label_smoothing` replaces cross-entropy, so it cannot be combined with a `criterion`.")
         self.model = model
         self.criterion = criterion
+        self.label_smoothing = label_smoothing
+        self.epoch = 0  # global, 0-based: selects the label-smoothing factor
         self.optimizer = optimizer
         self.runtime = runtime
         self.num_classes = num_classes
@@ -166,8 +176,11 @@ class TrainStep:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(rt):
             logits = self.model(x)
+        alpha = self.smoothing_factor()
         if self.criterion is not None:
             ce, y = self.criterion(logits.float(), x, y)
+        elif alpha:
+            ce = smoothed_cross_entropy(logits.float(), y, alpha)
         else:
             ce = F.cross_entropy(logits.float(), y)
         loss = ce
@@ -191,6 +204,10 @@ class TrainStep:
             "hsic_y": hy_sum.detach(),
             "correct": correct,
         }
+
+    def smoothing_factor(self) -> float:
+        """The label-smoothing factor of the current epoch (0 without label smoothing)."""
+        return self.label_smoothing.factor(self.epoch) if self.label_smoothing is not None else 0.0
 
 
 def _unused_parameters(model: nn.Module, example: Tensor) -> list[str]:
@@ -246,6 +263,7 @@ class EpochRecord:
     lr: float
     images_per_s: float
     seconds: float
+    label_smoothing: float | None = None  # the epoch's smoothing factor (None: no label smoothing)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -268,6 +286,8 @@ class _StageContext:
     bido_points: list[str] = field(default_factory=list)
     on_epoch: EpochCallback | None = None
     criterion: Criterion | None = None
+    # what `freeze_stages` freezes, decided on the model before surgery (None: decided per stage)
+    freeze_plan: FreezePlan | None = None
 
 
 @dataclass
@@ -280,6 +300,18 @@ class _Stage:
     net: nn.Module
     start: int
     tap: FeatureTap | None
+    frozen: FrozenStages | None = None
+
+
+def _freeze(ctx: _StageContext, model: nn.Module, stage: str, example: Tensor) -> FrozenStages | None:
+    """Apply `freeze_stages` before the optimiser is built, so it holds only the trainable parameters."""
+    n = ctx.recipe.freeze_stages
+    if not n:
+        return None
+    plan = ctx.freeze_plan or plan_freeze(model, example, n, declared=ctx.feature_names)
+    frozen = plan.apply(model)
+    ctx.log.write("freeze", stage=stage, **plan.to_dict())
+    return frozen
 
 
 def _setup_stage(ctx: _StageContext, model: nn.Module, stage: str, first: int, resume: dict | None) -> _Stage:
@@ -299,6 +331,7 @@ def _setup_stage(ctx: _StageContext, model: nn.Module, stage: str, first: int, r
         tap = FeatureTap(model, points)
         ctx.bido_points[:] = [str(p) for p in points]
         ctx.log.write("bido_features", stage=stage, points=ctx.bido_points)
+    frozen = _freeze(ctx, model, stage, example)
     optimizer, scheduler = _make_optimizer(model, recipe, recipe.lr, first)
     start = first
     if resume is not None:
@@ -315,8 +348,9 @@ def _setup_stage(ctx: _StageContext, model: nn.Module, stage: str, first: int, r
         )
     if ctx.compile:
         net = torch.compile(net)
-    step = TrainStep(net, optimizer, rt, num_classes=ctx.num_classes, bido=recipe.bido, tap=tap, criterion=ctx.criterion)
-    return _Stage(optimizer, scheduler, step, net, start, tap)
+    step = TrainStep(net, optimizer, rt, num_classes=ctx.num_classes, bido=recipe.bido, tap=tap, criterion=ctx.criterion,
+                     label_smoothing=recipe.label_smoothing)
+    return _Stage(optimizer, scheduler, step, net, start, tap, frozen)
 
 
 def _train_stage(
@@ -334,13 +368,14 @@ def _train_stage(
     """Train `model` for global epochs [first, end) (continuing from `resume` when given)."""
     rt, recipe = ctx.runtime, ctx.recipe
     s = _setup_stage(ctx, model, stage, first, resume)
-    train_tf = train_transform(ctx.preprocessing)
+    train_tf = train_transform(ctx.preprocessing, erase=recipe.erase)
     epoch = s.start
     steps_done = 0
     try:
         with preemptible():
             for epoch in range(s.start, end):
                 seed_epoch(recipe.seed, epoch, rt.rank)
+                s.step.epoch = epoch
                 loader = _loader(
                     ctx.data.train, train_tf, ctx.preprocessing.input_size[0], batch_size=recipe.batch_size,
                     runtime=rt, workers=ctx.workers, train=True, seed=recipe.seed, epoch=epoch,
@@ -370,6 +405,8 @@ def _train_stage(
     finally:
         if s.tap is not None:
             s.tap.remove()
+        if s.frozen is not None:
+            s.frozen.release()
     return model
 
 
@@ -434,6 +471,7 @@ def _run_epoch(ctx, net, step: TrainStep, loader, stage: str, epoch: int, end: i
         lr=optimizer.param_groups[0]["lr"],
         images_per_s=float(count.item()) / max(seconds, 1e-9),
         seconds=seconds,
+        label_smoothing=step.smoothing_factor() if step.label_smoothing is not None else None,
     )
 
 
@@ -529,7 +567,7 @@ class RunOptions:
 
 
 # fit()'s keyword arguments before TrainingRecipe and RunOptions, and which one each belongs to.
-_RECIPE_KEYWORDS = ("epochs", "lr", "batch_size", "seed", "bido")
+_RECIPE_KEYWORDS = ("epochs", "lr", "batch_size", "seed", "bido", "label_smoothing", "erase", "freeze_stages")
 _OPTION_KEYWORDS = tuple(f.name for f in dataclasses.fields(RunOptions))
 
 

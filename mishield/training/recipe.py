@@ -1,9 +1,23 @@
-"""The training recipe: schedule, epochs, optimiser and LR decay, batch size, seed, BiDO.
+"""The training recipe: schedule, epochs, optimiser and LR decay, batch size, seed, and the
+defences that change the loss or the data: BiDO, label smoothing, random erasing, partial freezing.
 
 The recipe is the paper's (Adam, betas (0.9, 0.999), MultiStepLR at 75 % and 90 % of all epochs,
 gamma 0.1, batch 128). Its lr 1e-3 is for fine-tuning from ImageNet weights; for a checkpoint
 already trained on the private data we default to 1e-4 (`default_lr`), so the surgery's
 perturbation is repaired without washing out what earlier training learned.
+
+The defences. `bido` (BiDO's HSIC terms, `mishield.training.bido`) is recorded as null when off,
+as it always was; the three later ones are None or 0 when off and then absent from `to_dict`, so
+a recipe without them records, and fingerprints for `--resume`, exactly what it did before they
+existed:
+
+* `label_smoothing`: (negative) label smoothing with its epoch schedule
+  (`mishield.training.smoothing`; Struppek et al., ICLR 2024).
+* `erase`: (p, min_area, max_area) random erasing of training images (`mishield.data.random_erasing`;
+  MIDRE, TMLR 2025; their setting is (1.0, 0.1, 0.8), `MIDRE_ERASE`).
+* `freeze_stages`: N > 0 trains with the stem and the first N stages frozen, their batch-norm
+  statistics included (`mishield.training.freezing`; TL-DMI, Ho et al., CVPR 2024). It applies
+  to every stage of the schedule: both TTS stages and finetune train on the private data.
 """
 
 from __future__ import annotations
@@ -14,10 +28,12 @@ from dataclasses import dataclass
 
 from mishield.errors import UsageError
 from mishield.training.bido import BiDOConfig
+from mishield.training.smoothing import LabelSmoothing
 
 SCHEDULES = ("tts", "finetune")
 RECIPE_LR = 1e-3  # the paper's (fine-tuning from ImageNet weights, or training a new head)
 TRAINED_CHECKPOINT_LR = 1e-4  # our default for a model already trained on the private data
+MIDRE_ERASE = (1.0, 0.1, 0.8)  # random erasing's p, min and max erased area in MIDRE's configuration
 
 
 def default_lr(model_is_trained: bool, reset_head: bool = False) -> float:
@@ -39,6 +55,9 @@ class TrainingRecipe:
     batch_size: int = 128
     seed: int = 0
     bido: BiDOConfig | None = None
+    label_smoothing: LabelSmoothing | None = None  # schedule resolved to whole epochs on creation
+    erase: tuple[float, float, float] | None = None  # (p, min_area, max_area)
+    freeze_stages: int = 0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -49,6 +68,18 @@ class TrainingRecipe:
             raise UsageError(f"--lr must be a positive number, got {self.lr}.")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if isinstance(self.label_smoothing, (int, float)) and not isinstance(self.label_smoothing, bool):
+            self.label_smoothing = LabelSmoothing(float(self.label_smoothing))  # a bare alpha: default schedule
+        if self.label_smoothing is not None:
+            if not isinstance(self.label_smoothing, LabelSmoothing):
+                raise UsageError(f"`label_smoothing` must be a LabelSmoothing or its alpha, got {self.label_smoothing!r}.")
+            self.label_smoothing = self.label_smoothing.resolved(self.total_epochs)
+        if self.erase is not None:
+            self.erase = _checked_erase(self.erase)
+        if isinstance(self.freeze_stages, bool) or not isinstance(self.freeze_stages, int) or self.freeze_stages < 0:
+            raise UsageError(
+                f"`freeze_stages` must be a whole number of stages, 0 (nothing frozen) or more, got {self.freeze_stages!r}."
+            )
 
     @property
     def stages(self) -> list[tuple[str, int, int]]:
@@ -70,4 +101,27 @@ class TrainingRecipe:
         d = dataclasses.asdict(self)
         d["betas"], d["milestones"] = list(self.betas), list(self.milestones)
         d["bido"] = self.bido.to_dict() if self.bido else None
+        for key in ("label_smoothing", "erase", "freeze_stages"):
+            d.pop(key)
+        if self.label_smoothing is not None:
+            d["label_smoothing"] = self.label_smoothing.to_dict()
+        if self.erase is not None:
+            d["erase"] = list(self.erase)
+        if self.freeze_stages:
+            d["freeze_stages"] = self.freeze_stages
         return d
+
+
+def _checked_erase(erase) -> tuple[float, float, float]:
+    try:
+        p, low, high = (float(v) for v in erase)
+    except (TypeError, ValueError):
+        raise UsageError(f"`erase` must be three numbers (p, min_area, max_area), got {erase!r}.") from None
+    if not 0.0 < p <= 1.0:
+        raise UsageError(f"`erase` probability p must lie in (0, 1] (MIDRE uses 1.0), got {p}.")
+    if not 0.0 < low <= high < 1.0:
+        raise UsageError(
+            "`erase` areas must satisfy 0 < min_area <= max_area < 1 (fractions of the image; "
+            f"MIDRE uses 0.1 and 0.8), got {low} and {high}."
+        )
+    return (p, low, high)

@@ -25,6 +25,7 @@ from mishield.preprocessing import Preprocessing
 from mishield.progress import EpochCallback, ProgressCallback
 from mishield.runtime import default_workers, make_runtime
 from mishield.training.bido import declared_feature_modules
+from mishield.training.freezing import plan_freeze
 from mishield.training.log import JsonlLog
 from mishield.training.loop import (
     RunOptions,
@@ -100,6 +101,12 @@ def run_schedule(
         JsonlLog(options.log_path, enabled=rt.is_main), feature_names=declared_feature_modules(model),
         state_path=options.state_path, on_epoch=on_epoch,
     )
+    if recipe.freeze_stages:
+        # Decided once, on the model before surgery, and applied by name to every stage's model:
+        # a rewritten model no longer runs its stage modules as modules, and the same layers must
+        # stay frozen in TTS stage 1 and stage 2 (both train on the private data).
+        example = torch.zeros((2, *preprocessing.input_size), device=next(model.parameters()).device)
+        ctx.freeze_plan = plan_freeze(model, example, recipe.freeze_stages, declared=ctx.feature_names)
     try:
         result = _run_stages(ctx, model, plan, options.stop_after, options.resume)
     finally:
