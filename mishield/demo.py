@@ -120,8 +120,16 @@ class _Stages:
         self._say(f"stage {self._index(name)} {name}: running, roughly {self._left(name):.0f} s left in the demo")
         self.done.pop(name, None)
         self._save()
+        from mishield.training.interrupt import TrainingInterrupted
+
         t0 = time.perf_counter()
-        record = work() or {}
+        try:
+            record = work() or {}
+        except TrainingInterrupted as err:
+            # The demo has no --resume: a plain rerun keeps every finished stage and redoes this one.
+            what = str(err).split(";")[0]
+            raise type(err)(f"the demo was stopped in stage {self._index(name)} {name} ({what}); rerun the same "
+                            "command: the finished stages are kept and this one starts again.") from None
         seconds = time.perf_counter() - t0
         self.done[name] = {"settings": settings, "outputs": outputs, "record": record, "seconds": round(seconds, 2),
                            "finished": time.time()}

@@ -18,6 +18,9 @@ SCHEMA_VERSION = 1
 # sha256 of mishield/assets/fashion_mnist_subset.npz as committed; the demo, the tests and the
 # examples train on it, so a damaged or replaced file must be visible in a bug report.
 EMBEDDED_SHA256 = "55aae51432a565220dc074354a38cf70ab1804cc13200e5eebb0c14df10590c9"
+# `mishield.data.EMBEDDED_ASSET`, named again here (a test pins the two equal) because importing
+# mishield.data imports torchvision, which doubles the time `mishield env` takes.
+EMBEDDED_ASSET = "fashion_mnist_subset.npz"
 PACKAGES = ("mishield", "torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxscript", "safetensors",
             "numpy", "pillow", "typer", "rich", "jinja2", "pyyaml")
 
@@ -50,6 +53,8 @@ def devices() -> dict:
         gpus.append({"index": i, "name": props.name, "memory_gib": round(props.total_memory / 2**30, 2),
                      "capability": f"{props.major}.{props.minor}"})
     return {
+        # A CUDA build of torch on a machine without a GPU is several GB for nothing: say which it is.
+        "torch_build": f"cuda {torch.version.cuda}" if torch.version.cuda else "cpu",
         "cuda_available": cuda,
         "cuda_version": torch.version.cuda,
         "gpus": gpus,
@@ -61,7 +66,6 @@ def devices() -> dict:
 
 def embedded_data() -> dict:
     """Where the embedded Fashion-MNIST subset is and whether its bytes match EMBEDDED_SHA256."""
-    from mishield.data import EMBEDDED_ASSET
     from mishield.fileio import sha256_file
 
     resource = importlib.resources.files("mishield") / "assets" / EMBEDDED_ASSET

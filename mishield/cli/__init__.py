@@ -25,6 +25,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain click help: rich's panels squeeze long flag names and descriptions at 80 columns and
+    # print a `<bool>` metavar after every on/off flag as if it took a value.
+    rich_markup_mode=None,
 )
 
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -51,19 +54,19 @@ def _register() -> None:
         return
     from mishield.cli import export_cmd, harden_cmd, inspect_cmd
 
-    app.command("inspect")(inspect_cmd.inspect)
-    app.command("harden")(harden_cmd.harden)
-    app.command("export")(export_cmd.export)
+    app.command("inspect", short_help="List skip connections and what RoLSS / SSF would change.")(inspect_cmd.inspect)
+    app.command("harden", short_help="Rewrite skips (RoLSS / SSF), optionally fine-tune, write a model.")(harden_cmd.harden)
+    app.command("export", short_help="Export to ONNX, checked against onnxruntime.")(export_cmd.export)
 
     from mishield.cli import audit_cmd, prior_cmd, surrogate_cmd, train_eval_cmd
-    app.command("audit")(audit_cmd.audit)
-    app.command("train-eval")(train_eval_cmd.train_eval)
+    app.command("audit", short_help="Attack models with model inversion; report how much they leak.")(audit_cmd.audit)
+    app.command("train-eval", short_help="Train the evaluation model that judges an audit.")(train_eval_cmd.train_eval)
     app.add_typer(prior_cmd.app, name="prior")
     app.add_typer(surrogate_cmd.app, name="surrogate")
 
     from mishield.cli import demo_cmd, env_cmd
-    app.command("demo")(demo_cmd.demo)
-    app.command("env")(env_cmd.env)
+    app.command("demo", short_help="The whole pipeline on built-in data, with an honest audit.")(demo_cmd.demo)
+    app.command("env", short_help="Versions, devices and paths for bug reports.")(env_cmd.env)
 
 
 def _click_classes(name: str) -> tuple[type, ...]:

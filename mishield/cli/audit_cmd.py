@@ -34,7 +34,7 @@ NO_PRIOR = (
 
 
 def audit(
-    models: Annotated[list[str], typer.Argument(help="Models to audit (files or arch specs); the first is the baseline for Δ.", show_default=False)],
+    models: Annotated[list[str], typer.Argument(metavar="MODEL", help="Models to audit (files or arch specs); the first is the baseline for Δ.", show_default=False)],
     data: Annotated[Path, typer.Option("--data", help="Private data: ImageFolder (train/ and val/ sub-folders, or one folder per class).")],
     out: Annotated[Path, typer.Option("--out", help="Report directory (report.json, report.html, grids/).")] = Path("mishield-audit"),
     prior: Annotated[str | None, typer.Option("--prior", help="FILE (mishield prior, StyleGAN2-ADA .pkl, TorchScript), package.module:factory, or none.")] = None,

@@ -18,7 +18,8 @@ def demo(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     json_output: JsonOpt = False,
 ) -> None:
-    """Show that hardening makes a model leak less: train, harden, attack and export on built-in data."""
+    """Run the whole pipeline on built-in data: train a target, harden copies, audit how much each leaks
+    (with intervals that say how much the audit can tell) and export to ONNX."""
     from mishield.cli.options import flags_in_errors
     from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.demo import run_demo

@@ -23,6 +23,7 @@ def env(json_output: JsonOpt = False) -> None:
     if "error" in dev:
         out.print(f"  {dev['error']}")
     else:
+        out.print(f"  torch build: {dev['torch_build']}")
         out.print(f"  CUDA {'available' if dev['cuda_available'] else 'not available'}"
                   + (f" (CUDA {dev['cuda_version']}), bf16 {'yes' if dev['bf16_supported'] else 'no'}" if dev["cuda_available"] else ""))
         for gpu in dev["gpus"]:

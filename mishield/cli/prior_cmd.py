@@ -31,6 +31,7 @@ def train(
     json_output: JsonOpt = False,
 ) -> None:
     """Train a DCGAN on public data; the result is the default prior of `mishield audit --prior FILE`."""
+    from mishield.cli.options import flags_in_errors
     from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.errors import UsageError
     from mishield.fileio import refuse_input_as_output
@@ -46,7 +47,7 @@ def train(
         raise UsageError(f"--channels must be 1 or 3, got {channels}.")
     refuse_input_as_output(out, (data,))
     config = PriorTrainingConfig(resolution, channels, latent_dim, width, epochs, batch_size, lr, seed)
-    with progress_bars() as progress:
+    with flags_in_errors(train_prior, extra=("resume", "overwrite", "epochs", "batch_size", "lr", "seed")), progress_bars() as progress:
         path = train_prior(data, out, config, device=resolve_device(device), resume=resume, overwrite=overwrite,
                            progress=progress, on_epoch=epoch_printer())
     _, meta = load_generator_file(path)

@@ -66,7 +66,7 @@ def interrupted(err: KeyboardInterrupt, where: str, state_path: Path | None) -> 
     """The one-sentence error for a run stopped by Ctrl-C or SIGTERM, saying how to resume it."""
     if state_path is not None and Path(state_path).exists():
         advice = (f"the state after the last completed epoch is in {state_path} — rerun the same "
-                  "command with --resume to continue")
+                  "command with `resume` to continue")
     elif state_path is not None:
         advice = "no epoch had finished, so nothing was saved — rerun the same command to start again"
     else:

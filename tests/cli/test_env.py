@@ -69,3 +69,13 @@ def test_help_lists_demo_env_and_version(capsys):
     assert code == 0
     for word in ("demo", "env", "--version"):
         assert word in out + err
+
+
+def test_env_names_the_torch_build_and_the_asset_it_checks_is_the_data_modules():
+    import torch
+
+    from mishield import data, environment
+
+    assert environment.EMBEDDED_ASSET == data.EMBEDDED_ASSET
+    build = environment.devices()["torch_build"]
+    assert build == ("cpu" if torch.version.cuda is None else f"cuda {torch.version.cuda}")
