@@ -139,7 +139,7 @@ def test_resume_after_an_interruption_replays_the_uninterrupted_run(fmnist_dir, 
 
     reference = run(tmp_path / "ref")
     state = tmp_path / "state"
-    with pytest.raises(TrainingInterrupted, match="--resume"):
+    with pytest.raises(TrainingInterrupted, match="`resume`"):
         run(state, stop_after=stop_after)
     saved = load_state(state)
     assert saved["epoch"] == stop_after and saved["stage"] == ("stage1" if stop_after == 1 else "stage2")
