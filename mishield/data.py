@@ -262,8 +262,9 @@ def resolve_val_fraction(data_dir: str | Path, val_dir: str | Path | None = None
         return val_fraction
     _log.warning(
         "%s has no val/ folder: holding out a seeded %d %% of it to measure natural accuracy "
-        "(pass `val_data` or `val_fraction` to choose; if the model was trained on these images, "
-        "the accuracy is an overestimate).", data_dir, round(100 * DEFAULT_VAL_FRACTION),
+        "(choose the share with `val_fraction` (--val-fraction), or give validation images in a val/ folder "
+        "or with `val_data` (--val-data); if the model was trained on these images, the accuracy is an "
+        "overestimate).", data_dir, round(100 * DEFAULT_VAL_FRACTION),
     )
     return DEFAULT_VAL_FRACTION
 

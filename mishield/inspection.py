@@ -24,6 +24,9 @@ class ModelInspection:
     parameters: int
     rolss_drops_modules: list[str]  # projection shortcuts RoLSS removes
     rolss_drops_parameters: int
+    # where the input size came from: "file", "input_size" (given), "data" or "default" (the
+    # architecture's; the stages' resolutions then describe that size, not the user's images)
+    input_size_source: str = "file"
 
     @property
     def analysis(self) -> SkipAnalysis:
@@ -36,6 +39,7 @@ class ModelInspection:
             "num_classes": self.loaded.num_classes,
             "parameters": self.parameters,
             "preprocessing": self.loaded.preprocessing.to_dict(),
+            "input_size_source": self.input_size_source,
             "selection": self.plan.selection,
             "selected": self.plan.selected,
             "rolss_drops_modules": self.rolss_drops_modules,
@@ -49,10 +53,16 @@ def inspect_model(
     *,
     stage: int | None = None,
     sites: list[str] | str | None = None,
+    data: str | Path | None = None,
     load_options: dict | None = None,
 ) -> ModelInspection:
     """Find every skip site of `model` (a `LoadedModel`, or a file or spec for `load_model` with
-    `load_options`) and mark those a method would change on `stage` / `sites` (default: the last stage)."""
+    `load_options`) and mark those a method would change on `stage` / `sites` (default: the last stage).
+
+    A plain state dict does not record its input size: with `data` (the private ImageFolder) it is
+    inspected at the size `harden` and `audit` would use for those images, otherwise at the
+    architecture's default, which `input_size_source` says.
+    """
     from mishield.models import LoadedModel, load_model
     from mishield.surgery import plan_surgery
 
@@ -63,6 +73,14 @@ def inspect_model(
             f"{label} is a {loaded.kind} archive, which cannot be traced for surgery; inspect the original "
             "checkpoint instead (audit and export accept it as it is)."
         )
+    size_given = isinstance(model, LoadedModel) or (load_options or {}).get("input_size") is not None
+    source = "input_size" if size_given and not isinstance(model, LoadedModel) else "file"
+    if not size_given and loaded.kind not in ("mishield", "torchscript", "exported"):
+        source = "default"
+        if data is not None:
+            from mishield.data import fit_resolution, load_image_folders
+
+            loaded, source = fit_resolution(loaded, load_image_folders(data).train, False), "data"
     plan = plan_surgery(loaded.model, "rolss", stage=stage, sites=[sites] if isinstance(sites, str) else sites,
                         input_size=loaded.preprocessing.input_size)
     dropped = sorted({m for name in plan.selected for m in plan.analysis.site(name).shortcut_modules})
@@ -73,4 +91,5 @@ def inspect_model(
         parameters=sum(p.numel() for p in loaded.model.parameters()),
         rolss_drops_modules=dropped,
         rolss_drops_parameters=sum(p.numel() for path in dropped for p in loaded.model.get_submodule(path).parameters()),
+        input_size_source=source,
     )

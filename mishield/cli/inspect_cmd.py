@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
+import typer
 from rich.table import Table
 
 from mishield.cli import console
@@ -31,6 +35,7 @@ def inspect(
     std: StdOpt = None,
     stage: StageOpt = None,
     sites: SitesOpt = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Your images (ImageFolder): a file that records no input size is inspected at the size harden and audit would use for them.")] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """List the model's skip connections and mark the ones RoLSS / SSF would change."""
@@ -39,7 +44,7 @@ def inspect(
     with flags_in_errors(inspect_model):
         load = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "input_size": input_size,
                 "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
-        found = inspect_model(model, stage=stage, sites=sites, load_options=load)
+        found = inspect_model(model, stage=stage, sites=sites, data=data, load_options=load)
     if json_output:
         console.emit_json(found.to_dict())
         return
@@ -72,6 +77,10 @@ def _print(found) -> None:
     out.print(stages)
     out.print(f"methods change [bold]{plan.selection}[/]: {len(plan.selected)} site(s); "
               f"rolss drops {len(found.rolss_drops_modules)} projection module(s), {found.rolss_drops_parameters:,} parameters.")
+    if found.input_size_source == "default":
+        size = loaded.preprocessing.input_size[1]
+        out.print(f"note: {found.model} records no input size, so this assumes the architecture's default {size} px; "
+                  "pass --data (your images) or --input-size to see the stages at the size you train on.")
     if analysis.skipless_tail:
         out.print(f"note: module stage(s) {', '.join(analysis.skipless_tail)} come after the last skip stage and "
                   "have no skip connection; the methods use the last resolution stage that has skips.")

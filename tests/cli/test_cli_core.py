@@ -44,6 +44,25 @@ def test_inspect_table_names_sites(checkpoint, capsys):
     assert "layer4.0.add" not in err
 
 
+def test_inspect_says_when_it_assumes_the_default_size_and_data_sets_the_real_one(checkpoint, tmp_path, capsys):
+    from attack_support import noise_splits
+
+    code, out, _ = run(["inspect", str(checkpoint), "--arch", "torchvision:resnet18", "--json"], capsys)
+    doc = json.loads(out)
+    assert code == 0 and doc["input_size_source"] == "default" and doc["preprocessing"]["input_size"] == [3, 224, 224]
+    assert doc["stages"][-1]["resolution"] == "7x7"
+    code, out, _ = run(["inspect", str(checkpoint), "--arch", "torchvision:resnet18"], capsys)
+    assert "assumes the architecture's default 224 px" in out and "--data" in out
+    data = noise_splits(tmp_path / "data", train=2, val=1, size=28)
+    code, out, err = run(["inspect", str(checkpoint), "--arch", "torchvision:resnet18", "--data", data, "--json"], capsys)
+    doc = json.loads(out)
+    assert code == 0, err
+    assert doc["input_size_source"] == "data" and doc["preprocessing"]["input_size"] == [3, 32, 32]  # harden's and audit's size
+    assert doc["stages"][-1]["resolution"] == "1x1"
+    code, out, _ = run(["inspect", str(checkpoint), "--arch", "torchvision:resnet18", "--input-size", "64", "--json"], capsys)
+    assert json.loads(out)["input_size_source"] == "input_size"
+
+
 def test_harden_writes_a_file_that_loads_with_no_flags(checkpoint, tmp_path, capsys):
     before = _sha(checkpoint)
     out_file = tmp_path / "hardened.pt"
