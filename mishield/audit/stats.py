@@ -62,13 +62,25 @@ class Verdict:
 
     status: str
     reason: str
+    # why, as a word the advice can follow (VERDICT_CAUSES); report.json records it beside the reason
+    cause: str = ""
 
     @property
     def passed(self) -> bool:
         return self.status == "passes"
 
     def to_dict(self) -> dict:
-        return {"status": self.status, "passed": self.passed, "reason": self.reason}
+        return {"status": self.status, "passed": self.passed, "reason": self.reason, "cause": self.cause}
+
+
+# What each verdict's cause means for the next step (the CLI's advice on a failed gate follows it).
+VERDICT_CAUSES = {
+    "unreached": "the attack did not reach some classes: raise the budget (--preset, -I, -C) or give a prior closer to the data",
+    "below_chance": "the evaluation model files reconstructions under other classes: check it (mishield train-eval) and the class order",
+    "one_class": "one class gives no interval: audit more classes",
+    "uncertain": "the estimate is under the threshold but the interval is too wide: audit more classes (--classes) or repeat (--seeds)",
+    "leaky": "the model leaks: harden it (mishield harden) or choose a stronger defence, then audit again",
+}
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -321,13 +333,16 @@ def verdict(
     if missed:
         shown = ", ".join(map(str, missed[:5])) + (" ..." if len(missed) > 5 else "")
         return Verdict("inconclusive", f"the attack did not reach the target's class in {len(missed)} of the audited classes "
-                                       f"(rows {shown}: mean target confidence below {min_target_confidence:g}).")  # fmt: skip
+                                       f"(rows {shown}: mean target confidence below {min_target_confidence:g}).", "unreached")  # fmt: skip
     if below_chance(interval, chance):
         return Verdict("inconclusive", f"attack accuracy ({interval.low:.1%}-{interval.high:.1%}) is significantly below chance "
-                                       f"({chance:.1%}): the attack or the evaluation model failed.")  # fmt: skip
+                                       f"({chance:.1%}): the attack or the evaluation model failed.", "below_chance")  # fmt: skip
     if interval.classes < 2:
-        return Verdict("inconclusive", "one audited class gives no interval; audit at least two classes.")
+        return Verdict("inconclusive", "one audited class gives no interval; audit at least two classes.", "one_class")
     if threshold is None:
-        return Verdict("not gated", "no threshold was given; read the interval against your own bar (the gate would use its upper end).")
+        return Verdict("not gated", "no threshold was given; read the interval against your own bar (the gate would use its upper end).",
+                       "not_gated")
     passed, reason = gate_decision(interval, threshold)
-    return Verdict("passes" if passed else "leaky", reason)
+    if passed:
+        return Verdict("passes", reason, "passes")
+    return Verdict("leaky", reason, "uncertain" if interval.estimate <= threshold else "leaky")

@@ -93,7 +93,7 @@ def audit(
         return
     _print(report, json_output)
     if not report.passed:
-        raise PrivacyGateError(gate_message(report.gate, out / "report.html"))
+        raise PrivacyGateError(gate_message(report, out / "report.html"))
 
 
 # The options of `mishield audit` that make its AuditConfig (the parameter names of `audit` above).
@@ -147,9 +147,13 @@ def _print(report, json_output: bool) -> None:
     console.err.print(f"report: [bold]{report.files['html']}[/]")
 
 
-def gate_message(gate, html: Path) -> str:
+def gate_message(report, html: Path) -> str:
     """One sentence on why the gate failed: inconclusive audits first (they are not evidence of
-    privacy), then the models whose interval's upper end exceeds the threshold."""
+    privacy), then the models whose interval's upper end exceeds the threshold; the advice follows
+    the causes the audit found (mishield.audit.stats.VERDICT_CAUSES), not a fixed remedy."""
+    from mishield.audit.stats import VERDICT_CAUSES
+
+    gate = report.gate
     inconclusive = [n for n in gate.failing if n in gate.inconclusive]
     leaky = [n for n in gate.failing if n not in gate.inconclusive]
     parts = []
@@ -158,4 +162,8 @@ def gate_message(gate, html: Path) -> str:
         parts.append(f"the audit is inconclusive, which never passes the gate ({why})")
     if leaky:
         parts.append(f"the upper end of the attack accuracy @1 interval of {', '.join(leaky)} exceeds --max-attack-acc {gate.max_attack_acc}")
-    return f"{'; '.join(parts)}; harden the model (mishield harden) or audit more classes, and review {html}."
+    causes = [(m.verdict or {}).get("cause") for m in report.models if m.name in gate.failing]
+    advice = list(dict.fromkeys(VERDICT_CAUSES[c] for c in causes if c in VERDICT_CAUSES))
+    if "unreached" in causes and any("prior looks too weak" in w for w in report.warnings):
+        advice.append("the report also finds the prior too weak: train it longer or on closer public data")
+    return f"{'; '.join(parts)}; {'; '.join(advice) or 'see the report'}; review {html}."

@@ -112,3 +112,26 @@ def test_audit_runs_on_cuda_with_bf16_channels_last_and_compile(tiny_data, tmp_p
     report = json.loads(out)
     assert report["options"]["bf16"] and report["options"]["channels_last"] and report["options"]["compile"]
     assert report["options"]["device"].startswith("cuda") and report["models"][0]["metrics"]["n"] == 3
+
+
+def test_gate_advice_follows_the_cause_the_audit_found(tmp_path):
+    from mishield.audit.results import AuditReport, ModelAudit, PrivacyGate
+    from mishield.cli.audit_cmd import gate_message
+
+    def report(*verdicts, warnings=()):
+        models = [ModelAudit(name=f"m{i}", metrics={}, verdict=v) for i, v in enumerate(verdicts)]
+        failing = [m.name for m in models if not m.verdict["passed"]]
+        inconclusive = [m.name for m in models if m.verdict["status"] == "inconclusive"]
+        gate = PrivacyGate(0.5, not failing, failing, inconclusive, {m.name: m.verdict["reason"] for m in models})
+        return AuditReport(models=models, classes=[0, 1], options={}, prior={}, eval_model={}, gate=gate, warnings=list(warnings))
+
+    unreached = {"status": "inconclusive", "passed": False, "reason": "the attack did not reach ...", "cause": "unreached"}
+    leaky = {"status": "leaky", "passed": False, "reason": "attack accuracy 80 % exceeds", "cause": "leaky"}
+    uncertain = {"status": "leaky", "passed": False, "reason": "the upper end is not", "cause": "uncertain"}
+    passes = {"status": "passes", "passed": True, "reason": "ok", "cause": "passes"}
+    html = tmp_path / "report.html"
+    said = gate_message(report(passes, unreached, warnings=["the prior looks too weak for a meaningful audit"]), html)
+    assert "raise the budget" in said and "prior too weak" in said and "harden it" not in said
+    assert "harden it" in gate_message(report(leaky), html) and "raise the budget" not in gate_message(report(leaky), html)
+    said = gate_message(report(uncertain), html)
+    assert "audit more classes" in said and "harden it" not in said
