@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from clirun import run_cli
 
-import mishield.demo as demo
-import mishield.training.evaluator as evaluator
+from mishield import demo
+from mishield.training import evaluator
 from mishield.training.interrupt import interrupted
 
 
