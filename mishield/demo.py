@@ -80,6 +80,7 @@ class DemoResult:
     onnx: dict  # path, max_abs_diff, top1_agree / parity
     figure: Path
     stages: list[dict] = field(default_factory=list)  # name, cached, seconds
+    warnings: list[str] = field(default_factory=list)  # the audit's (weak prior, unreached classes, ...)
     seconds: float = 0.0
     device: str = "cpu"
 
@@ -97,6 +98,7 @@ class DemoResult:
             "onnx": self.onnx,
             "figure": str(self.figure),
             "stages": self.stages,
+            "warnings": self.warnings,
             "seconds": round(self.seconds, 2),
         }
 
@@ -197,7 +199,7 @@ def run_demo(
     figure = write_figure(report, out / "audit", out / "demo.png")
     return DemoResult(out=out, quick=quick, rows=rows, report_html=out / "audit" / "report.html",
                       report_json=out / "audit" / "report.json", onnx=onnx, figure=figure, stages=stages.ran,
-                      seconds=time.perf_counter() - t0, device=dev)
+                      warnings=list(report.get("warnings") or []), seconds=time.perf_counter() - t0, device=dev)
 
 
 def _data_stage(stages: _Stages, ctx: dict) -> None:
@@ -362,6 +364,8 @@ def demo_table(report: dict) -> list[dict]:
             "paired_diff": None if paired is None else paired.estimate,
             "paired_diff_ci95": None if paired is None else [paired.low, paired.high],
             "delta": delta.get("delta"),
+            "verdict": (m.get("verdict") or {}).get("status"),
+            "verdict_reason": (m.get("verdict") or {}).get("reason"),
         })  # fmt: skip
     return rows
 

@@ -85,6 +85,19 @@ def test_second_run_comes_from_the_cache(quick_run, capsys):
     assert second < max(15.0, first / 4)
 
 
+def test_the_terminal_table_shows_each_verdict_and_the_audits_warnings(quick_run):
+    out, doc, _ = quick_run
+    report = json.loads(Path(doc["report_json"]).read_text())
+    assert [r["verdict"] for r in doc["rows"]] == [m["verdict"]["status"] for m in report["models"]]
+    assert doc["warnings"] == report["warnings"]
+    code, stdout, _ = _demo(out)  # from the cache: the table as a person sees it
+    assert code == 0 and "verdict" in stdout
+    for r in doc["rows"]:
+        assert r["verdict"] in stdout
+    for warning in report["warnings"]:
+        assert warning[:40] in stdout.replace("\n", " ")
+
+
 def test_a_changed_setting_reruns_that_stage_and_what_depends_on_it(quick_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(quick_run[0], out)

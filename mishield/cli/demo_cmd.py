@@ -43,7 +43,7 @@ def _print_table(result) -> None:
     from rich.table import Table
 
     table = Table(title="Model inversion on Fashion-MNIST (private classes 0-4, prior trained on 5-9)")
-    for head in ("model", "natural acc", "attack acc@1 [95% CI]", "acc@5", "KNN dist", "vs original [95% CI]", "Δ"):
+    for head in ("model", "natural acc", "attack acc@1 [95% CI]", "acc@5", "KNN dist", "vs original [95% CI]", "Δ", "verdict"):
         table.add_column(head, justify="left" if head == "model" else "right")
     for r in result.rows:
         lo, hi = r["attack_acc1_ci95"]
@@ -51,8 +51,13 @@ def _print_table(result) -> None:
             f"{100 * r['paired_diff']:+.1f} pts [{100 * r['paired_diff_ci95'][0]:+.1f}, {100 * r['paired_diff_ci95'][1]:+.1f}]")
         table.add_row(r["model"], _pct(r["natural_acc"]), f"{_pct(r['attack_acc1'])} [{_pct(lo)}, {_pct(hi)}]",
                       _pct(r["attack_acc5"]), "n/a" if r["knn_dist"] is None else f"{r['knn_dist']:.1f}", paired,
-                      "n/a" if r["delta"] is None else f"{r['delta']:.2f}")
+                      "n/a" if r["delta"] is None else f"{r['delta']:.2f}", r.get("verdict") or "")
     console.out.print(table)
+    for r in result.rows:
+        if r.get("verdict") == "inconclusive":
+            console.out.print(f"[yellow]{r['model']}: inconclusive[/] — {r['verdict_reason']}")
+    for warning in result.warnings:
+        console.out.print(f"[yellow]warning:[/] {warning}")
     onnx = result.onnx
     console.out.print(f"ONNX: {onnx['path']} (onnxruntime parity max |diff| {onnx['max_abs_diff']:.1e})")
     console.out.print(f"report: {result.report_html}   picture: {result.figure}   ({result.seconds:.0f} s)")
