@@ -41,7 +41,8 @@ RESOLUTION = 32
 
 # Two sizes. The epoch counts and the attack were tuned on a shared 2-core CPU so that the full
 # demo stays under 10 minutes and --quick under 1 minute (docs/demo.md has the measured times);
-# `seconds` are those measurements per stage, used only to say roughly how long is left.
+# `seconds` are those measurements per stage, used only to say roughly how long is left (scaled by
+# the pace of the stages already run, so a loaded machine gets an honest estimate).
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {
         "train_per_class": 40, "val_per_class": 20, "public_per_class": 40,
@@ -119,7 +120,7 @@ class _Stages:
             self.ran.append({"name": name, "cached": True, "seconds": 0.0})
             self._say(f"stage {self._index(name)} {name}: cached")
             return entry.get("record") or {}
-        self._say(f"stage {self._index(name)} {name}: running, roughly {self._left(name):.0f} s left in the demo")
+        self._say(f"stage {self._index(name)} {name}: running, {self._left(name)}")
         self.done.pop(name, None)
         self._save()
         from mishield.training.interrupt import TrainingInterrupted
@@ -147,10 +148,15 @@ class _Stages:
     def _index(self, name: str) -> str:
         return f"{self.plan.index(name) + 1}/{len(self.plan)}"
 
-    def _left(self, name: str) -> float:
-        # The remaining stages' measured times, skipping those already cached with an output on disk.
-        rest = self.plan[self.plan.index(name):]
-        return sum(self.seconds.get(s, 0) for s in rest if s not in self.done)
+    def _left(self, name: str) -> str:
+        """How long the rest should take: the remaining stages' idle timings, scaled by how much
+        slower (or faster) than those timings the stages run so far were on this machine."""
+        rest = sum(self.seconds.get(s, 0) for s in self.plan[self.plan.index(name):] if s not in self.done)
+        ran = [r for r in self.ran if not r["cached"] and self.seconds.get(r["name"])]
+        if not ran:
+            return f"roughly {rest:.0f} s left on an idle 2-core CPU"
+        pace = sum(r["seconds"] for r in ran) / sum(self.seconds[r["name"]] for r in ran)
+        return f"roughly {pace * rest:.0f} s left at this machine's pace so far"
 
     def _say(self, line: str) -> None:
         if self.log is not None:

@@ -165,3 +165,15 @@ def test_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
     code, out, err = run_cli(["demo", "--quick", "--out", target], capsys)
     assert code == 2 and out == ""
     assert err.strip() == f"error: --out {target} is a file; the demo writes a folder."
+
+
+def test_time_left_follows_the_measured_pace_of_the_run(tmp_path):
+    lines = []
+    stages = _Stages(tmp_path, ["a", "b", "c"], {"a": 1, "b": 2, "c": 3}, lines.append)
+    assert stages._left("a") == "roughly 6 s left on an idle 2-core CPU"
+    stages.ran.append({"name": "a", "cached": False, "seconds": 10.0})  # a ran ten times slower than measured idle
+    stages.done["a"] = {}
+    assert stages._left("b") == "roughly 50 s left at this machine's pace so far"
+    stages.ran.append({"name": "b", "cached": True, "seconds": 0.0})  # cached stages say nothing about the pace
+    stages.done["b"] = {}
+    assert stages._left("c") == "roughly 30 s left at this machine's pace so far"
