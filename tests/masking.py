@@ -25,9 +25,12 @@ nothing (issue 20's measured wrappers, rebuilt here):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
+from mishield.attack.priors import Prior
 from mishield.preprocessing import Preprocessing
 
 GRID_TOLERANCE = 0.01  # in units of one 8-bit step: float round-off of a real image is ~1e-4 of a step
@@ -116,3 +119,66 @@ def masked_wrappers(model: nn.Module, pre: Preprocessing, num_classes: int) -> d
         "temperature-1e-3": Temperature(model, 1e-3),
         "detector": GeneratedInputDetector(model, pre, num_classes),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The real target and class-disjoint prior the masking tests attack (tests/test_blackbox.py,
+# tests/test_masking_diagnostics.py): a small CNN trained for 30 steps on the embedded
+# Fashion-MNIST's classes 0-4, and a linear prior of the public classes 5-9.
+
+FMNIST_PRE = Preprocessing((1, 28, 28), (0.5,), (0.5,))  # prior images in [-1, 1] are this model input as they are
+PCA_DIM = 16
+
+
+def fmnist_images(array) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> the model's normalised input under FMNIST_PRE (on the 8-bit grid)."""
+    return torch.from_numpy(array).float()[:, None] / 127.5 - 1.0
+
+
+def _train_cnn(seed: int) -> nn.Module:
+    from attack_support import train_on_tensors
+
+    from mishield.data import load_embedded_fashion_mnist
+
+    fm = load_embedded_fashion_mnist()
+    x, y = fmnist_images(fm.train_images), torch.from_numpy(fm.train_labels).long()
+    private = y < 5
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 7 * 7, 5),
+    )  # fmt: skip
+    return train_on_tensors(model, x[private][::2], y[private][::2], epochs=2)  # 750 images: 30 steps
+
+
+@functools.cache
+def fmnist_target() -> nn.Module:
+    """The attacked model (shared: deep-copy it before wrapping it into anything that changes it)."""
+    return _train_cnn(0)
+
+
+@functools.cache
+def fmnist_other_target() -> nn.Module:
+    """The same recipe from another seed: a legitimately different model, not a masked one."""
+    return _train_cnn(1)
+
+
+class PCAPrior(Prior):
+    """z (16) -> mean + principal directions of the public classes scaled by their spread, clamped to [-1, 1]."""
+
+    def __init__(self):
+        from mishield.data import load_embedded_fashion_mnist
+
+        fm = load_embedded_fashion_mnist()
+        public = fmnist_images(fm.train_images)[torch.from_numpy(fm.train_labels) >= 5].flatten(1)
+        self.mean = public.mean(0)
+        _, s, v = torch.linalg.svd(public - self.mean, full_matrices=False)
+        self.basis = v[:PCA_DIM] * (s[:PCA_DIM, None] / len(public) ** 0.5)
+        super().__init__((1, 28, 28), (PCA_DIM,), {"source": "pca"})
+
+    def generate(self, latents: torch.Tensor) -> torch.Tensor:
+        return (self.mean + latents.float() @ self.basis).clamp(-1, 1).view(-1, 1, 28, 28)
+
+
+@functools.cache
+def pca_prior() -> PCAPrior:
+    return PCAPrior()

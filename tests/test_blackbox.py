@@ -10,16 +10,20 @@ after the search, so selection alone cannot make a test pass.
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
-from attack_support import train_on_tensors
 from masking import (
+    FMNIST_PRE,
+    PCA_DIM,
     GeneratedInputDetector,
+    PCAPrior,
     Temperature,
+    fmnist_images,
+    fmnist_target,
     masked_wrappers,
     natural_looking,
+    pca_prior,
 )
 from torch import nn
 
@@ -37,53 +41,14 @@ from mishield.attack.blackbox import (
     gaussian,
 )
 from mishield.attack.ppa import FINAL_COUNTER_BASE, PPAAttack, make_config
-from mishield.attack.priors import Prior
 from mishield.data import load_embedded_fashion_mnist
 from mishield.errors import UsageError
-from mishield.preprocessing import Preprocessing
 from mishield.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"))
-PRE = Preprocessing((1, 28, 28), (0.5,), (0.5,))
+PRE = FMNIST_PRE
 CLASSES = [0, 2, 4]
 PER_CLASS = 6
-PCA_DIM = 16
-
-
-def _images(array) -> torch.Tensor:
-    return torch.from_numpy(array).float()[:, None] / 127.5 - 1.0  # == the model's normalised input under PRE
-
-
-@functools.cache
-def _target() -> nn.Module:
-    fm = load_embedded_fashion_mnist()
-    x, y = _images(fm.train_images), torch.from_numpy(fm.train_labels).long()
-    private = y < 5
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 7 * 7, 5),
-    )  # fmt: skip
-    return train_on_tensors(model, x[private][::2], y[private][::2], epochs=2)  # 750 images: 30 steps
-
-
-class PCAPrior(Prior):
-    """z (16) -> mean + principal directions of the public classes scaled by their spread, clamped to [-1, 1]."""
-
-    def __init__(self):
-        fm = load_embedded_fashion_mnist()
-        public = _images(fm.train_images)[torch.from_numpy(fm.train_labels) >= 5].flatten(1)
-        self.mean = public.mean(0)
-        _, s, v = torch.linalg.svd(public - self.mean, full_matrices=False)
-        self.basis = v[:PCA_DIM] * (s[:PCA_DIM, None] / len(public) ** 0.5)
-        super().__init__((1, 28, 28), (PCA_DIM,), {"source": "pca"})
-
-    def generate(self, latents: torch.Tensor) -> torch.Tensor:
-        return (self.mean + latents.float() @ self.basis).clamp(-1, 1).view(-1, 1, 28, 28)
-
-
-@functools.cache
-def _prior() -> PCAPrior:
-    return PCAPrior()
 
 
 def _config(**overrides):
@@ -93,7 +58,7 @@ def _config(**overrides):
 
 def _attack(model: nn.Module | None = None, **blackbox) -> BlackBoxAttack:
     settings = {"generations": 20, "population": 16, **blackbox}
-    return BlackBoxAttack(_prior(), copy.deepcopy(model or _target()), PRE, _config(), CPU, BlackBoxConfig(**settings))
+    return BlackBoxAttack(pca_prior(), copy.deepcopy(model or fmnist_target()), PRE, _config(), CPU, BlackBoxConfig(**settings))
 
 
 def _candidates(attack: PPAAttack):
@@ -106,24 +71,24 @@ def _candidates(attack: PPAAttack):
 def _constrained(latents: torch.Tensor) -> torch.Tensor:
     """`latents` where the prior keeps them (|z_i| <= 3): what any step of either attack starts from."""
     out = latents.clone()
-    _prior().constrain_(out)
+    pca_prior().constrain_(out)
     return out
 
 
 @torch.no_grad()
 def _confidence(latents: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The unwrapped target's softmax of the attacked class on the uncropped image."""
-    x = _prior().generate(latents)  # PRE maps prior images to themselves
-    return _target()(x).softmax(1)[torch.arange(len(labels)), labels]
+    x = pca_prior().generate(latents)  # PRE maps prior images to themselves
+    return fmnist_target()(x).softmax(1)[torch.arange(len(labels)), labels]
 
 
 @torch.no_grad()
 def _label_hits(latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, crops: int = 16) -> torch.Tensor:
     """Fraction of `crops` final-selection-style crops (counters the search never uses) the target labels as the class."""
-    images, hits = _prior().generate(latents), torch.zeros(len(labels))
+    images, hits = pca_prior().generate(latents), torch.zeros(len(labels))
     for a in range(crops):
         theta = crop_thetas(uniforms(keys, FINAL_COUNTER_BASE + 100 + a, 5), (0.5, 0.9), (0.8, 1.2), 0.5)
-        hits += (_target()(warp(images, theta, (28, 28))).argmax(1) == labels).float()
+        hits += (fmnist_target()(warp(images, theta, (28, 28))).argmax(1) == labels).float()
     return hits / crops
 
 
@@ -141,7 +106,7 @@ def test_search_raises_the_targets_confidence_of_the_same_latents_and_not_at_lr_
 
 def test_run_keeps_ppas_selection_and_its_baseline_and_records_its_queries():
     result = _attack().run(CLASSES)
-    ppa = PPAAttack(_prior(), copy.deepcopy(_target()), PRE, _config(iterations=5), CPU).run(CLASSES)
+    ppa = PPAAttack(pca_prior(), copy.deepcopy(fmnist_target()), PRE, _config(iterations=5), CPU).run(CLASSES)
     assert isinstance(result, BlackBoxResult)
     assert torch.equal(result.initial_scores, ppa.initial_scores)  # same pool, same candidates
     assert torch.equal(result.selection_only.images, ppa.selection_only.images)  # same baseline
@@ -157,8 +122,8 @@ def test_run_keeps_ppas_selection_and_its_baseline_and_records_its_queries():
 
 @pytest.mark.parametrize("name", ["detach", "quantise"])
 def test_works_through_zero_gradient_wrappers_where_ppas_step_does_not_move(name):
-    wrapped = masked_wrappers(_target(), PRE, 5)[name]
-    ppa = PPAAttack(_prior(), copy.deepcopy(wrapped), PRE, _config(iterations=10, lr=0.2), CPU)
+    wrapped = masked_wrappers(fmnist_target(), PRE, 5)[name]
+    ppa = PPAAttack(pca_prior(), copy.deepcopy(wrapped), PRE, _config(iterations=10, lr=0.2), CPU)
     before, labels, keys = _candidates(ppa)
     assert torch.equal(ppa.step.run(before, labels, keys, 10), _constrained(before))  # zero gradient: Adam never moves
     attack = _attack(wrapped)
@@ -169,8 +134,8 @@ def test_works_through_zero_gradient_wrappers_where_ppas_step_does_not_move(name
 
 
 def test_a_bare_detach_stops_ppa_outright_and_not_the_search():
-    wrapped = masked_wrappers(_target(), PRE, 5)["detach-hard"]
-    ppa = PPAAttack(_prior(), copy.deepcopy(wrapped), PRE, _config(iterations=2), CPU)
+    wrapped = masked_wrappers(fmnist_target(), PRE, 5)["detach-hard"]
+    ppa = PPAAttack(pca_prior(), copy.deepcopy(wrapped), PRE, _config(iterations=2), CPU)
     before, labels, keys = _candidates(ppa)
     with pytest.raises(RuntimeError, match="does not require grad"):
         ppa.step.run(before, labels, keys, 2)
@@ -180,7 +145,7 @@ def test_a_bare_detach_stops_ppa_outright_and_not_the_search():
 @pytest.mark.parametrize("t", [1e3, 1e-3])
 def test_a_temperature_on_the_logits_does_not_change_the_search(t):
     """Rank-shaped log-probability margins scale with the temperature and keep their order."""
-    plain, hot = _attack(), _attack(Temperature(_target(), t))
+    plain, hot = _attack(), _attack(Temperature(fmnist_target(), t))
     before, labels, keys = _candidates(plain)
     same = torch.isclose(hot.search.run(before, labels, keys), plain.search.run(before, labels, keys), atol=1e-4).all(dim=1)
     assert same.float().mean() >= 0.9, same  # measured: all; a near-tie rounded the other way would fork a path
@@ -202,7 +167,7 @@ def test_label_mode_reads_labels_only_and_raises_the_label_fitness():
     attack = _attack(mode="labels", crops=2)
     before, labels, keys = _candidates(attack)
     short = {"mode": "labels", "crops": 2, "generations": 4}
-    assert torch.equal(_attack(LabelsOnly(_target()), **short).search.run(before, labels, keys), _attack(**short).search.run(before, labels, keys))
+    assert torch.equal(_attack(LabelsOnly(fmnist_target()), **short).search.run(before, labels, keys), _attack(**short).search.run(before, labels, keys))
     after = attack.search.run(before, labels, keys)
     hits_before, hits_after = _label_hits(before, labels, keys), _label_hits(after, labels, keys)
     assert hits_after.mean() > hits_before.mean() + 0.1, (hits_before, hits_after)  # measured 0.77 -> 0.95
@@ -224,31 +189,31 @@ def test_the_search_is_deterministic_per_seed_and_does_not_depend_on_the_other_c
     rows = slice(0, PER_CLASS)
     alone = attack.search.run(latents[rows], labels[rows], keys[rows])
     assert torch.equal(alone, attack.search.run(latents, labels, keys)[rows])
-    reseeded = BlackBoxAttack(_prior(), copy.deepcopy(_target()), PRE, _config(seed=1), CPU, BlackBoxConfig(generations=5)).run(CLASSES)
+    reseeded = BlackBoxAttack(pca_prior(), copy.deepcopy(fmnist_target()), PRE, _config(seed=1), CPU, BlackBoxConfig(generations=5)).run(CLASSES)
     assert not torch.equal(reseeded.images, first.images)
 
 
 def test_masked_wrappers_predict_exactly_like_the_model_on_real_images():
     fm = load_embedded_fashion_mnist()
-    x, y = _images(fm.test_images), torch.from_numpy(fm.test_labels)
+    x, y = fmnist_images(fm.test_images), torch.from_numpy(fm.test_labels)
     x = x[y < 5]
     with torch.no_grad():
-        expected = _target()(x).argmax(1)
-        for name, wrapped in masked_wrappers(_target(), PRE, 5).items():
+        expected = fmnist_target()(x).argmax(1)
+        for name, wrapped in masked_wrappers(fmnist_target(), PRE, 5).items():
             assert torch.equal(wrapped(x).argmax(1), expected), name
 
 
 def test_the_detector_tells_prior_images_from_real_ones_and_answers_them_with_junk():
-    detector = GeneratedInputDetector(_target(), PRE, 5)
+    detector = GeneratedInputDetector(fmnist_target(), PRE, 5)
     fm = load_embedded_fashion_mnist()
-    real = _images(fm.test_images)
-    generated = _prior().generate(_prior().sample(500, torch.Generator().manual_seed(0), torch.device("cpu")))
+    real = fmnist_images(fm.test_images)
+    generated = pca_prior().generate(pca_prior().sample(500, torch.Generator().manual_seed(0), torch.device("cpu")))
     assert natural_looking(real, detector.space).all()
     assert not natural_looking(generated, detector.space).any()
     with torch.no_grad():
         junk = detector(generated)
     assert (junk.softmax(1).amax(1) > 0.99).all()  # confident
-    assert (junk.argmax(1) != _target()(generated).argmax(1)).float().mean() > 0.5  # and unrelated to the model
+    assert (junk.argmax(1) != fmnist_target()(generated).argmax(1)).float().mean() > 0.5  # and unrelated to the model
 
 
 def test_rank_shaping_and_hashed_gaussians():
@@ -280,7 +245,7 @@ def test_every_queried_latent_and_every_update_respects_the_priors_constraint():
             return super().generate(latents)
 
     prior = Recording()
-    search = BlackBoxAttack(prior, copy.deepcopy(_target()), PRE, _config(), CPU, BlackBoxConfig(generations=3, sigma=2.0, lr=1.0)).search
+    search = BlackBoxAttack(prior, copy.deepcopy(fmnist_target()), PRE, _config(), CPU, BlackBoxConfig(generations=3, sigma=2.0, lr=1.0)).search
     labels = torch.tensor(CLASSES)
     start = torch.full((3, PCA_DIM), 2.9)  # at the edge: a radius of 2 spreads far past |z| = 3
     after = search.run(start, labels, candidate_keys(0, labels, torch.zeros(3, dtype=torch.long)))
