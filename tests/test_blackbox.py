@@ -233,7 +233,7 @@ def test_config_errors_name_the_parameter():
                       ({"lr": float("nan")}, "`lr`"), ({"crops": 0}, "`crops`"), ({"generations": -1}, "`generations`")]:  # fmt: skip
         with pytest.raises(UsageError, match=word):
             BlackBoxConfig(**bad).validate()
-    assert BlackBoxConfig(mode="labels").queries_per_candidate == 40 * 16 * 4
+    assert BlackBoxConfig(mode="labels").queries_per_candidate == 50 * 8 * 4
 
 
 def test_every_queried_latent_and_every_update_respects_the_priors_constraint():

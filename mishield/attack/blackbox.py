@@ -32,7 +32,8 @@ Why this strategy and not a genetic algorithm or CMA-ES, per query:
   average the estimate over generations, which is where most of the per-query efficiency of
   NES-based black-box attacks comes from. A diagonal CMA-ES adapts the same per-coordinate scale
   that Adam's second moment does, but needs populations of ~4 + 3 ln(d) *per candidate* to
-  estimate it; on a 64-d z that is the population used here anyway, with nothing gained.
+  estimate it; on a 64-d z that is 16, twice the default population, for an adaptation that Adam's
+  second moment already makes.
 * Rank shaping makes the update invariant to any monotone change of the fitness. Together with
   the score fitness below, a temperature the owner puts on the logits (x1e3, x1e-3) leaves the
   ranks, and therefore the whole search, unchanged.
@@ -65,9 +66,11 @@ to select by labels.
 
 Budget: every queried image counts once (a forward pass of generator and target, no backward).
 Optimisation costs `generations x population x crops` queries per candidate (`queries_per_candidate`);
-PPA's step costs `iterations` forward+backward passes (one crop each), roughly 3 forward passes
-each. The defaults (40 x 16 x 1 = 640 queries) are about 6.4x PPA's z-space 100 steps in queries,
-about 2x its compute. Everything runs under `torch.no_grad()`, one generator pass + one target
+PPA's step costs `iterations` forward+backward passes (one crop each). The defaults (50 x 8 x 1 =
+400 queries in `scores` mode) are 4x PPA's z-space 100 steps in count; a query cost 1/1.6 of a
+gradient step with ResNet-18 on a 2-core CPU (bench/blackbox_throughput.py, docs/BENCHMARKS.md),
+so about 2.5x PPA's time there, and less where a backward pass costs its usual ~2 forward passes.
+`labels` mode reads 4 crops per member (1,600 queries): a binary answer carries less per query. Everything runs under `torch.no_grad()`, one generator pass + one target
 pass per chunk of `query_batch` images with every class mixed, randomness hashed on the device
 per candidate (`mishield.attack.augment`), no host sync in the generation loop, so a sharded run
 reproduces the single-process one and the loop runs on a GPU at forward-pass speed.
@@ -109,13 +112,17 @@ SCALE_SAMPLES = 1024
 class BlackBoxConfig:
     """The evolution strategy's knobs; the pool, C, K, A, batch size and seed come from `AttackConfig`.
 
-    Defaults measured on the embedded Fashion-MNIST (tests/test_blackbox.py, bench/blackbox_throughput.py):
-    sigma 0.5 and lr 0.1 of the prior's spread per coordinate.
+    Defaults chosen on the embedded Fashion-MNIST at 32 px (a 64-d DCGAN prior trained on classes
+    5-9, a tiny ResNet target on 0-4, S 200, C 16, K 8, A 8; mean target confidence of the kept
+    images, selection alone 0.53, PPA's 100 z-space steps 0.64): at the same 640 queries per
+    candidate 80 x 8 reached 0.76 and 40 x 16 0.73; at 320, 40 x 8 0.71 and 20 x 16 0.69, so small
+    populations over more generations pay best per query; 50 x 8 (400) reached 0.73. sigma 0.5 and
+    lr 0.1 beat 0.25 / 0.05 (0.70 at 40 x 8) and 1.0 / 0.2 (0.64 at 20 x 16).
     """
 
     mode: str = "scores"  # "scores" (output probabilities) or "labels" (top-1 labels only)
-    generations: int = 40
-    population: int = 16  # per candidate and generation; even (antithetic pairs)
+    generations: int = 50
+    population: int = 8  # per candidate and generation; even (antithetic pairs)
     sigma: float = 0.5  # search radius, in units of the prior's per-coordinate spread
     lr: float = 0.1  # Adam step, in units of the prior's per-coordinate spread
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's moments average the noisy estimates over generations
