@@ -39,7 +39,7 @@ from attack_throughput import SETTINGS, _sync, _timed, build, mishield_step
 
 from mishield.attack.augment import candidate_keys
 from mishield.attack.blackbox import BlackBoxAttack, BlackBoxConfig
-from mishield.attack.ppa import make_config
+from mishield.attack.config import make_config
 from mishield.attack.priors import Z_SPACE_BUDGET, GeneratorPrior
 from mishield.preprocessing import Preprocessing
 from mishield.runtime import Runtime, autocast

@@ -122,8 +122,8 @@ def masked_wrappers(model: nn.Module, pre: Preprocessing, num_classes: int) -> d
 
 
 # ---------------------------------------------------------------------------------------------
-# The real target and class-disjoint prior the masking tests attack (tests/test_blackbox.py,
-# tests/test_masking_diagnostics.py): a small CNN trained for 30 steps on the embedded
+# The real target and class-disjoint prior the masking tests attack (tests/attack/test_blackbox.py,
+# tests/attack/test_masking_diagnostics.py): a small CNN trained for 30 steps on the embedded
 # Fashion-MNIST's classes 0-4, and a linear prior of the public classes 5-9.
 
 FMNIST_PRE = Preprocessing((1, 28, 28), (0.5,), (0.5,))  # prior images in [-1, 1] are this model input as they are

@@ -68,7 +68,7 @@ def _gate(tmp: Path, data: Path, out: str, max_attack_acc: str, **extra: str) ->
         **extra,
     }
     args = [str(GATE), "torchvision:resnet18", str(data / "private"), str(data / "public"), str(tmp / out)]
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=1200, check=False)
 
 
 @pytest.mark.slow

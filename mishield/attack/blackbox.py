@@ -4,7 +4,7 @@ Every other attack of the audit follows gradients through the target, so a "defe
 breaks those gradients (a detached or rounded input, saturated logits) looks like a defence.
 `BlackBoxAttack` keeps PPA's initial selection and final selection exactly as they are (same pool,
 same candidates, same keys, same final crops, same selection-only baseline: it subclasses
-`PPAAttack` and replaces only the optimisation phase) and optimises each candidate's latent with
+`InversionAttack` and replaces only the optimisation phase) and optimises each candidate's latent with
 the target's *outputs* alone:
 
 * mode `scores`: the target's class probabilities (read in float32 at full precision);
@@ -86,11 +86,11 @@ import torch
 from torch import nn
 
 from mishield.attack.augment import uniforms
-from mishield.attack.ppa import (
+from mishield.attack.config import AttackConfig
+from mishield.attack.engine import (
     FINAL_COUNTER_BASE,
-    AttackConfig,
+    InversionAttack,
     InversionResult,
-    PPAAttack,
     ProgressFn,
     chunks,
 )
@@ -313,7 +313,7 @@ class EvolutionSearch:
         return z.view(n, *self.prior.latent_shape).to(latents.dtype)
 
 
-class BlackBoxAttack(PPAAttack):
+class BlackBoxAttack(InversionAttack):
     """PPA's initial selection -> `EvolutionSearch` (target outputs only) -> PPA's final selection.
 
         result = BlackBoxAttack(prior, target, preprocessing, make_config("ci"), runtime,

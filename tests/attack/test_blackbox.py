@@ -40,7 +40,8 @@ from mishield.attack.blackbox import (
     centred_ranks,
     gaussian,
 )
-from mishield.attack.ppa import FINAL_COUNTER_BASE, PPAAttack, make_config
+from mishield.attack.config import make_config
+from mishield.attack.engine import FINAL_COUNTER_BASE, InversionAttack
 from mishield.data import load_embedded_fashion_mnist
 from mishield.errors import UsageError
 from mishield.runtime import Runtime
@@ -61,7 +62,7 @@ def _attack(model: nn.Module | None = None, **blackbox) -> BlackBoxAttack:
     return BlackBoxAttack(pca_prior(), copy.deepcopy(model or fmnist_target()), PRE, _config(), CPU, BlackBoxConfig(**settings))
 
 
-def _candidates(attack: PPAAttack):
+def _candidates(attack: InversionAttack):
     latents, _ = attack.initial_selection(CLASSES)
     labels = torch.tensor(CLASSES).repeat_interleave(PER_CLASS)
     keys = candidate_keys(attack.config.seed, labels, torch.arange(PER_CLASS).repeat(len(CLASSES)))
@@ -106,7 +107,7 @@ def test_search_raises_the_targets_confidence_of_the_same_latents_and_not_at_lr_
 
 def test_run_keeps_ppas_selection_and_its_baseline_and_records_its_queries():
     result = _attack().run(CLASSES)
-    ppa = PPAAttack(pca_prior(), copy.deepcopy(fmnist_target()), PRE, _config(iterations=5), CPU).run(CLASSES)
+    ppa = InversionAttack(pca_prior(), copy.deepcopy(fmnist_target()), PRE, _config(iterations=5), CPU).run(CLASSES)
     assert isinstance(result, BlackBoxResult)
     assert torch.equal(result.initial_scores, ppa.initial_scores)  # same pool, same candidates
     assert torch.equal(result.selection_only.images, ppa.selection_only.images)  # same baseline
@@ -123,7 +124,7 @@ def test_run_keeps_ppas_selection_and_its_baseline_and_records_its_queries():
 @pytest.mark.parametrize("name", ["detach", "quantise"])
 def test_works_through_zero_gradient_wrappers_where_ppas_step_does_not_move(name):
     wrapped = masked_wrappers(fmnist_target(), PRE, 5)[name]
-    ppa = PPAAttack(pca_prior(), copy.deepcopy(wrapped), PRE, _config(iterations=10, lr=0.2), CPU)
+    ppa = InversionAttack(pca_prior(), copy.deepcopy(wrapped), PRE, _config(iterations=10, lr=0.2), CPU)
     before, labels, keys = _candidates(ppa)
     assert torch.equal(ppa.step.run(before, labels, keys, 10), _constrained(before))  # zero gradient: Adam never moves
     attack = _attack(wrapped)
@@ -135,7 +136,7 @@ def test_works_through_zero_gradient_wrappers_where_ppas_step_does_not_move(name
 
 def test_a_bare_detach_stops_ppa_outright_and_not_the_search():
     wrapped = masked_wrappers(fmnist_target(), PRE, 5)["detach-hard"]
-    ppa = PPAAttack(pca_prior(), copy.deepcopy(wrapped), PRE, _config(iterations=2), CPU)
+    ppa = InversionAttack(pca_prior(), copy.deepcopy(wrapped), PRE, _config(iterations=2), CPU)
     before, labels, keys = _candidates(ppa)
     with pytest.raises(RuntimeError, match="does not require grad"):
         ppa.step.run(before, labels, keys, 2)
