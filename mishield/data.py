@@ -592,6 +592,27 @@ def train_transform(pre: Preprocessing) -> Callable:
     )
 
 
+def glyph_train_transform(pre: Preprocessing) -> Callable:
+    """A training augmentation for drawn characters (Omniglot), not used by default anywhere.
+
+    `train_transform` suits photos; for characters its mirror can turn one character into
+    another and its colour jitter varies only stroke brightness, which carries no class. This
+    one jitters the geometry a little (rotation 10 degrees, shift 8 %, scale 0.9-1.1, shear 8
+    degrees: the variation between two people's drawings of one character) and fills what it
+    uncovers with black, the background of `materialize_omniglot`'s images. Measured on the 129
+    private Omniglot characters at 32 px (bench/omniglot_sizing.py, one seed, 30 epochs of timm's
+    test_resnet): 93.5 % validation accuracy against 87.8 % with `train_transform` (87.9 % with
+    its flip removed, 84.0 % without augmentation); mishield's plain CNN evaluator, 15 epochs:
+    95.0 % against 89.5 %.
+    """
+    return T.Compose([
+        T.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1), shear=8, fill=0),
+        T.Resize(tuple(pre.input_size[1:]), interpolation=_interpolation(pre)),
+        T.ToTensor(),
+        _normalize(pre),
+    ])  # fmt: skip
+
+
 def eval_transform(pre: Preprocessing) -> Callable:
     size = tuple(pre.input_size[1:])
     return T.Compose([T.Resize(size, interpolation=_interpolation(pre)), T.ToTensor(), _normalize(pre)])

@@ -241,3 +241,31 @@ def test_a_small_materialisation_is_fast(tmp_path):
     seconds = time.perf_counter() - t0
     assert len(list(dest.rglob("*.png"))) == 9 * 20
     assert seconds < 2.0, f"writing 180 small PNGs took {seconds:.2f} s"  # measured about 0.1 s
+
+
+# --- the character augmentation -------------------------------------------------------------
+
+
+def test_glyph_augmentation_never_mirrors_and_fills_with_background():
+    """A drawing with ink only in its left half keeps it on the left under every draw, and what the
+    affine jitter uncovers is black (the background), unlike train_transform's mirror."""
+    import torch
+
+    from mishield.data import glyph_train_transform, train_transform
+    from mishield.preprocessing import Preprocessing
+
+    pre = Preprocessing(input_size=(1, 32, 32), mean=(0.0,), std=(1.0,))
+    left = np.zeros((32, 32), dtype=np.uint8)
+    left[6:26, 4:12] = 255
+    img = Image.fromarray(left, mode="L")
+
+    def draws(transform, n: int = 60) -> list:
+        torch.manual_seed(0)
+        return [transform(img)[0] for _ in range(n)]
+
+    glyph = draws(glyph_train_transform(pre))
+    assert min(float(x[:, :16].sum() / x.sum()) for x in glyph) > 0.9
+    assert all(x[:2, :2].max() == 0.0 and x[-2:, -2:].max() == 0.0 for x in glyph)  # corners stay background
+    assert len({x.numpy().tobytes() for x in glyph}) == len(glyph)  # and it does jitter
+    photo = draws(train_transform(pre))
+    assert min(float(x[:, :16].sum() / x.sum()) for x in photo) < 0.1  # the photo augmentation mirrors some draws
