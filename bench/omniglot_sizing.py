@@ -11,7 +11,7 @@ the prior), each through the public API as the demo chains it (mishield/demo.py)
   with its horizontal flip and colour jitter; the others replace it for this run only);
 * `eval`: an evaluation model trained with `train_eval_model`: accuracy vs epochs at 32 px;
 * `prior`: a DCGAN prior trained with `train_prior` on the public alphabets: its samples grid
-  and the audit's prior-quality figure (`nn_ratio`, `mishield.attack.trust.prior_quality`, in a
+  and the audit's prior-quality figure (`nn_ratio`, `mishield.audit.trust.prior_quality`, in a
   given evaluation model's features), with seconds per epoch;
 * `harden`: a RoLSS copy (`mishield.harden`, schedule tts from scratch or finetune of a target);
 * `audit`: `mishield.audit` of one or more models on N classes spread evenly over the private
@@ -217,7 +217,7 @@ def cmd_target(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from mishield.attack.evalmodel import train_eval_model
+    from mishield.training.evaluator import train_eval_model
 
     name = args.name or f"eval-{args.arch}-{args.aug}-e{args.epochs}-lr{args.lr:g}-b{args.batch_size}"
     path = args.out / "models" / f"{name}.pt"
@@ -235,9 +235,9 @@ def cmd_eval(args) -> None:
 
 def prior_nn_ratio(prior_path: Path, eval_path: Path, data: Path) -> dict:
     """The audit's prior-quality figure for one prior and one evaluator (as `mishield.audit` computes it)."""
-    from mishield.attack.evalmodel import Evaluator
+    from mishield.audit.evaluator import Evaluator
     from mishield.attack.priors import load_prior
-    from mishield.attack.trust import prior_quality
+    from mishield.audit.trust import prior_quality
     from mishield.runtime import Runtime
 
     runtime = Runtime(torch.device("cpu"))
@@ -247,7 +247,7 @@ def prior_nn_ratio(prior_path: Path, eval_path: Path, data: Path) -> dict:
 
 
 def cmd_prior(args) -> None:
-    from mishield.attack.prior_training import (
+    from mishield.training.prior import (
         PriorTrainingConfig,
         samples_path,
         train_prior,
