@@ -235,8 +235,8 @@ def cmd_eval(args) -> None:
 
 def prior_nn_ratio(prior_path: Path, eval_path: Path, data: Path) -> dict:
     """The audit's prior-quality figure for one prior and one evaluator (as `mishield.audit` computes it)."""
-    from mishield.audit.evaluator import Evaluator
     from mishield.attack.priors import load_prior
+    from mishield.audit.evaluator import Evaluator
     from mishield.audit.trust import prior_quality
     from mishield.runtime import Runtime
 
