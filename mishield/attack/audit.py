@@ -493,6 +493,7 @@ def audit(
 
 
 def _load_inputs(models, data, prior, eval_models, eval_arch, load_options, trust_checkpoint, config, val_fraction=None):
+    from mishield.attack.evalmodel import check_hookable
     from mishield.attack.priors import load_prior
     from mishield.attack.trust import check_prior_overlap
     from mishield.data import (
@@ -522,6 +523,8 @@ def _load_inputs(models, data, prior, eval_models, eval_arch, load_options, trus
         raise UsageError("name at least one model to audit.")
     targets = [target(m, **(load_options or {})) for m in models]
     evaluations = [target(e, arch=eval_arch) for e in eval_models]
+    for evaluation in evaluations:
+        check_hookable(evaluation)
     if prior is None or (isinstance(prior, str) and prior.strip().lower() == "none"):
         image_prior = None
     elif isinstance(prior, Prior):
