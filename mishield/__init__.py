@@ -12,7 +12,7 @@ The public API (everything in `__all__`), grouped by what a user does:
   distil surrogates of a target for the adaptive attack: `train_surrogate` -> `SurrogateResult`;
 * export: `export_onnx`, `OnnxExportReport`;
 * errors, each carrying the CLI's exit code: `MishieldError`, `UsageError`, `BadInputError`,
-  `PrivacyGateError`, `ParityError`.
+  `PrivacyGateError`, `ParityError`, `OutputError`.
 
 Names are imported on first use, so `import mishield` (and `mishield --help`) stays cheap and
 does not import torch. The layers behind these names: docs/architecture.md.
@@ -54,6 +54,7 @@ _API = {
     "BadInputError": "mishield.errors",
     "PrivacyGateError": "mishield.errors",
     "ParityError": "mishield.errors",
+    "OutputError": "mishield.errors",
 }
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "ModelAudit",
     "ModelInspection",
     "OnnxExportReport",
+    "OutputError",
     "ParityError",
     "PrivacyGate",
     "PrivacyGateError",
