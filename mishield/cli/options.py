@@ -30,7 +30,8 @@ TrustOpt = Annotated[
     bool,
     typer.Option(
         "--trust-checkpoint",
-        help="Allow unpickling a full Python object (runs code from the file; only for files you trust).",
+        help="Allow files that run code when loaded: pickled Python objects, TorchScript and .pt2 programs, "
+        "factories a file records (only for files you trust).",
     ),
 ]
 InputSizeOpt = Annotated[
