@@ -26,7 +26,8 @@
 #   EVAL_MODEL, PRIOR         reuse an existing evaluation model / prior instead of training one
 #
 # Exit codes are mishield's (docs/pipelines.md): 0 released, 2 usage, 3 bad input,
-# 4 privacy gate failed, 5 ONNX parity failed, anything else an internal error.
+# 4 privacy gate failed, 5 ONNX parity failed, 6 an output could not be written (disk full,
+# permissions), anything else an internal error.
 set -euo pipefail
 
 if [[ $# -ne 4 ]]; then

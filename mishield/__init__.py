@@ -16,7 +16,7 @@ The public API (everything in `__all__`), grouped by what a user does:
   `SurrogateConfig` -> `SurrogateResult`);
 * export: `export_onnx`, `OnnxExportReport`;
 * errors, each carrying the CLI's exit code: `MishieldError`, `UsageError`, `BadInputError`,
-  `PrivacyGateError`, `ParityError`.
+  `PrivacyGateError`, `ParityError`, `OutputError`.
 
 Names are imported on first use, so `import mishield` (and `mishield --help`) stays cheap and
 does not import torch. The layers behind these names: docs/architecture.md.
@@ -67,6 +67,7 @@ _API = {
     "BadInputError": "mishield.errors",
     "PrivacyGateError": "mishield.errors",
     "ParityError": "mishield.errors",
+    "OutputError": "mishield.errors",
 }
 
 __all__ = [
@@ -82,6 +83,7 @@ __all__ = [
     "ModelAudit",
     "ModelInspection",
     "OnnxExportReport",
+    "OutputError",
     "ParityError",
     "PriorTrainingConfig",
     "PrivacyGate",

@@ -534,6 +534,20 @@ def check_num_classes(splits: DataSplits, num_classes: int | None) -> None:
 # Datasets and transforms
 
 
+def decode_image(path: str | Path, mode: str) -> Image.Image:
+    """The image at `path`, fully decoded and converted to `mode` ("L" or "RGB").
+
+    The scan before training (`_check_image`) reads headers only, so a file whose pixel data is
+    cut off (a truncated JPEG) passes it and fails here, when its pixels are first needed:
+    a damaged input (exit 3) naming the file, wherever it is read.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+        raise BadInputError(f"{path} could not be decoded ({err.__class__.__name__}); remove or replace that file.") from None
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """`(path, label)` items loaded with PIL; grayscale feeds 3-channel models and vice versa."""
 
@@ -547,13 +561,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.items[i]
-        try:
-            with Image.open(path) as img:
-                img = img.convert(self.mode)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-            raise BadInputError(
-                f"{path} could not be decoded ({err.__class__.__name__}); remove or replace that file."
-            ) from None
+        img = decode_image(path, self.mode)
         return (self.transform(img) if self.transform else img), label
 
 
@@ -654,11 +662,7 @@ def image_hash(path: str | Path) -> int:
     """
     import hashlib
 
-    try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-        raise BadInputError(f"{path} could not be decoded ({err.__class__.__name__}); remove or replace that file.") from None
+    rgb = decode_image(path, "RGB")
     digest = hashlib.sha256(f"{rgb.width}x{rgb.height}\n".encode() + rgb.tobytes()).digest()
     return int.from_bytes(digest[:8], "little", signed=True)  # signed: fits an int64 tensor
 

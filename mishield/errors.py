@@ -35,6 +35,14 @@ class ParityError(MishieldError):
     exit_code = 5
 
 
+class OutputError(MishieldError):
+    """An output cannot be written: a full disk, a read-only file system, no permission, or a
+    standard output that refuses data (exit code 6). The inputs and the command line were fine,
+    so the same command can succeed once the named path or stream is fixed."""
+
+    exit_code = 6
+
+
 def first_line(err: BaseException, limit: int = 200) -> str:
     """The first non-empty line of an exception's message (its type name when it has none), for
     the one-sentence errors mishield prints in place of tracebacks."""

@@ -7,11 +7,12 @@ import contextlib
 import errno
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from mishield.errors import UsageError
+from mishield.errors import MishieldError, OutputError, UsageError, first_line
 
 PathLike = str | os.PathLike
 
@@ -75,33 +76,65 @@ def refuse_output_dir_in_inputs(out_dir: PathLike, inputs: Iterable[PathLike | N
     refuse_input_as_output(out_dir, inputs)
 
 
-def check_writable(path: PathLike, overwrite: bool, inputs: Iterable[PathLike | None] = ()) -> None:
-    """Refuse early (before any expensive work) when `path` exists and overwriting was not asked
-    for, names a directory, or is one of `inputs` (see `refuse_input_as_output`)."""
-    path = Path(path)
-    refuse_input_as_output(path, inputs)
-    if path.exists() and path.is_dir():
-        raise UsageError(f"{path} is a directory; --out must name a file.")
-    if path.exists() and not overwrite:
-        raise UsageError(f"{path} already exists; pass --overwrite to replace it or choose another --out.")
+def _existing_kind(path: Path) -> str | None:
+    """None when nothing is at `path`; else "file", "directory" or what else it is (after symlinks)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:  # a symlink loop, an unreadable parent: let the write say why
+        return "file"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return {stat.S_IFCHR: "a device", stat.S_IFBLK: "a device", stat.S_IFIFO: "a FIFO",
+            stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _refuse_unwritable_parent(path: Path) -> None:
+    """`--out` under a folder this process cannot create files in: refused before the work (exit 6)."""
     for parent in path.parents:  # `--out model.pt/x` under a file fails after the run otherwise
         if parent.exists():
             if not parent.is_dir():
                 raise UsageError(f"--out {path}: {parent} is a file, not a directory.")
-            break
+            if not os.access(parent, os.W_OK | os.X_OK):
+                try:
+                    read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+                except OSError:
+                    read_only = False
+                cause = "a read-only file system" if read_only else "permission denied"
+                raise OutputError(f"cannot write --out {path}: {parent} is not writable ({cause}); choose another --out.")
+            return
+
+
+def check_writable(path: PathLike, overwrite: bool, inputs: Iterable[PathLike | None] = ()) -> None:
+    """Refuse early (before any expensive work) when `path` exists and overwriting was not asked
+    for, is anything but a regular file (a directory, a device such as /dev/null, a FIFO: replacing
+    it with a file would break whatever uses it), is one of `inputs` (see `refuse_input_as_output`),
+    or lies in a folder that cannot be written (`OutputError`, exit 6)."""
+    path = Path(path)
+    refuse_input_as_output(path, inputs)
+    kind = _existing_kind(path)
+    if kind == "directory":
+        raise UsageError(f"{path} is a directory; --out must name a file.")
+    if kind not in (None, "file"):
+        raise UsageError(f"--out {path} is {kind}, not a regular file; mishield replaces only regular files, even with --overwrite.")
+    if kind == "file" and not overwrite:
+        raise UsageError(f"{path} already exists; pass --overwrite to replace it or choose another --out.")
+    _refuse_unwritable_parent(path)
 
 
 def check_writable_dir(path: PathLike, inputs: Iterable[PathLike | None] = ()) -> None:
     """An output directory (`audit --out DIR`): refused at once when it is an existing file or
     lies inside an input folder, before hours of work that could not be saved."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    kind = _existing_kind(path)
+    if kind == "file":
         raise UsageError(f"--out {path} is an existing file; --out names a report directory.")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"--out {path}: {parent} is a file, not a directory.")
-            break
+    if kind not in (None, "directory"):
+        raise UsageError(f"--out {path} is {kind}, not a folder; --out names a report directory.")
+    _refuse_unwritable_parent(path)
     refuse_output_dir_in_inputs(path, inputs)
 
 
@@ -135,8 +168,11 @@ def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     check_writable(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise OutputError(f"cannot write {path} ({err.strerror or first_line(err)}); choose another --out.") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -146,8 +182,50 @@ def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         _publish(tmp_path, path, overwrite)
+    except Exception as err:
+        failure = write_failure(err, path, tmp_path.parent)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+# torch's zip writer reports a failed write as a RuntimeError from its C++ side ("[enforce fail at
+# inline_container.cc:...] unexpected pos 704 vs 598" on a full disk), never as an OSError.
+_TORCH_WRITER_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed")
+FULL_BELOW = 1 << 20  # free bytes under which a failed write is put down to a full disk
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail  # root may write into the reserve
+    return blocks * st.f_frsize
+
+
+def write_failure(err: Exception, path: Path, directory: Path) -> OutputError | None:
+    """The `OutputError` (exit 6) a failed write of `path` becomes, or None when `err` is not one.
+
+    Called while the partial temporary file still exists, so a full disk still reads as full.
+    """
+    text = str(err)
+    if isinstance(err, MishieldError):  # e.g. "appeared while writing" (exit 2): already one sentence
+        return None
+    if isinstance(err, OSError):
+        cause = err.strerror or first_line(err)
+    elif isinstance(err, RuntimeError) and any(s in text for s in _TORCH_WRITER_FAILURES):
+        cause = f"torch's writer failed: {first_line(err)}"
+    elif type(err).__name__ == "SafetensorError" and "I/O error" in text:  # safetensors' Rust io::Error
+        cause = first_line(err).split("I/O error: ", 1)[-1]
+    else:
+        return None
+    free = _free_bytes(directory)
+    if not isinstance(err, OSError) and free is not None and free < FULL_BELOW:
+        cause = "no space left on the device"
+    return OutputError(f"cannot write {path} ({cause}); free space or choose another --out.")
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:

@@ -27,6 +27,8 @@ def load_recipe(path: Path) -> dict:
         recipe = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise BadInputError(f"recipe {path} is not valid YAML ({first_line(err)}).") from err
+    except RecursionError:  # PyYAML composes nested lists recursively: 20,000 `[` exhaust the stack
+        raise BadInputError(f"recipe {path} nests its values too deeply to read; a recipe is a flat mapping of options.") from None
     if recipe is None:
         return {}
     if not isinstance(recipe, dict):

@@ -143,7 +143,7 @@ def test_rebuild_from_the_recorded_spec_gives_the_same_model(method, alpha):
     model = torchvision.models.resnet18(num_classes=10).eval()
     result = apply_plan(model, plan_surgery(model, method, alpha=alpha, input_size=(3, 64, 64)))
     assert result.spec["method"] == method and result.spec["sites"] == result.plan.selected
-    assert 0.0 <= result.seconds < 600
+    assert result.seconds >= 0.0 and math.isfinite(result.seconds)  # a duration, not a deadline
     again = rebuild(model, result.spec, (3, 64, 64)).eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -199,9 +199,17 @@ def test_each_step_sees_its_own_random_crop():
     assert first != second
 
 
-def test_run_reports_progress_image_steps_and_timings():
+def test_run_reports_progress_image_steps_and_timings(monkeypatch):
+    import itertools
+    import types
+
+    import mishield.attack.ppa
     from test_attack_mechanisms import CLASSES, _attack
 
+    # A clock that advances by exactly one second per read: the timings are then exact sums of
+    # whole numbers, independent of the machine's load (real clock reads made this test flaky).
+    ticks = itertools.count(1.0)
+    monkeypatch.setattr(mishield.attack.ppa, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
     calls = []
     attack = _attack(lr=0.2, iterations=4)
     result = attack.run(CLASSES, progress=lambda *a: calls.append(a))
@@ -212,7 +220,11 @@ def test_run_reports_progress_image_steps_and_timings():
     assert done == sorted(done) and done[0] > 0 and all(c[2] == total for c in calls)
     t = result.timings
     assert set(t) == {"initial_selection_s", "optimisation_s", "final_selection_s", "selection_only_s"}
-    assert all(v >= 0 for v in t.values()) and sum(t.values()) <= result.seconds + 1e-6 < 600
+    # each phase lies between its own clock reads, and the run's seconds are exactly its three
+    # phases (the selection-only baseline is timed apart, after them)
+    assert t["initial_selection_s"] > 0 and t["optimisation_s"] > 0 and t["final_selection_s"] > 0
+    assert result.seconds == t["initial_selection_s"] + t["optimisation_s"] + t["final_selection_s"]
+    assert t["selection_only_s"] >= 0
 
 
 def test_images_map_minus_one_to_zero_and_one_to_255():

@@ -29,6 +29,7 @@ from mishield.models.dcgan import (
     load_generator_file,
     save_generator,
 )
+from mishield.models.filechecks import refuse_program
 
 # mishield's own generator and its file are used with the priors; importable from here too.
 __all__ = [
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 LATENT_ATTRS = ("z_dim", "latent_dim", "nz")
+# Latents are drawn before the generator's output is checked: a generator claiming a larger size is
+# refused before it allocates (StyleGAN uses 512, DCGANs 100-512).
+MAX_LATENT_DIM = 4096
 
 
 
@@ -320,8 +324,10 @@ def _latent_dim(generator: nn.Module, source: str) -> int:
     for holder in (generator, getattr(generator, "mapping", None)):
         for attr in LATENT_ATTRS:
             value = getattr(holder, attr, None) if holder is not None else None
-            if isinstance(value, int) and value > 0:
+            if isinstance(value, int) and 0 < value <= MAX_LATENT_DIM:
                 return value
+            if isinstance(value, int) and not isinstance(value, bool):
+                raise BadInputError(f"{source} says its latent size is {value}; a generator's must be from 1 to {MAX_LATENT_DIM}.")
     raise BadInputError(
         f"{source} does not say its latent size; give the generator an integer attribute `z_dim` (or `latent_dim`)."
     )
@@ -460,6 +466,7 @@ def _load_prior_file(path: Path, trust_checkpoint: bool, truncation: float, crop
     if path.suffix == ".pkl":
         return _wrap(_load_stylegan_pickle(path, trust_checkpoint), truncation, {**description, "format": "stylegan2-ada-pickle"}, crop)
     if kind == "torchscript":
+        refuse_program(f"--prior {path}", "torchscript", trust_checkpoint, "a prior made by `mishield prior train`")  # its __setstate__ runs on load
         return _wrap(_load_torchscript_prior(path), truncation, {**description, "format": "torchscript"}, crop)
     if not trust_checkpoint:
         raise BadInputError(f"{path} is a pickled Python object, not a mishield prior or TorchScript file; loading it runs its code, pass --trust-checkpoint only if you trust its source.")

@@ -84,6 +84,18 @@ class Evaluator:
         return torch.cat(feats), torch.cat(labels)
 
 
+def check_hookable(evaluation) -> None:
+    """The evaluator reads the penultimate features through a forward hook and freezes the weights;
+    TorchScript and torch.export programs allow neither, so they are refused with a sentence."""
+    kind = evaluation.info.get("kind")
+    if kind in ("torchscript", "exported"):
+        what = "a TorchScript archive" if kind == "torchscript" else "a torch.export program"
+        raise BadInputError(
+            f"the evaluation model {evaluation.name} is {what}, which the audit cannot read features from; "
+            "pass the evaluation model as a state dict or a mishield file (mishield train-eval)."
+        )
+
+
 def check_compatible(eval_classes: int | None, target_classes: int, eval_name: str, target_name: str) -> None:
     if eval_classes is not None and eval_classes != target_classes:
         raise BadInputError(

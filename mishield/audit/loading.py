@@ -82,6 +82,7 @@ def load_inputs(models, data, prior, eval_models: list, config) -> AuditInputs:
     """Load the audited `models`, the `eval_models`, the private `data` and the `prior` under the
     options of `config` (`mishield.audit.config.AuditConfig`): files, specs or loaded objects."""
     from mishield.attack.priors import load_prior
+    from mishield.audit.evaluator import check_hookable
     from mishield.audit.trust import check_prior_overlap
     from mishield.data import (
         DataSplits,
@@ -112,6 +113,8 @@ def load_inputs(models, data, prior, eval_models: list, config) -> AuditInputs:
         raise UsageError("name at least one model to audit.")
     targets = [named(m, **load_options) for m in models]
     evaluations = [named(e, arch=config.eval_arch) for e in eval_models]
+    for evaluation in evaluations:
+        check_hookable(evaluation)
     if prior is None or (isinstance(prior, str) and prior.strip().lower() == "none"):
         image_prior = None
     elif isinstance(prior, Prior):

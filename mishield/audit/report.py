@@ -81,13 +81,14 @@ def real_images(items: list, label: int, shape: tuple[int, int, int], count: int
     """The first `count` private training images of a class, at the reconstructions' size and channels."""
     from PIL import Image
 
+    from mishield.data import decode_image
+
     c, h, w = shape
     paths = [p for p, y in items if y == label][:count]
     out = torch.zeros(len(paths), c, h, w, dtype=torch.uint8)
     for i, path in enumerate(paths):
-        with Image.open(path) as img:
-            img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
-            arr = np.asarray(img).reshape(h, w, c)
+        img = decode_image(path, "L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+        arr = np.asarray(img).reshape(h, w, c)
         out[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
     return out
 

@@ -95,14 +95,15 @@ def degraded_batches(items: Sequence, image_shape: Sequence[int], batch: int = 2
     import numpy as np
     from PIL import Image
 
+    from mishield.data import decode_image
+
     channels, height, width = (int(v) for v in image_shape)
     mode = "L" if channels == 1 else "RGB"
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
         arrays = []
         for path, _ in chunk:
-            with Image.open(path) as img:
-                img = img.convert(mode).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
+            img = decode_image(path, mode).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
             a = np.asarray(img, dtype=np.uint8)
             arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
         yield torch.from_numpy(np.stack(arrays)), torch.tensor([y for _, y in chunk])

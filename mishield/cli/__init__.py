@@ -2,20 +2,23 @@
 
 `main()` owns the exit-code contract (docs/reliability.md): 0 ok, 1 internal error (a bug),
 2 usage, 3 bad input, 4 privacy gate failed (or inconclusive), 5 ONNX parity failed,
-130 interrupted, 143 terminated by SIGTERM (a resumable state was saved). Every MishieldError
+6 an output could not be written (full disk, no permission, standard output refused), 130
+interrupted, 141 the reader of a pipe went away (quietly, as Unix tools do), 143 terminated by
+SIGTERM (a resumable state was saved). Every MishieldError
 becomes one sentence on stderr and its exit code; with MISHIELD_DEBUG=1 the traceback is shown
 instead.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
 
 import typer
 
-from mishield.errors import MishieldError
+from mishield.errors import MishieldError, OutputError
 
 app = typer.Typer(
     name="mishield",
@@ -31,6 +34,7 @@ app = typer.Typer(
 )
 
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
 
 def _print_version(value: bool) -> None:
@@ -104,7 +108,11 @@ def _exit_for(err: Exception, debug: bool) -> int:
         return INTERRUPTED
     if isinstance(err, BrokenPipeError):  # `mishield inspect m.pt | head`: the reader left, nothing to report
         _silence_stdout()
-        return 141  # 128 + SIGPIPE, what a shell reports for a killed writer
+        return BROKEN_PIPE
+    refused = _stdout_refusal(err)
+    if refused is not None:  # stdout on a full disk or /dev/full: say so instead of "internal error"
+        typer.echo(f"error: {refused}", err=True)
+        return refused.exit_code
     if debug:
         raise err
     typer.echo(
@@ -113,6 +121,47 @@ def _exit_for(err: Exception, debug: bool) -> int:
         err=True,
     )
     return 1
+
+
+def _is_broken_pipe(err: BaseException | None) -> bool:
+    return isinstance(err, BrokenPipeError) or (isinstance(err, OSError) and err.errno == errno.EPIPE)
+
+
+def _stdout_refusal(err: BaseException) -> OutputError | None:
+    """An OSError that came from standard output, as the one sentence it should be (exit 6).
+
+    Which stream failed is not in the exception; a stdout that fails again on flush (its buffer
+    still holds what it refused) is the one. It is then pointed at /dev/null, or Python's own
+    flush at exit would print a second error.
+    """
+    if not isinstance(err, OSError) or isinstance(err, BrokenPipeError):
+        return None
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return None
+    except (OSError, ValueError) as again:  # ValueError: a closed stream
+        _silence_stdout()
+        return _stdout_error(getattr(again, "strerror", None) or err.strerror or str(again))
+    return None
+
+
+def _stdout_error(cause: str) -> OutputError:
+    return OutputError(f"cannot write to standard output ({cause}); free space or redirect it elsewhere.")
+
+
+def _finish_stdout() -> None:
+    """Flush what the command printed while the exit code can still say it was not written."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        sys.exit(BROKEN_PIPE)
+    except OSError as err:
+        _silence_stdout()
+        refused = _stdout_error(err.strerror or str(err))
+        typer.echo(f"error: {refused}", err=True)
+        sys.exit(refused.exit_code)
 
 
 def _silence_stdout() -> None:
@@ -159,6 +208,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(INTERRUPTED)
     except Exception as err:  # noqa: BLE001 - the one place that maps every failure to an exit code
         sys.exit(_exit_for(err, debug))
+    except SystemExit as exit_:
+        # click (and rich) end a run whose stdout reader left with exit 1, which this contract
+        # keeps for mishield's own bugs; a shell reports 141 for such a writer.
+        if exit_.code == 1 and _is_broken_pipe(exit_.__context__):
+            _silence_stdout()
+            sys.exit(BROKEN_PIPE)
+        raise
+    _finish_stdout()
     # Without standalone mode click *returns* the code of a typer.Exit (and typer turns Ctrl-C
     # inside a command into Exit(130)) instead of raising it; dropping it would exit 0.
     if isinstance(code, int) and not isinstance(code, bool) and code != 0:

@@ -11,6 +11,7 @@ import typer
 from mishield.cli import console
 from mishield.cli.options import (
     LOAD_PARAMETERS,
+    MAX_BATCH_SIZE,
     ArchOpt,
     InputSizeOpt,
     JsonOpt,
@@ -48,7 +49,7 @@ def audit(
     iterations: Annotated[int | None, typer.Option("--iterations", "-I", min=0, help="Optimisation steps I (default: the prior's; 0: selection only).")] = None,
     keep: Annotated[int | None, typer.Option("--keep", "-K", min=1, help="Reconstructions kept per class K.")] = None,
     final_augmentations: Annotated[int | None, typer.Option("--final-augmentations", "-A", min=1, help="Augmentations scoring each candidate at final selection A.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per attack step (default 256).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, max=MAX_BATCH_SIZE, help="Images per attack step (default 256).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the pool and of every crop.")] = 0,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Repeat the attack with seeds SEED, SEED+1, ... and pool them per class before the intervals.")] = 1,
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Hold out this seeded fraction of --data for natural accuracy when it has no val/ folder (default 0.1).")] = None,

@@ -12,6 +12,7 @@ import typer
 from mishield.cli import console
 from mishield.cli.options import (
     LOAD_PARAMETERS,
+    MAX_BATCH_SIZE,
     ArchOpt,
     InputSizeOpt,
     JsonOpt,
@@ -89,7 +90,7 @@ LrOpt = Annotated[
                       "random weights or --reset-head); decays x0.1 at 75% and 90% of all epochs."),
 ]
 BatchSizeOpt = Annotated[
-    int, typer.Option("--batch-size", min=1, rich_help_panel=TRAINING_PANEL, help="Images per step (per GPU under torchrun).")
+    int, typer.Option("--batch-size", min=1, max=MAX_BATCH_SIZE, rich_help_panel=TRAINING_PANEL, help="Images per step (per GPU under torchrun).")
 ]
 BidoOpt = Annotated[
     bool, typer.Option("--bido", rich_help_panel=TRAINING_PANEL,

@@ -30,13 +30,17 @@ TrustOpt = Annotated[
     bool,
     typer.Option(
         "--trust-checkpoint",
-        help="Allow unpickling a full Python object (runs code from the file; only for files you trust).",
+        help="Allow files that run code when loaded: pickled Python objects, TorchScript and .pt2 programs, "
+        "factories a file records (only for files you trust).",
     ),
 ]
 InputSizeOpt = Annotated[
     int | None,
     typer.Option("--input-size", min=8, help="Square input size in pixels (default: from the model)."),
 ]
+# An upper bound for every --batch-size: larger values are no batch any device holds, and
+# 10**23 would otherwise reach Python's and torch's index arithmetic and fail there (exit 1).
+MAX_BATCH_SIZE = 1 << 20
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
 StageOpt = Annotated[

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mishield.cli import console
-from mishield.cli.options import JsonOpt, OverwriteOpt
+from mishield.cli.options import MAX_BATCH_SIZE, JsonOpt, OverwriteOpt
 
 app = typer.Typer(help="Image priors for `mishield audit`.", no_args_is_help=True)
 
@@ -22,7 +22,7 @@ def train(
     latent_dim: Annotated[int, typer.Option("--latent-dim", min=1, help="Latent size z.")] = 128,
     width: Annotated[int, typer.Option("--width", min=4, help="Channel width of the last generator layer.")] = 64,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 25,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, max=MAX_BATCH_SIZE)] = 64,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 2e-4,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",

@@ -9,6 +9,7 @@ import typer
 
 from mishield.cli import console
 from mishield.cli.options import (
+    MAX_BATCH_SIZE,
     InputSizeOpt,
     JsonOpt,
     ModelArg,
@@ -27,7 +28,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Surrogate model file to write.")],
     surrogate_arch: Annotated[str, typer.Option("--surrogate-arch", help="Surrogate architecture: timm:NAME, torchvision:NAME or package.module:factory (default: a ResNet, with skips: the adaptive case).")] = "torchvision:resnet18",
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, max=MAX_BATCH_SIZE)] = 64,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Distillation temperature T (KL of the softened outputs, times T^2).")] = 4.0,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out fraction of the public images the agreement is measured on.")] = 0.1,

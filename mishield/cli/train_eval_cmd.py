@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mishield.cli import console
-from mishield.cli.options import JsonOpt, OverwriteOpt
+from mishield.cli.options import MAX_BATCH_SIZE, JsonOpt, OverwriteOpt
 
 
 def train_eval(
@@ -19,7 +19,7 @@ def train_eval(
     prior: Annotated[Path | None, typer.Option("--prior", help="The mishield prior the audit will use: its resolution becomes the default --input-size.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=MAX_BATCH_SIZE)] = 128,
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Hold out this fraction when --data has no val/ folder.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,

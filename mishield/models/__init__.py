@@ -3,7 +3,8 @@
 `load_model` reads every way a user can hand mishield a classifier (`loading`); architecture
 specs are built by `architecture`; `introspect` finds a classifier's head and input contract;
 `pickles` reads what a pickle would import without running it; `modelfile` writes and reads
-mishield's own self-describing files.
+mishield's own self-describing files; `filechecks` refuses what a file may not make mishield do
+(run a program, call a factory it names, build from a damaged recipe, load NaN weights).
 """
 
 from mishield.models.architecture import (

@@ -16,6 +16,8 @@ from torch import nn
 
 from mishield.errors import BadInputError, UsageError
 from mishield.fileio import atomic_output
+from mishield.models.filechecks import check_finite
+from mishield.models.prior_meta import check_prior_meta
 
 PRIOR_FORMAT = "mishield.prior/dcgan"
 PRIOR_FORMAT_VERSION = 1
@@ -104,18 +106,17 @@ def load_generator_file(path: Path) -> tuple[DCGANGenerator, dict]:
             state = {k: f.get_tensor(k) for k in f.keys() if k != HASHES_KEY}  # noqa: SIM118 - safe_open is not iterable
     except Exception as err:  # noqa: BLE001 - safetensors' own error types are not importable by a stable name
         raise BadInputError(f"{path} is not a readable safetensors file ({err}); pass a prior made by `mishield prior train`.") from None
-    if meta.get("format") != PRIOR_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != PRIOR_FORMAT:
         raise BadInputError(
             f"{path} is a safetensors file without mishield prior metadata; pass a prior made by `mishield prior train` "
             "or a generator factory as package.module:factory."
         )
-    if int(meta.get("version", 0)) > PRIOR_FORMAT_VERSION:
-        raise BadInputError(f"{path} was written by a newer mishield (prior format {meta['version']}); upgrade mishield.")
-    generator = DCGANGenerator(**meta["config"])
+    generator = DCGANGenerator(**check_prior_meta(meta, path, PRIOR_FORMAT_VERSION))
     try:
         generator.load_state_dict(state)
     except RuntimeError as err:
         raise BadInputError(f"{path} holds weights that do not fit its own config ({str(err)[:120]}...); the file is damaged.") from None
+    check_finite(state, str(path))
     return generator.eval(), meta
 
 
@@ -128,8 +129,9 @@ def read_prior_meta(path: Path) -> dict:
             meta = json.loads((f.metadata() or {}).get("mishield", "{}"))
     except Exception as err:  # noqa: BLE001 - safetensors' own error types are not importable by a stable name
         raise BadInputError(f"{path} is not a readable safetensors file ({err}); pass a prior made by `mishield prior train`.") from None
-    if meta.get("format") != PRIOR_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != PRIOR_FORMAT:
         raise BadInputError(f"{path} is not a mishield prior (no prior metadata); pass a prior made by `mishield prior train`.")
+    check_prior_meta(meta, path, PRIOR_FORMAT_VERSION)
     return meta
 
 

@@ -35,6 +35,7 @@ from mishield.models.architecture import (
     callable_spec,
     is_arch_spec,
 )
+from mishield.models.filechecks import check_finite, check_recorded_arch, refuse_program
 from mishield.models.introspect import (
     count_classes,
     default_preprocessing,
@@ -107,6 +108,7 @@ def _load(model, arch, num_classes, trust_checkpoint, input_size) -> LoadedModel
     except OSError as e:
         raise BadInputError(f"Cannot read {path} ({e.strerror or e}); check the path and its permissions.") from None
     loaded = _load_file(path, arch, num_classes, trust_checkpoint, input_size)
+    check_finite(loaded.model.state_dict(), path.name)
     return dataclasses.replace(loaded, source=path, source_sha256=digest)
 
 
@@ -140,9 +142,12 @@ def _load_file(path: Path, arch, num_classes, trust: bool, input_size) -> Loaded
                 f"{name} is truncated or damaged (its zip directory is missing);"
                 " re-download or re-save it."
             ) from None
+        # Programs, not data: refused before torch reads a byte of them unless trusted.
         if any(re.match(r"^[^/]+/(archive_format|models/[^/]+\.json)$", e) for e in entries):
+            refuse_program(name, "exported", trust)
             return _load_exported(path, num_classes, input_size)
         if any(re.match(r"^[^/]+/(code/|constants\.pkl$)", e) for e in entries):
+            refuse_program(name, "torchscript", trust)
             return _load_torchscript(path, num_classes, input_size)
         if not any(re.match(r"^([^/]+/)?data\.pkl$", e) for e in entries):
             raise BadInputError(
@@ -176,7 +181,9 @@ def _load_safetensors(path: Path, arch, num_classes, trust: bool, input_size) ->
     if "mishield" in metadata:
         try:
             recipe = json.loads(metadata["mishield"])
-        except json.JSONDecodeError:
+            if not isinstance(recipe, dict):
+                raise json.JSONDecodeError("not an object", metadata["mishield"], 0)
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: JSON nested thousands deep
             raise BadInputError(
                 f"{path.name} has a damaged mishield recipe in its metadata;"
                 " re-create the file."
@@ -184,7 +191,7 @@ def _load_safetensors(path: Path, arch, num_classes, trust: bool, input_size) ->
         payload = {"mishield": recipe, "state_dict": tensors}
         return _from_mishield(payload, path, arch, num_classes, input_size, trust)
     file_arch = metadata.get("arch")
-    return _from_state_dict(tensors, path.name, arch or _normalise_file_arch(file_arch), num_classes, input_size)
+    return _from_state_dict(tensors, path.name, _choose_arch(arch, file_arch, path.name, trust), num_classes, input_size)
 
 
 def _safetensors_truncated(path: Path) -> bool:
@@ -217,7 +224,7 @@ def _load_torch(path: Path, arch, num_classes, trust: bool, input_size) -> Loade
     if _is_mishield(obj):
         return _from_mishield(obj, path, arch, num_classes, input_size, trust)
     state_dict, file_arch = _find_state_dict(obj, path.name)
-    return _from_state_dict(state_dict, path.name, arch or _normalise_file_arch(file_arch), num_classes, input_size)
+    return _from_state_dict(state_dict, path.name, _choose_arch(arch, file_arch, path.name, trust), num_classes, input_size)
 
 
 def _after_safe_load_failed(path: Path, error: Exception, trust: bool):
@@ -417,6 +424,15 @@ def _find_state_dict(obj, name: str) -> tuple[dict[str, torch.Tensor], str | Non
             )
         node = node[key]
     raise BadInputError(f"{name} nests its state dict too deeply to find; save model.state_dict() directly.")
+
+
+def _choose_arch(arch, file_arch: str | None, name: str, trust: bool):
+    """`--arch` when given; else the file's own, which may not name code to run (filechecks)."""
+    if arch is not None:
+        return arch
+    recorded = _normalise_file_arch(file_arch)
+    check_recorded_arch(recorded, name, trust)
+    return recorded
 
 
 def _normalise_file_arch(arch: str | None) -> str | None:

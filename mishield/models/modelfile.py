@@ -17,9 +17,15 @@ import torch
 from torch import nn
 
 from mishield import __version__
-from mishield.errors import BadInputError
+from mishield.errors import BadInputError, UsageError
 from mishield.fileio import atomic_output, sha256_file
 from mishield.models.architecture import build_architecture
+from mishield.models.filechecks import (
+    OWN_FACTORIES,
+    REGISTRY_FAMILIES,
+    check_recipe,
+    check_recorded_arch,
+)
 from mishield.models.loaded import LoadedModel
 from mishield.preprocessing import Preprocessing
 from mishield.surgery import rebuild
@@ -27,8 +33,9 @@ from mishield.surgery import rebuild
 FORMAT = "mishield-model"
 FORMAT_VERSION = 1
 # Architectures rebuilt without asking: registry names, and factories inside mishield itself
-# (the audit's evaluation networks): installed code, not code a file chooses to run.
-TRUSTED_PREFIXES = ("timm:", "torchvision:", "mishield.models.plaincnn:plain_cnn")
+# (the audit's evaluation networks): installed code, not code a file chooses to run. The check
+# itself is `mishield.models.filechecks.check_recorded_arch` (exact factory names, not prefixes).
+TRUSTED_PREFIXES = (*REGISTRY_FAMILIES, *sorted(OWN_FACTORIES))
 # Specs that earlier mishield versions recorded for architectures that have since moved.
 _MOVED_ARCHS = {"mishield.attack.evalmodel:plain_cnn": "mishield.models.plaincnn:plain_cnn"}
 
@@ -88,6 +95,7 @@ def model_from_payload(payload: dict, *, source: Path | None = None, arch_overri
     """Rebuild the model a mishield file describes and load its weights (returns a LoadedModel)."""
 
     recipe = payload["mishield"]
+    check_recipe(recipe, source, payload.get("state_dict"))  # types and sizes, before anything is built
     if recipe.get("format_version", 0) > FORMAT_VERSION:
         raise BadInputError(
             f"{source} was written by a newer mishield (format {recipe['format_version']}); upgrade mishield to read it."
@@ -98,15 +106,16 @@ def model_from_payload(payload: dict, *, source: Path | None = None, arch_overri
             f"{source} does not record a rebuildable architecture (it was made from a pickled module); "
             "pass --arch with the architecture it was built from."
         )
-    if isinstance(arch, str) and not arch.startswith(TRUSTED_PREFIXES) and not (arch_override or trust_checkpoint):
-        raise BadInputError(
-            f"{source} was built by the factory {arch}; importing it runs that module's code, so confirm "
-            f"with --arch {arch} (or --trust-checkpoint)."
-        )
+    if isinstance(arch, str) and not arch_override:
+        check_recorded_arch(arch, source, trust_checkpoint)
     preprocessing = Preprocessing.from_dict(recipe.get("preprocessing", {}))
     model = build_architecture(arch, recipe.get("num_classes"))
     for spec in recipe.get("surgery") or []:
-        model = rebuild(model, spec, preprocessing.input_size)
+        try:
+            model = rebuild(model, spec, preprocessing.input_size)
+        except UsageError as err:  # the file, not the command line, asks for the impossible: exit 3
+            reason = str(err).rstrip(".")
+            raise BadInputError(f"{source} records a surgery that cannot be replayed ({reason}); the file is damaged or was edited.") from None
     try:
         result = model.load_state_dict(payload["state_dict"], strict=False)
     except RuntimeError as err:  # shape mismatches

@@ -260,7 +260,8 @@ def scripted_path(tmp_path_factory, tv_model, x) -> Path:
 
 def test_torchscript_archive(scripted_path, tv_model, x):
     before = _sha(scripted_path)
-    loaded = load_model(scripted_path)
+    _bad(["scripted.pt is a TorchScript archive", "--trust-checkpoint"], scripted_path)  # it is a program
+    loaded = load_model(scripted_path, trust_checkpoint=True)
     assert _sha(scripted_path) == before
     assert loaded.kind == "torchscript" and loaded.arch is None and not loaded.supports_surgery
     assert loaded.num_classes == 10
@@ -270,11 +271,12 @@ def test_torchscript_archive(scripted_path, tv_model, x):
 def test_exported_program(tmp_path, tv_model, x):
     path = tmp_path / "model.pt2"
     torch.export.save(torch.export.export(tv_model, (x,)), str(path))
-    loaded = load_model(path)
+    _bad(["model.pt2 is a torch.export program", "--trust-checkpoint"], path)  # its graph's operators run
+    loaded = load_model(path, trust_checkpoint=True)
     assert loaded.kind == "exported" and loaded.arch is None and not loaded.supports_surgery
     assert loaded.num_classes == 10
     assert loaded.preprocessing.input_size == (3, 32, 32)  # the shape it was exported with
-    assert load_model(path, input_size=48).preprocessing.input_size == (3, 48, 48)
+    assert load_model(path, input_size=48, trust_checkpoint=True).preprocessing.input_size == (3, 48, 48)
     _same_outputs(loaded.model, tv_model, x)
 
 
@@ -622,7 +624,7 @@ def test_checkpoint_without_state_dict(tmp_path):
 
 
 def test_num_classes_conflict_for_frozen_formats(scripted_path):
-    _bad(["has 10 classes but --num-classes 4"], scripted_path, num_classes=4)
+    _bad(["has 10 classes but --num-classes 4"], scripted_path, num_classes=4, trust_checkpoint=True)
 
 
 # --------------------------------------------------------------------------- inputs are read-only

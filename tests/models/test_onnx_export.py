@@ -300,14 +300,14 @@ def test_cli_summary_and_parity_exit_code(tmp_path, capsys):
     model = tiny_model()
     torch.jit.script(model).save(str(tmp_path / "tiny.ts"))
     out = tmp_path / "tiny.onnx"
-    code, stdout, stderr = run_cli(["export", str(tmp_path / "tiny.ts"), "--input-size", "16", "--out", str(out)], capsys)
+    code, stdout, stderr = run_cli(["export", str(tmp_path / "tiny.ts"), "--trust-checkpoint", "--input-size", "16", "--out", str(out)], capsys)
     assert code == 0, stderr
     assert stdout == ""
     assert "tiny.onnx" in stderr and "top-1 agreement 100%" in stderr and "opset 20" in stderr
     assert_onnx_matches(model, out, SMALL)
 
     good = out.read_bytes()
-    args = ["export", str(tmp_path / "tiny.ts"), "--input-size", "16", "--out", str(out), "--overwrite", "--atol", "0"]
+    args = ["export", str(tmp_path / "tiny.ts"), "--trust-checkpoint", "--input-size", "16", "--out", str(out), "--overwrite", "--atol", "0"]
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 5, stderr
     assert "max abs logit diff" in stderr and "Traceback" not in stderr and stdout == ""

@@ -19,7 +19,7 @@ import torch
 from attack_support import noise_image_folder, tiny_resnet
 from clirun import run_cli as run
 
-from mishield.errors import UsageError
+from mishield.errors import OutputError, UsageError
 from mishield.fileio import atomic_output, check_writable
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -108,9 +108,12 @@ def test_check_writable_under_a_file_is_a_usage_error(tmp_path):
 def test_a_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path):
     target = tmp_path / "model.pt"
     target.write_text("old")
-    with pytest.raises(OSError, match="No space"), atomic_output(target, overwrite=True) as tmp:
+    # a full disk is an output that cannot be written (exit 6), not an internal error
+    with pytest.raises(OutputError, match="cannot write .*model.pt .No space left on device") as info, \
+            atomic_output(target, overwrite=True) as tmp:
         tmp.write_text("half of the new")
         raise OSError(28, "No space left on device")
+    assert info.value.exit_code == 6
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
