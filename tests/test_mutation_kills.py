@@ -177,7 +177,7 @@ def test_ssf_on_a_skip_in_the_root_module_keeps_unused_modules():
 
 
 def test_adam_uses_the_configured_lr_and_ppas_betas():
-    from test_attack_mechanisms import _attack
+    from attack.test_attack_mechanisms import _attack
 
     attack = _attack(lr=0.07)
     group = attack.step.make_optimizer(torch.zeros(2, 8, requires_grad=True)).param_groups[0]
@@ -187,7 +187,7 @@ def test_adam_uses_the_configured_lr_and_ppas_betas():
 def test_each_step_sees_its_own_random_crop():
     """The loss is taken under RandomResizedCrop per step (keyed by the step counter): the same
     latents at two steps give two losses. Without the crop they would be equal."""
-    from test_attack_mechanisms import CLASSES, _attack
+    from attack.test_attack_mechanisms import CLASSES, _attack
 
     attack = _attack(lr=0.2)
     latents, _ = attack.initial_selection(CLASSES)
@@ -203,13 +203,13 @@ def test_run_reports_progress_image_steps_and_timings(monkeypatch):
     import itertools
     import types
 
-    import mishield.attack.ppa
-    from test_attack_mechanisms import CLASSES, _attack
+    import mishield.attack.engine
+    from attack.test_attack_mechanisms import CLASSES, _attack
 
     # A clock that advances by exactly one second per read: the timings are then exact sums of
     # whole numbers, independent of the machine's load (real clock reads made this test flaky).
     ticks = itertools.count(1.0)
-    monkeypatch.setattr(mishield.attack.ppa, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    monkeypatch.setattr(mishield.attack.engine, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
     calls = []
     attack = _attack(lr=0.2, iterations=4)
     result = attack.run(CLASSES, progress=lambda *a: calls.append(a))
