@@ -120,7 +120,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(world, tmp_
     with pytest.raises(TrainingInterrupted, match="`resume`"):
         train_surrogate(world.target, world.flat, out, progress=stop_in_the_second_epoch, **settings)
     assert Path(f"{out}.train-state").exists() and not out.exists()
-    with pytest.raises(UsageError, match="`resume`"):
+    with pytest.raises(UsageError, match="--resume"):
         train_surrogate(world.target, world.flat, out, **settings)
     with pytest.raises(BadInputError, match="different run"):  # another teacher is another run
         train_surrogate(world.other, world.flat, out, resume=True, **settings)
