@@ -11,6 +11,21 @@ from typing import Annotated
 import typer
 
 from mishield.cli import console
+from mishield.cli.harden_search import (
+    SEARCH_FLAGS,
+    AllowWeakEvaluatorOpt,
+    EvalArchOpt,
+    EvalModelOpt,
+    GridOpt,
+    MaxAccDropOpt,
+    PriorOpt,
+    RemeasureOpt,
+    SearchEpochsOpt,
+    SearchOpt,
+    SearchPresetOpt,
+    refuse_search_options,
+    run_search,
+)
 from mishield.cli.options import (
     LOAD_PARAMETERS,
     ArchOpt,
@@ -210,34 +225,55 @@ def harden(
     freeze_stages: FreezeStagesOpt = 0,
     public: PublicOpt = None,
     public_epochs: PublicEpochsOpt = None,
+    search: SearchOpt = False,
+    max_acc_drop: MaxAccDropOpt = 0.02,
+    search_epochs: SearchEpochsOpt = 2,
+    grid: GridOpt = "default",
+    search_preset: SearchPresetOpt = "ci",
+    prior: PriorOpt = None,
+    eval_model: EvalModelOpt = None,
+    eval_arch: EvalArchOpt = None,
+    allow_weak_evaluator: AllowWeakEvaluatorOpt = False,
+    remeasure: RemeasureOpt = True,
     recipe_file: RecipeFileOpt = None,
 ) -> None:
-    """Rewrite the model's last-stage skip connections (RoLSS / SSF), optionally fine-tune it on your
-    private data (TTS / finetune) with stacked defences (BiDO, negative label smoothing, random
-    erasing, frozen stages, TL-DMI), and write a hardened model file."""
+    """Rewrite the model's last-stage skips (RoLSS / SSF), optionally fine-tune it on your private data
+    with stacked defences (BiDO, negative label smoothing, random erasing, frozen stages, TL-DMI) and
+    write a hardened model file; or (--search) find the least leaky stack within an accuracy budget."""
     from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.fileio import refuse_input_as_output
     from mishield.hardening import HardenConfig
     from mishield.hardening import harden as harden_model
     from mishield.recipes import recipe_defaults
 
+    # every option by name (RECIPE_KEYS, SEARCH_FLAGS); an unused repeatable option is () there, None here
+    given = {k: (None if v == () else v) for k, v in ctx.params.items()}
     r = recipe_defaults(ctx, recipe_file, RECIPE_KEYS)
-    given = {"method": method, "alpha": alpha, "stage": stage, "sites": sites, "schedule": schedule, "epochs": epochs,
-             "stage1_epochs": stage1_epochs, "lr": lr, "batch_size": batch_size, "bido": bido, "bido_lx": bido_lx,
-             "bido_ly": bido_ly, "seed": seed, "val_fraction": val_fraction, "neg_ls": neg_ls, "neg_ls_start": neg_ls_start,
-             "neg_ls_ramp": neg_ls_ramp, "erase": erase, "freeze_stages": freeze_stages, "public_epochs": public_epochs}
-    options = {k: r.get(k, v) for k, v in given.items()}
+    options = {k: r.get(k, given[k]) for k in RECIPE_KEYS}
     refuse_input_as_output(out, (recipe_file,))  # the library checks the inputs it is given itself
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    run = {"overwrite": overwrite, "device": device, "workers": workers, "compile": compile_model}
+    with flags_in_errors(harden_model, extra=(*LOAD_PARAMETERS, *CONFIG_FLAGS)):
+        refuse_search_options(ctx, search)
+        load = _load_options(given)
+    if search:
+        chosen = {k: given[k] for k in SEARCH_FLAGS}
+        return run_search(model, out, {**options, **run}, load, data, public, chosen, json_output, set(r), CONFIG_FLAGS)
     with flags_in_errors(harden_model, extra=(*LOAD_PARAMETERS, *CONFIG_FLAGS)), progress_bars(is_main and data is not None) as bars:
-        config = HardenConfig(**options, overwrite=overwrite, device=device, workers=workers, compile=compile_model,
-                              reset_head=reset_head, resume=resume)
-        load = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "input_size": input_size,
-                "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
+        config = HardenConfig(**options, **run, reset_head=reset_head, resume=resume)
         result = harden_model(model, config=config, data=data, val_data=val_data, public=public, out=out, progress=bars,
                               on_epoch=epoch_printer(is_main), load_options=load)
-    if not result.main_process:
-        return
+    if result.main_process:
+        _print_result(result, json_output)
+
+
+def _load_options(given: dict) -> dict:
+    """What `load_model` gets for MODEL: the shared loading flags, --mean / --std as numbers."""
+    load = {k: given[k] for k in ("arch", "num_classes", "trust_checkpoint", "input_size")}
+    return load | {"mean": parse_floats(given["mean"], "--mean"), "std": parse_floats(given["std"], "--std")}
+
+
+def _print_result(result, json_output: bool) -> None:
     summary = result.to_dict()
     if json_output:
         console.emit_json(summary)

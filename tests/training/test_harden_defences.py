@@ -17,7 +17,12 @@ import torch.nn.functional as F
 from attack_support import tiny_resnet
 
 from mishield import harden
-from mishield.data import ImageDataset, eval_transform, load_image_folders, materialize_fashion_mnist
+from mishield.data import (
+    ImageDataset,
+    eval_transform,
+    load_image_folders,
+    materialize_fashion_mnist,
+)
 from mishield.errors import UsageError
 from mishield.hardening import HardenConfig
 from mishield.models import load_model, save_model
@@ -159,7 +164,7 @@ def test_frozen_stages_stay_bit_identical_to_the_input_checkpoint(checkpoint, pr
 def test_tl_dmi_pretrains_on_public_data_then_keeps_those_stages_frozen(checkpoint, private, public, tmp_path):
     before, frozen = _frozen_names(checkpoint, 2)
     # epochs 0: the model right after public pre-training (deterministic on the CPU), with its new private head
-    pre = _harden(checkpoint, private, tmp_path / "pre.pt", public=public, epochs=0, freeze_stages=2, public_epochs=2)
+    _harden(checkpoint, private, tmp_path / "pre.pt", public=public, epochs=0, freeze_stages=2, public_epochs=2)
     full = _harden(checkpoint, private, tmp_path / "full.pt", public=public, epochs=2, freeze_stages=2, public_epochs=2)
     pre_w = _load(tmp_path / "pre.pt").model.state_dict()
     full_w = _load(tmp_path / "full.pt").model.state_dict()
