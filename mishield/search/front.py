@@ -63,7 +63,7 @@ def front_svg(doc: dict) -> str:
         out.append(f'<rect class="outside-budget" x="{LEFT}" y="{TOP}" width="{px(budget) - LEFT:.1f}" height="{plot_h}" fill="#f2f2f2"/>')
         out.append(f'<line class="budget" x1="{px(budget):.1f}" y1="{TOP}" x2="{px(budget):.1f}" y2="{TOP + plot_h}" '
                    'stroke="#777" stroke-dasharray="6 4"/>')
-        out.append(f'<text x="{px(budget) + 4:.1f}" y="{TOP + 14}" fill="#555">budget: -{100 * doc["options"]["max_acc_drop"]:.1f} pts</text>')
+        out.append(f'<text x="{px(budget) + 4:.1f}" y="{TOP + 14}" fill="#555">budget: {100 * doc["options"]["max_acc_drop"]:.1f} pts below the original</text>')
     line = _front([(m["natural_acc"], m["attack_acc1"]) for _, m in shown])
     if len(line) > 1:
         path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in line)
@@ -128,7 +128,7 @@ def _point(name: str, m: dict, pick: str | None, px, py, labels: _Labels) -> lis
         out.append(f'<rect x="{x - 5:.1f}" y="{y - 5:.1f}" width="10" height="10" fill="{colour}"/>')
     elif kind == "final":
         out.append(f'<path d="M {x:.1f} {y - 8:.1f} L {x + 8:.1f} {y:.1f} L {x:.1f} {y + 8:.1f} L {x - 8:.1f} {y:.1f} Z" '
-                   f'fill="white" stroke="{colour}" stroke-width="2"/>')
+                   f'fill="none" stroke="{colour}" stroke-width="2"/>')  # hollow: the original often sits under it
     else:
         fill = colour if kind != "outside" else "white"
         out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{fill}" stroke="{colour}" stroke-width="1.5"/>')
