@@ -325,5 +325,7 @@ def _print_training_summary(s: dict) -> None:
     acc.add_row(_pct(m.get("natural_acc_before")), _pct(m.get("natural_acc_after_surgery")),
                 _pct(m.get("natural_acc_after")))
     console.err.print(acc)
+    if s.get("defences"):
+        console.err.print(f"defences stacked on the surgery: {', '.join(s['defences'])} (settings in the recipe: --json)")
     console.err.print(f"{len(s['sites'])} skip site(s) rewritten, {s['train_images']} training images, "
                       f"{s['seconds']:.1f}s -> [bold]{s['out']}[/] (log: {s['log']})")

@@ -93,6 +93,9 @@ def test_a_tiny_search_trains_audits_once_picks_by_the_rule_and_writes_everythin
     report = json.loads(Path(doc["files"]["audit_report"]).read_text())
     assert [m["name"] for m in report["models"]] == ["model.pt", "00-rolss.pt", "01-ssf-0.2+neg-ls+erase.pt"]
     assert report["models"][0]["metrics"]["paired_diff_acc1"] is None
+    assert report["models"][0]["defences"] is None  # the original's file records no mishield training
+    assert report["models"][1]["defences"] == {}  # RoLSS alone
+    assert set(report["models"][2]["defences"]) == {"label_smoothing", "erase"}  # report.json describes each model's defences
     assert [c["name"] for c in doc["candidates"]] == [c.name for c in GRID]
     for row, model in zip(doc["candidates"], report["models"][1:]):
         assert row["attack_acc1"] == model["metrics"]["attack_acc1"]
