@@ -14,7 +14,6 @@ from mishield.attack.priors import Prior
 from mishield.errors import BadInputError, UsageError
 from mishield.preprocessing import Preprocessing
 
-
 DEFENCE_KEYS = ("bido", "label_smoothing", "erase", "freeze_stages", "public_pretraining")
 
 
