@@ -4,8 +4,10 @@ The public API (everything in `__all__`), grouped by what a user does:
 
 * load and save models: `load_model`, `save_model`, `LoadedModel`;
 * look before changing anything: `inspect_model` -> `ModelInspection`;
-* harden in one call (surgery, and with private data fine-tuning): `harden(model, config=HardenConfig(...))`
-  -> `HardenResult`;
+* harden in one call (surgery, and with private data fine-tuning with stacked defences):
+  `harden(model, config=HardenConfig(...))` -> `HardenResult`;
+* search a grid of stacked defences for the least leaky within an accuracy budget:
+  `search_defences(model, data=..., public=..., out=..., config=SearchConfig(...))` -> `SearchResult`;
 * find skip connections and rewrite them step by step: `analyse`, `plan_surgery`, `apply_plan`,
   `SkipSite`, `SurgeryPlan`, `SurgeryResult`;
 * fine-tune with your own loop around it: `TrainingRecipe`, `RunOptions`, `run_schedule`;
@@ -42,6 +44,9 @@ _API = {
     "HardenConfig": "mishield.hardening",
     "HardenResult": "mishield.hardening",
     "harden": "mishield.hardening",
+    "SearchConfig": "mishield.search.config",
+    "SearchResult": "mishield.search.results",
+    "search_defences": "mishield.search.runner",
     "ModelInspection": "mishield.inspection",
     "inspect_model": "mishield.inspection",
     "AttackConfig": "mishield.attack.config",
@@ -89,6 +94,8 @@ __all__ = [
     "PrivacyGate",
     "PrivacyGateError",
     "RunOptions",
+    "SearchConfig",
+    "SearchResult",
     "SkipSite",
     "SurgeryPlan",
     "SurgeryResult",
@@ -107,6 +114,7 @@ __all__ = [
     "plan_surgery",
     "run_schedule",
     "save_model",
+    "search_defences",
     "train_eval_model",
     "train_prior",
     "train_surrogate",

@@ -1,5 +1,8 @@
 """`harden`: skip-connection surgery (RoLSS / SSF) and, given private data, fine-tuning (TTS or
-finetune, optionally with BiDO) in one call, returning a typed `HardenResult`.
+finetune) in one call, returning a typed `HardenResult`. The defences that change the loss or the
+data stack on top of the surgery, on the one training loop: BiDO, negative label smoothing
+(`neg_ls`), random erasing (`erase`), partial freezing (`freeze_stages`) and, given `public`
+data, TL-DMI's public pre-training of the frozen stages (docs/architecture.md §4).
 
 This is the policy layer `mishield harden` calls: defaults (schedule, learning rate, epochs),
 validation, the resumable-state and log files beside the output, and the training record written
@@ -31,6 +34,7 @@ if TYPE_CHECKING:  # torch-heavy types, named for readers and type checkers only
 SCHEDULES = ("tts", "finetune")
 DEFAULT_EPOCHS_WITH_DATA = 10
 DEFAULT_STAGE1_EPOCHS = 5  # the paper's M
+DEFAULT_PUBLIC_EPOCHS = 10  # TL-DMI's public pre-training, when `public_epochs` is not given
 
 
 def state_path_for(out: Path) -> Path:
@@ -39,6 +43,12 @@ def state_path_for(out: Path) -> Path:
     from mishield.training import state_path_for as rule
 
     return rule(out)
+
+
+def public_state_path_for(out: Path) -> Path:
+    """TL-DMI's public pre-training keeps its own resumable state beside the output's."""
+    state = state_path_for(out)
+    return state.with_name(state.name + ".public")
 
 
 def log_path_for(out: Path) -> Path:
@@ -63,6 +73,7 @@ class HardenResult:
     resumed_from: dict | None = None
     seconds: float = 0.0
     main_process: bool = True  # False on the other ranks under torchrun, which write nothing
+    pretraining: dict | None = None  # TL-DMI's public pre-training (public classes, epochs, accuracy), when run
 
     @property
     def accuracy_before(self) -> float | None:
@@ -96,9 +107,20 @@ class HardenResult:
             "epochs": self.history,
             "final_train_loss": final.get("train_loss"),
             "bido_features": t["bido_features"],
+            "defences": defences(self.recipe, self.pretraining),
+            "public_pretraining": self.pretraining,
             "resumed_from": self.resumed_from,
             "seconds": round(self.seconds, 2),
         }
+
+
+def defences(recipe: TrainingRecipe, pretraining: dict | None = None) -> list[str]:
+    """The loss and data defences a recipe trains with, by name, in a fixed order (for readers;
+    the recipe holds their settings)."""
+    names = [("bido", recipe.bido is not None), ("neg_ls", recipe.label_smoothing is not None),
+             ("erase", recipe.erase is not None), ("freeze_stages", bool(recipe.freeze_stages)),
+             ("tl_dmi", pretraining is not None)]
+    return [name for name, on in names if on]
 
 
 @dataclass(frozen=True)
@@ -112,6 +134,12 @@ class HardenConfig:
     1e-4 for a trained checkpoint, 1e-3 for random weights or `reset_head`), `batch_size`, BiDO
     (`bido`, `bido_lx`, `bido_ly`), `seed`, `device`, `workers`, `compile`, `reset_head`, `resume`
     (continue OUT.train-state), `val_fraction` (a seeded hold-out where the data has no val/).
+    Defences stacked on the surgery (each needs `data`): `neg_ls` (negative label smoothing's
+    factor, e.g. -0.05, Struppek et al., ICLR 2024; 0 until `neg_ls_start`, then ramped in over
+    `neg_ls_ramp` epochs, by default half the run and a quarter), `erase` (random erasing, MIDRE:
+    (p, min_area, max_area), or p alone, or the string "P[,MIN,MAX]"; MIDRE's is (1.0, 0.1, 0.8)),
+    `freeze_stages` (the stem and the first N stages frozen in every stage that trains on the
+    private data, TL-DMI), `public_epochs` (TL-DMI's public pre-training, with `harden(public=...)`).
     `overwrite` replaces an existing output. `HardenConfig.from_recipe("recipes/paper-tts.yaml")`
     reads a recipe file; `HardenConfig.paper_tts()` is the paper's full TTS recipe.
     """
@@ -136,8 +164,17 @@ class HardenConfig:
     resume: bool = False
     overwrite: bool = False
     val_fraction: float | None = None
+    neg_ls: float | None = None
+    neg_ls_start: int | None = None
+    neg_ls_ramp: int | None = None
+    erase: tuple[float, float, float] | None = None
+    freeze_stages: int = 0
+    public_epochs: int | None = None
 
     def __post_init__(self) -> None:
+        from mishield.defences import parse_erase
+
+        object.__setattr__(self, "erase", parse_erase(self.erase))
         if isinstance(self.sites, str):
             object.__setattr__(self, "sites", (self.sites,))
         elif self.sites is not None:
@@ -164,9 +201,15 @@ class HardenConfig:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> HardenConfig:
+        from mishield.defences import check_count, check_neg_ls
         from mishield.surgery.methods import check_method
 
         check_method(self.method, self.alpha)
+        check_neg_ls(self.neg_ls)
+        for name in ("neg_ls_start", "neg_ls_ramp", "freeze_stages", "public_epochs"):
+            check_count(name, getattr(self, name), 1 if name == "public_epochs" else 0)
+        if self.neg_ls is None and (self.neg_ls_start is not None or self.neg_ls_ramp is not None):
+            raise UsageError("`neg_ls_start` and `neg_ls_ramp` schedule negative label smoothing; pass `neg_ls` too.")
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise UsageError(f"`schedule` must be tts or finetune, not {self.schedule!r}.")
         for name in ("epochs", "stage1_epochs", "workers"):
@@ -189,6 +232,8 @@ class HardenConfig:
             ("epochs", self.epochs or None), ("val_fraction", self.val_fraction), ("schedule", self.schedule),
             ("stage1_epochs", self.stage1_epochs), ("lr", self.lr), ("bido", self.bido or None),
             ("resume", self.resume or None), ("reset_head", self.reset_head or None), ("compile", self.compile or None),
+            ("neg_ls", self.neg_ls), ("neg_ls_start", self.neg_ls_start), ("neg_ls_ramp", self.neg_ls_ramp),
+            ("erase", self.erase), ("freeze_stages", self.freeze_stages or None), ("public_epochs", self.public_epochs),
         ) if value is not None]
 
 
@@ -198,6 +243,7 @@ def harden(
     config: HardenConfig | None = None,
     data: str | Path | None = None,
     val_data: str | Path | None = None,
+    public: str | Path | None = None,
     out: str | Path | None = None,
     progress: ProgressCallback | None = None,
     on_epoch: EpochCallback | None = None,
@@ -209,45 +255,64 @@ def harden(
     `model` is a `LoadedModel` or anything `mishield.load_model` reads (a file or an architecture
     spec, loaded with `load_options`). `config` (`HardenConfig`) says how. Without `data` only the
     surgery runs. With it the model is fine-tuned on the private ImageFolder `data` (validated on
-    `val_data`, its val/ folder, or a seeded hold-out). `progress(stage, step, steps)` and
-    `on_epoch(record)` report the training (`mishield.progress`; the main process only). `out`
-    (optional) receives a mishield model file that reloads with no options; while training,
-    `OUT.train-state` (for `config.resume`) and `OUT.train.jsonl` sit beside it.
+    `val_data`, its val/ folder, or a seeded hold-out). `public` (an ImageFolder of public images,
+    with `config.freeze_stages`) is TL-DMI: the whole model is first trained on the public classes
+    for `config.public_epochs` through a temporary head, then gets a fresh head for the private
+    classes and is hardened as usual with its first stages frozen at their public weights.
+    `progress(stage, step, steps)` and `on_epoch(record)` report the training
+    (`mishield.progress`; the main process only). `out` (optional) receives a mishield model file
+    that reloads with no options; while training, `OUT.train-state` (for `config.resume`; and
+    `OUT.train-state.public` during TL-DMI's pre-training) and `OUT.train.jsonl` sit beside it.
 
     The former keyword form (`method=`, `epochs=`, ...) still works for one release, with a
     DeprecationWarning.
     """
     config = resolve_config("harden", config, keywords, HardenConfig)
-    if data is None:
-        given = config.training_options_given() + (["val_data"] if val_data is not None else [])
-        if given:
-            raise UsageError(f"`{given[0]}` needs training data; pass `data` (an ImageFolder of your private images).")
+    _check_call(config, model, data, val_data, public, out)
     out = Path(out) if out is not None else None
-    if out is not None:
-        from mishield.fileio import check_writable
-
-        check_writable(out, config.overwrite, inputs=[x for x in (model, data, val_data) if isinstance(x, (str, Path))])
-    if config.resume and out is None:
-        raise UsageError("`resume` continues the run whose state sits beside `out`; pass `out` too.")
-    if data is not None and out is not None and state_path_for(out).exists() and not config.resume and not config.overwrite:
-        raise UsageError(f"{state_path_for(out)} holds an interrupted run; pass `resume` to continue it or "
-                         "`overwrite` to start over.")
-
     loaded = _load(model, load_options)
     if data is None:
         return _surgery_only(loaded, config, out)
     size_given = not isinstance(model, (str, Path)) or (load_options or {}).get("input_size") is not None
-    return _fine_tune(loaded, config, _Data(Path(data), None if val_data is None else Path(val_data), size_given), out,
-                      Callbacks(progress, on_epoch))
+    where = _Data(Path(data), None if val_data is None else Path(val_data), size_given, None if public is None else Path(public))
+    return _fine_tune(loaded, config, where, out, Callbacks(progress, on_epoch))
+
+
+def _check_call(config: HardenConfig, model, data, val_data, public, out) -> None:
+    """Everything `harden` refuses before it loads anything: options that need data, TL-DMI's
+    pairing of `public` with `freeze_stages`, an existing output, a leftover interrupted run."""
+    if data is None:
+        given = config.training_options_given() + [name for name, v in (("val_data", val_data), ("public", public)) if v is not None]
+        if given:
+            raise UsageError(f"`{given[0]}` needs training data; pass `data` (an ImageFolder of your private images).")
+    if public is not None and not config.freeze_stages:
+        raise UsageError("`public` pre-trains the early stages for TL-DMI, which then keeps them frozen; "
+                         "pass `freeze_stages` (e.g. 2) too.")
+    if config.public_epochs is not None and public is None:
+        raise UsageError("`public_epochs` is the length of TL-DMI's public pre-training; pass `public` too.")
+    if out is None:
+        if config.resume:
+            raise UsageError("`resume` continues the run whose state sits beside `out`; pass `out` too.")
+        return
+    from mishield.fileio import check_writable
+
+    out = Path(out)
+    check_writable(out, config.overwrite, inputs=[x for x in (model, data, val_data, public) if isinstance(x, (str, Path))])
+    if data is None or config.resume or config.overwrite:
+        return
+    for state in (state_path_for(out), public_state_path_for(out)):
+        if state.exists():
+            raise UsageError(f"{state} holds an interrupted run; pass `resume` to continue it or `overwrite` to start over.")
 
 
 @dataclass(frozen=True)
 class _Data:
-    """The private data `harden` fine-tunes on."""
+    """The private data `harden` fine-tunes on (and TL-DMI's public data)."""
 
     train: Path
     val: Path | None
     input_size_given: bool  # False: a plain state dict whose resolution the data must tell
+    public: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -299,29 +364,35 @@ def _surgery_only(loaded: LoadedModel, config: HardenConfig, out: Path | None) -
     return HardenResult(model=result.model, plan=plan, surgery=result, out=out, seconds=result.seconds)
 
 
-def _recipe(loaded: LoadedModel, t: HardenConfig) -> TrainingRecipe:
-    from mishield.training import BiDOConfig, TrainingRecipe, default_lr
+def _recipe(loaded: LoadedModel, t: HardenConfig, fresh_head: bool = False) -> TrainingRecipe:
+    """The fine-tuning recipe with its defaults filled in; `fresh_head` (`reset_head`, or TL-DMI's
+    private head after public pre-training) takes the recipe's 1e-3 rather than 1e-4."""
+    from mishield.training import BiDOConfig, LabelSmoothing, TrainingRecipe, default_lr
 
     trained = loaded.kind != "spec"
+    smoothing = None if t.neg_ls is None else LabelSmoothing(t.neg_ls, t.neg_ls_start, t.neg_ls_ramp)
     return TrainingRecipe(
         schedule=t.schedule or ("finetune" if trained else "tts"),
         epochs=DEFAULT_EPOCHS_WITH_DATA if t.epochs is None else t.epochs,
         stage1_epochs=DEFAULT_STAGE1_EPOCHS if t.stage1_epochs is None else t.stage1_epochs,
-        lr=t.lr if t.lr is not None else default_lr(trained, t.reset_head),
+        lr=t.lr if t.lr is not None else default_lr(trained, t.reset_head or fresh_head),
         batch_size=t.batch_size,
         seed=t.seed,
         bido=BiDOConfig(lx=t.bido_lx, ly=t.bido_ly) if t.bido else None,
+        label_smoothing=smoothing,
+        erase=t.erase,
+        freeze_stages=t.freeze_stages,
     )
 
 
-def _fine_tune(loaded: LoadedModel, t: HardenConfig, data: _Data, out: Path | None, report: Callbacks) -> HardenResult:
+def _private_splits(loaded: LoadedModel, t: HardenConfig, data: _Data):
+    """(the model at the data's resolution, the private splits, the class count it trains with)."""
     from mishield.data import (
         check_num_classes,
         fit_resolution,
         load_image_folders,
         resolve_val_fraction,
     )
-    from mishield.training import RunOptions, run_schedule
     from mishield.training import reset_head as reset_classifier
 
     fraction = resolve_val_fraction(data.train, data.val, t.val_fraction)
@@ -331,33 +402,66 @@ def _fine_tune(loaded: LoadedModel, t: HardenConfig, data: _Data, out: Path | No
     if t.reset_head:
         reset_classifier(loaded.model, splits.num_classes)
         model_classes = splits.num_classes
-    else:
+    elif data.public is None:  # TL-DMI gives the model a new private head after its public pre-training
         check_num_classes(splits, model_classes)
-    recipe = _recipe(loaded, t)
-    plan = _plan(loaded, t)
+    return loaded, splits, splits.num_classes if data.public is not None else model_classes
+
+
+def _pretrain_public(loaded: LoadedModel, t: HardenConfig, recipe: TrainingRecipe, data: _Data, private_classes: int,
+                     options, report: Callbacks) -> dict:
+    """TL-DMI step 1 on `loaded.model` in place (`mishield.training.pretrain_on_public`): the public
+    classes through a temporary head, without the private run's defences, then a fresh private head."""
+    import dataclasses as dc
+
+    from mishield.data import load_image_folders
+    from mishield.training import TrainingRecipe, pretrain_on_public
+
+    public = load_image_folders(data.public, seed=t.seed)  # its val/ folder, when it has one, measures the public accuracy
+    epochs = DEFAULT_PUBLIC_EPOCHS if t.public_epochs is None else t.public_epochs
+    public_recipe = TrainingRecipe(schedule="finetune", epochs=epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed)
+    state = None if options.state_path is None else options.state_path.with_name(options.state_path.name + ".public")
+    pre = pretrain_on_public(loaded.model, public, loaded.preprocessing, public_recipe, private_classes=private_classes,
+                             options=dc.replace(options, state_path=state, log_path=None),
+                             progress=report.progress, on_epoch=report.on_epoch)
+    loaded.model = pre.model
+    return {"public": str(data.public), "lr": public_recipe.lr, **pre.to_dict()}
+
+
+def _fine_tune(loaded: LoadedModel, t: HardenConfig, data: _Data, out: Path | None, report: Callbacks) -> HardenResult:
+    from mishield.training import RunOptions, run_schedule
+
+    loaded, splits, model_classes = _private_splits(loaded, t, data)
+    recipe = _recipe(loaded, t, fresh_head=data.public is not None)
     state_path = log_path = None
     is_main = int(os.environ.get("RANK", "0")) == 0  # torchrun: rank 0 alone writes files
     if out is not None:
         state_path, log_path = state_path_for(out), log_path_for(out)
         if is_main and not t.resume and t.overwrite:
-            state_path.unlink(missing_ok=True)
-            log_path.unlink(missing_ok=True)
+            for stale in (state_path, public_state_path_for(out), log_path):
+                stale.unlink(missing_ok=True)
     options = RunOptions(device=t.device, workers=t.workers, compile=t.compile, state_path=state_path, resume=t.resume,
                          log_path=log_path)
-    result = run_schedule(
-        loaded.model, plan, splits, loaded.preprocessing, recipe, options=options, num_classes=model_classes,
-        progress=report.progress if is_main else None, on_epoch=report.on_epoch if is_main else None,
-    )
+    if not is_main:
+        report = Callbacks()
+    pretraining = None
+    if data.public is not None:
+        pretraining = _pretrain_public(loaded, t, recipe, data, model_classes, options, report)
+    plan = _plan(loaded, t)  # after pre-training: TL-DMI's private head is the one the surgery keeps
+    result = run_schedule(loaded.model, plan, splits, loaded.preprocessing, recipe, options=options, num_classes=model_classes,
+                          progress=report.progress, on_epoch=report.on_epoch)
     record = result.training_record() | {"classes": list(splits.classes), "train_images": len(splits.train),
                                          "val_images": len(splits.val), "bido_features": result.bido_features}
+    if pretraining is not None:
+        record["public_pretraining"] = pretraining
     metrics = {k: result.metrics.get(k) for k in ("natural_acc_before", "natural_acc_after_surgery", "natural_acc_after")}
     if is_main and out is not None:
         _write_trained(loaded, out, result, model_classes, t.overwrite, record, metrics)
-        state_path.unlink(missing_ok=True)  # the finished model supersedes the resumable state
+        for finished in (state_path, public_state_path_for(out)):  # the finished model supersedes the resumable states
+            finished.unlink(missing_ok=True)
     return HardenResult(
         model=result.model, plan=plan, surgery=result.surgery, out=out if is_main else None, training=record,
         recipe=recipe, metrics=result.metrics, history=result.history, log=log_path, resumed_from=result.resumed_from,
-        seconds=result.seconds, main_process=is_main,
+        seconds=result.seconds, main_process=is_main, pretraining=pretraining,
     )
 
 

@@ -203,8 +203,9 @@ def test_run_reports_progress_image_steps_and_timings(monkeypatch):
     import itertools
     import types
 
-    import mishield.attack.engine
     from attack.test_attack_mechanisms import CLASSES, _attack
+
+    import mishield.attack.engine
 
     # A clock that advances by exactly one second per read: the timings are then exact sums of
     # whole numbers, independent of the machine's load (real clock reads made this test flaky).

@@ -14,6 +14,8 @@ from mishield.attack.priors import Prior
 from mishield.errors import BadInputError, UsageError
 from mishield.preprocessing import Preprocessing
 
+DEFENCE_KEYS = ("bido", "label_smoothing", "erase", "freeze_stages", "public_pretraining")
+
 
 @dataclass
 class NamedModel:
@@ -43,6 +45,9 @@ class NamedModel:
             "surgery": (loaded.recipe or {}).get("surgery"),
         }
         recipe = loaded.recipe or {}
+        training = recipe.get("training") or {}
+        # the loss / data defences its training stacked on the surgery (mishield.hardening), by their recorded settings
+        info["defences"] = {k: training[k] for k in DEFENCE_KEYS if training.get(k)} if training else None
         provenance = {k: recipe[k] for k in ("classes", "training", "metrics") if recipe.get(k) is not None}
         return cls(label, loaded.model, loaded.preprocessing, int(num_classes), info, provenance)
 

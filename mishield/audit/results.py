@@ -18,7 +18,7 @@ from typing import Any
 SCHEMA = "mishield.audit-report"
 SCHEMA_VERSION = 1
 # What `ModelAudit.info` holds: where the model came from (copied into the report as it is).
-MODEL_INFO_KEYS = ("source", "sha256", "arch", "kind", "surgery", "surrogates")
+MODEL_INFO_KEYS = ("source", "sha256", "arch", "kind", "surgery", "surrogates", "defences")
 
 
 def finite(v: Any) -> Any:

@@ -1,5 +1,6 @@
 """`mishield harden MODEL --method rolss|ssf --out FILE [--data DIR ...]`: rewrite the last stage's
-skips and, given private training data, fine-tune the rewritten model (TTS or finetune, + BiDO)."""
+skips and, given private training data, fine-tune the rewritten model (TTS or finetune) with the
+defences stacked on it (BiDO, --neg-ls, --erase, --freeze-stages, TL-DMI with --public)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,21 @@ from typing import Annotated
 import typer
 
 from mishield.cli import console
+from mishield.cli.harden_search import (
+    SEARCH_FLAGS,
+    AllowWeakEvaluatorOpt,
+    EvalArchOpt,
+    EvalModelOpt,
+    GridOpt,
+    MaxAccDropOpt,
+    PriorOpt,
+    RemeasureOpt,
+    SearchEpochsOpt,
+    SearchOpt,
+    SearchPresetOpt,
+    refuse_search_options,
+    run_search,
+)
 from mishield.cli.options import (
     LOAD_PARAMETERS,
     MAX_BATCH_SIZE,
@@ -31,15 +47,18 @@ from mishield.hardening import DEFAULT_EPOCHS_WITH_DATA
 
 SUMMARY_EPOCHS = 12  # rows of the per-epoch table; the JSON-lines log has them all
 TRAINING_PANEL = "Fine-tuning (needs --data)"
+DEFENCE_PANEL = "Defences stacked on the surgery (need --data)"
 
 
 # Options a --recipe file may set (the training recipe and the surgery it applies).
 RECIPE_KEYS = ("method", "alpha", "stage", "sites", "schedule", "epochs", "stage1_epochs", "lr", "batch_size",
-               "bido", "bido_lx", "bido_ly", "seed", "val_fraction")
+               "bido", "bido_lx", "bido_ly", "seed", "val_fraction", "neg_ls", "neg_ls_start", "neg_ls_ramp", "erase",
+               "freeze_stages", "public_epochs")
 
 
 # HardenConfig's fields, by the flag that sets each (messages name the fields in backticks).
-CONFIG_FLAGS = (*RECIPE_KEYS, "overwrite", "device", "workers", "compile", "reset_head", "resume", "data", "val_data", "out")
+CONFIG_FLAGS = (*RECIPE_KEYS, "overwrite", "device", "workers", "compile", "reset_head", "resume", "data", "val_data", "public",
+                "out")
 
 
 # Options only `harden` has (shared ones are in mishield.cli.options).
@@ -121,6 +140,45 @@ WorkersOpt = Annotated[
     int | None, typer.Option("--workers", min=0, rich_help_panel=TRAINING_PANEL,
                                 help="Data-loading worker processes (default: up to 8 on CUDA, 0 on small CPUs).")
 ]
+NegLsOpt = Annotated[
+    float | None,
+    typer.Option("--neg-ls", metavar="ALPHA", show_default=False, rich_help_panel=DEFENCE_PANEL,
+                 help="Negative label smoothing with factor ALPHA in (-1, 0) (Struppek et al., ICLR 2024: -0.05); "
+                      "0 for the first half of the run, then ramped in over a quarter (recorded in the output)."),
+]
+NegLsStartOpt = Annotated[
+    int | None,
+    typer.Option("--neg-ls-start", min=0, show_default=False, rich_help_panel=DEFENCE_PANEL,
+                 help="Global epoch (0-based, TTS stage 1 included) at which --neg-ls starts (default: half the run)."),
+]
+NegLsRampOpt = Annotated[
+    int | None,
+    typer.Option("--neg-ls-ramp", min=0, show_default=False, rich_help_panel=DEFENCE_PANEL,
+                 help="Epochs over which --neg-ls grows linearly to ALPHA (default: a quarter of the run)."),
+]
+EraseOpt = Annotated[
+    str | None,
+    typer.Option("--erase", metavar="P[,MIN,MAX]", show_default=False, rich_help_panel=DEFENCE_PANEL,
+                 help="Random erasing of training images (MIDRE): probability P, erased area MIN-MAX of the image "
+                      "(default 0.1-0.8); MIDRE uses 1.0,0.1,0.8."),
+]
+FreezeStagesOpt = Annotated[
+    int, typer.Option("--freeze-stages", min=0, metavar="N", rich_help_panel=DEFENCE_PANEL,
+                      help="Keep the stem and the first N stages frozen (batch-norm statistics included) while training "
+                           "on the private data (TL-DMI); 0 freezes nothing.")
+]
+PublicOpt = Annotated[
+    Path | None,
+    typer.Option("--public", show_default=False, rich_help_panel=DEFENCE_PANEL,
+                 help="Public ImageFolder (classes disjoint from the private ones). With --freeze-stages: TL-DMI, the "
+                      "whole model pre-trained on it first, then a new head and the usual hardening with the first N "
+                      "stages frozen. With --search: the attacker's data the audit's prior is trained on."),
+]
+PublicEpochsOpt = Annotated[
+    int | None,
+    typer.Option("--public-epochs", min=1, show_default=False, rich_help_panel=DEFENCE_PANEL,
+                 help="Epochs of TL-DMI's public pre-training (default 10)."),
+]
 RecipeFileOpt = Annotated[
     Path | None,
     typer.Option("--recipe", help="YAML file of defaults for these options (e.g. recipes/paper-tts.yaml); "
@@ -161,32 +219,62 @@ def harden(
     compile_model: CompileModelOpt = False,
     reset_head: ResetHeadOpt = False,
     workers: WorkersOpt = None,
+    neg_ls: NegLsOpt = None,
+    neg_ls_start: NegLsStartOpt = None,
+    neg_ls_ramp: NegLsRampOpt = None,
+    erase: EraseOpt = None,
+    freeze_stages: FreezeStagesOpt = 0,
+    public: PublicOpt = None,
+    public_epochs: PublicEpochsOpt = None,
+    search: SearchOpt = False,
+    max_acc_drop: MaxAccDropOpt = 0.02,
+    search_epochs: SearchEpochsOpt = 2,
+    grid: GridOpt = "default",
+    search_preset: SearchPresetOpt = "ci",
+    prior: PriorOpt = None,
+    eval_model: EvalModelOpt = None,
+    eval_arch: EvalArchOpt = None,
+    allow_weak_evaluator: AllowWeakEvaluatorOpt = False,
+    remeasure: RemeasureOpt = True,
     recipe_file: RecipeFileOpt = None,
 ) -> None:
-    """Rewrite the model's last-stage skip connections (RoLSS / SSF), optionally fine-tune it on your
-    private data (TTS / finetune, optional BiDO), and write a hardened model file."""
+    """Rewrite the model's last-stage skips (RoLSS / SSF), optionally fine-tune it on your private data
+    with stacked defences (BiDO, negative label smoothing, random erasing, frozen stages, TL-DMI) and
+    write a hardened model file; or (--search) find the least leaky stack within an accuracy budget."""
     from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.fileio import refuse_input_as_output
     from mishield.hardening import HardenConfig
     from mishield.hardening import harden as harden_model
     from mishield.recipes import recipe_defaults
 
+    # every option by name (RECIPE_KEYS, SEARCH_FLAGS); an unused repeatable option is () there, None here
+    given = {k: (None if v == () else v) for k, v in ctx.params.items()}
     r = recipe_defaults(ctx, recipe_file, RECIPE_KEYS)
-    given = {"method": method, "alpha": alpha, "stage": stage, "sites": sites, "schedule": schedule, "epochs": epochs,
-             "stage1_epochs": stage1_epochs, "lr": lr, "batch_size": batch_size, "bido": bido, "bido_lx": bido_lx,
-             "bido_ly": bido_ly, "seed": seed, "val_fraction": val_fraction}
-    options = {k: r.get(k, v) for k, v in given.items()}
+    options = {k: r.get(k, given[k]) for k in RECIPE_KEYS}
     refuse_input_as_output(out, (recipe_file,))  # the library checks the inputs it is given itself
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    run = {"overwrite": overwrite, "device": device, "workers": workers, "compile": compile_model}
+    with flags_in_errors(harden_model, extra=(*LOAD_PARAMETERS, *CONFIG_FLAGS)):
+        refuse_search_options(ctx, search)
+        load = _load_options(given)
+    if search:
+        chosen = {k: given[k] for k in SEARCH_FLAGS}
+        return run_search(model, out, {**options, **run}, load, data, public, chosen, json_output, set(r), CONFIG_FLAGS)
     with flags_in_errors(harden_model, extra=(*LOAD_PARAMETERS, *CONFIG_FLAGS)), progress_bars(is_main and data is not None) as bars:
-        config = HardenConfig(**options, overwrite=overwrite, device=device, workers=workers, compile=compile_model,
-                              reset_head=reset_head, resume=resume)
-        load = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "input_size": input_size,
-                "mean": parse_floats(mean, "--mean"), "std": parse_floats(std, "--std")}
-        result = harden_model(model, config=config, data=data, val_data=val_data, out=out, progress=bars,
+        config = HardenConfig(**options, **run, reset_head=reset_head, resume=resume)
+        result = harden_model(model, config=config, data=data, val_data=val_data, public=public, out=out, progress=bars,
                               on_epoch=epoch_printer(is_main), load_options=load)
-    if not result.main_process:
-        return
+    if result.main_process:
+        _print_result(result, json_output)
+
+
+def _load_options(given: dict) -> dict:
+    """What `load_model` gets for MODEL: the shared loading flags, --mean / --std as numbers."""
+    load = {k: given[k] for k in ("arch", "num_classes", "trust_checkpoint", "input_size")}
+    return load | {"mean": parse_floats(given["mean"], "--mean"), "std": parse_floats(given["std"], "--std")}
+
+
+def _print_result(result, json_output: bool) -> None:
     summary = result.to_dict()
     if json_output:
         console.emit_json(summary)
@@ -238,5 +326,7 @@ def _print_training_summary(s: dict) -> None:
     acc.add_row(_pct(m.get("natural_acc_before")), _pct(m.get("natural_acc_after_surgery")),
                 _pct(m.get("natural_acc_after")))
     console.err.print(acc)
+    if s.get("defences"):
+        console.err.print(f"defences stacked on the surgery: {', '.join(s['defences'])} (settings in the recipe: --json)")
     console.err.print(f"{len(s['sites'])} skip site(s) rewritten, {s['train_images']} training images, "
                       f"{s['seconds']:.1f}s -> [bold]{s['out']}[/] (log: {s['log']})")

@@ -12,7 +12,7 @@ import json
 from importlib import resources
 from typing import Any
 
-COMMANDS = ("inspect", "harden", "export", "audit", "prior-train", "surrogate-train", "train-eval", "demo", "env")
+COMMANDS = ("inspect", "harden", "harden-search", "export", "audit", "prior-train", "surrogate-train", "train-eval", "demo", "env")
 
 
 def schema_text(command: str) -> str:

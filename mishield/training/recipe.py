@@ -26,14 +26,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from mishield.defences import MIDRE_ERASE, check_erase
 from mishield.errors import UsageError
 from mishield.training.bido import BiDOConfig
 from mishield.training.smoothing import LabelSmoothing
 
 SCHEDULES = ("tts", "finetune")
+__all__ = ["MIDRE_ERASE", "RECIPE_LR", "SCHEDULES", "TRAINED_CHECKPOINT_LR", "TrainingRecipe", "default_lr"]
 RECIPE_LR = 1e-3  # the paper's (fine-tuning from ImageNet weights, or training a new head)
 TRAINED_CHECKPOINT_LR = 1e-4  # our default for a model already trained on the private data
-MIDRE_ERASE = (1.0, 0.1, 0.8)  # random erasing's p, min and max erased area in MIDRE's configuration
 
 
 def default_lr(model_is_trained: bool, reset_head: bool = False) -> float:
@@ -75,7 +76,7 @@ class TrainingRecipe:
                 raise UsageError(f"`label_smoothing` must be a LabelSmoothing or its alpha, got {self.label_smoothing!r}.")
             self.label_smoothing = self.label_smoothing.resolved(self.total_epochs)
         if self.erase is not None:
-            self.erase = _checked_erase(self.erase)
+            self.erase = check_erase(self.erase)
         if isinstance(self.freeze_stages, bool) or not isinstance(self.freeze_stages, int) or self.freeze_stages < 0:
             raise UsageError(
                 f"`freeze_stages` must be a whole number of stages, 0 (nothing frozen) or more, got {self.freeze_stages!r}."
@@ -110,18 +111,3 @@ class TrainingRecipe:
         if self.freeze_stages:
             d["freeze_stages"] = self.freeze_stages
         return d
-
-
-def _checked_erase(erase) -> tuple[float, float, float]:
-    try:
-        p, low, high = (float(v) for v in erase)
-    except (TypeError, ValueError):
-        raise UsageError(f"`erase` must be three numbers (p, min_area, max_area), got {erase!r}.") from None
-    if not 0.0 < p <= 1.0:
-        raise UsageError(f"`erase` probability p must lie in (0, 1] (MIDRE uses 1.0), got {p}.")
-    if not 0.0 < low <= high < 1.0:
-        raise UsageError(
-            "`erase` areas must satisfy 0 < min_area <= max_area < 1 (fractions of the image; "
-            f"MIDRE uses 0.1 and 0.8), got {low} and {high}."
-        )
-    return (p, low, high)

@@ -69,7 +69,8 @@ def test_every_harden_flag_reaches_its_config_field(captured, capsys, tmp_path):
            "--sites", "layer4.*", "--data", tmp_path, "--val-data", tmp_path / "v", "--val-fraction", "0.1", "--schedule", "tts",
            "--stage1-epochs", "2", "--lr", "0.002", "--batch-size", "16", "--bido", "--bido-lx", "0.1", "--bido-ly", "0.7",
            "--resume", "--seed", "5", "--device", "cpu", "--compile", "--reset-head", "--workers", "1", "--overwrite",
-           "--arch", "timm:test_resnet", "--num-classes", "3"], capsys)  # fmt: skip
+           "--arch", "timm:test_resnet", "--num-classes", "3", "--neg-ls", "-0.07", "--neg-ls-start", "3", "--neg-ls-ramp", "2",
+           "--erase", "0.9,0.2,0.6", "--freeze-stages", "2", "--public", tmp_path / "pub", "--public-epochs", "4"], capsys)  # fmt: skip
     c = captured["config"]
     assert (c.method, c.alpha, c.epochs, c.stage, c.sites, c.schedule, c.stage1_epochs, c.lr, c.batch_size) == \
         ("ssf", 0.3, 7, -2, ("layer4.*",), "tts", 2, 0.002, 16)
@@ -77,3 +78,15 @@ def test_every_harden_flag_reaches_its_config_field(captured, capsys, tmp_path):
         (True, 0.1, 0.7, True, 5, "cpu", True, True, 1, True)
     assert c.val_fraction == 0.1 and captured["val_data"] == tmp_path / "v" and captured["data"] == tmp_path
     assert captured["load_options"]["arch"] == "timm:test_resnet" and captured["load_options"]["num_classes"] == 3
+    assert (c.neg_ls, c.neg_ls_start, c.neg_ls_ramp, c.erase, c.freeze_stages, c.public_epochs) == \
+        (-0.07, 3, 2, (0.9, 0.2, 0.6), 2, 4)
+    assert captured["public"] == tmp_path / "pub"
+
+
+def test_harden_defence_defaults_are_off_and_erase_p_alone_takes_midres_areas(captured, capsys, tmp_path):
+    _call(["harden", "m.pt", "--out", tmp_path / "h.pt", "--data", tmp_path], capsys)
+    c = captured["config"]
+    assert (c.neg_ls, c.neg_ls_start, c.neg_ls_ramp, c.erase, c.freeze_stages, c.public_epochs) == (None, None, None, None, 0, None)
+    assert captured["public"] is None
+    _call(["harden", "m.pt", "--out", tmp_path / "h.pt", "--data", tmp_path, "--erase", "0.5"], capsys)
+    assert captured["config"].erase == (0.5, 0.1, 0.8)

@@ -79,3 +79,35 @@ def test_recipe_values_are_converted_like_flags(tmp_path, capsys):
     code, out, err = harden(tmp_path, 'method: ssf\nalpha: "0.5"\n', capsys=capsys)
     assert code == 0, err
     assert json.loads(out)["alpha"] == 0.5
+
+
+# The defence recipes, with their papers' settings: each loads from Python and from the command
+# line to the same configuration (the CLI's `erase` string and the library's triple agree).
+DEFENCE_RECIPES = {
+    "negative-ls.yaml": {"method": "ssf", "alpha": 1.0, "neg_ls": -0.05, "erase": None, "freeze_stages": 0},
+    "midre-erase.yaml": {"method": "ssf", "alpha": 1.0, "neg_ls": None, "erase": (1.0, 0.1, 0.8), "freeze_stages": 0},
+    "tl-dmi.yaml": {"method": "ssf", "alpha": 1.0, "neg_ls": None, "erase": None, "freeze_stages": 2, "public_epochs": 20},
+    "stacked-rolss-negls-erase.yaml": {"method": "rolss", "alpha": None, "neg_ls": -0.05, "erase": (1.0, 0.1, 0.8),
+                                       "freeze_stages": 0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFENCE_RECIPES))
+def test_defence_recipes_load_with_their_papers_settings(name, monkeypatch, capsys, tmp_path):
+    from mishield import hardening
+    from mishield.hardening import HardenConfig
+
+    expected = DEFENCE_RECIPES[name]
+    config = HardenConfig.from_recipe(ROOT / "recipes" / name)
+    assert {k: getattr(config, k) for k in expected} == expected
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(99)
+
+    monkeypatch.setattr(hardening, "harden", fake)
+    code, _, err = run(["harden", "m.pt", "--out", str(tmp_path / "h.pt"), "--data", str(tmp_path),
+                        "--recipe", str(ROOT / "recipes" / name)], capsys)
+    assert code == 99, err
+    assert seen["config"] == config  # the command line reads the file to the same configuration
