@@ -587,20 +587,29 @@ def _normalize(pre: Preprocessing) -> T.Normalize:
     return T.Normalize(mean, std)
 
 
-def train_transform(pre: Preprocessing, erase: tuple[float, float, float] | None = None) -> Callable:
-    """The paper's fine-tuning augmentation (after PPA's training recipe), and optionally random
-    erasing as a defence (`erase` = (p, min_area, max_area); see `random_erasing`)."""
+def train_transform(pre: Preprocessing, erase: tuple[float, float, float] | None = None,
+                    augmentation: str = "photo") -> Callable:
+    """The training augmentation `augmentation` names (AUGMENTATIONS: "photo", the paper's
+    fine-tuning augmentation after PPA's training recipe, or "glyph" for drawn characters), and
+    optionally random erasing as a defence (`erase` = (p, min_area, max_area); see `random_erasing`)."""
+    if augmentation not in AUGMENTATIONS:
+        raise UsageError(f"`augmentation` must be one of {', '.join(AUGMENTATIONS)}, got {augmentation!r}.")
+    steps = list(AUGMENTATIONS[augmentation](pre).transforms)
+    if erase is not None:
+        steps.append(random_erasing(*erase))
+    return T.Compose(steps)
+
+
+def photo_train_transform(pre: Preprocessing) -> Callable:
+    """Photos: a mild random resized crop, colour jitter and a horizontal mirror."""
     size = tuple(pre.input_size[1:])
-    steps = [
+    return T.Compose([
         T.RandomResizedCrop(size, scale=(0.85, 1.0), ratio=(1.0, 1.0), interpolation=_interpolation(pre)),
         T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.1),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         _normalize(pre),
-    ]
-    if erase is not None:
-        steps.append(random_erasing(*erase))
-    return T.Compose(steps)
+    ])  # fmt: skip
 
 
 def random_erasing(p: float, min_area: float, max_area: float) -> Callable:
@@ -619,9 +628,9 @@ def random_erasing(p: float, min_area: float, max_area: float) -> Callable:
 
 
 def glyph_train_transform(pre: Preprocessing) -> Callable:
-    """A training augmentation for drawn characters (Omniglot), not used by default anywhere.
+    """A training augmentation for drawn characters (Omniglot): `augmentation="glyph"`.
 
-    `train_transform` suits photos; for characters its mirror can turn one character into
+    The photo augmentation suits photos; for characters its mirror can turn one character into
     another and its colour jitter varies only stroke brightness, which carries no class. This
     one jitters the geometry a little (rotation 10 degrees, shift 8 %, scale 0.9-1.1, shear 8
     degrees: the variation between two people's drawings of one character) and fills what it
@@ -637,6 +646,10 @@ def glyph_train_transform(pre: Preprocessing) -> Callable:
         T.ToTensor(),
         _normalize(pre),
     ])  # fmt: skip
+
+
+# The training augmentations a recipe can name; the photo one is the default everywhere.
+AUGMENTATIONS: dict[str, Callable[[Preprocessing], Callable]] = {"photo": photo_train_transform, "glyph": glyph_train_transform}
 
 
 def eval_transform(pre: Preprocessing) -> Callable:

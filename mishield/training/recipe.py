@@ -32,6 +32,8 @@ from mishield.training.bido import BiDOConfig
 from mishield.training.smoothing import LabelSmoothing
 
 SCHEDULES = ("tts", "finetune")
+# mishield.data.AUGMENTATIONS' names (named here: the recipe is checked without importing torchvision).
+AUGMENTATION_NAMES = ("photo", "glyph")
 __all__ = ["MIDRE_ERASE", "RECIPE_LR", "SCHEDULES", "TRAINED_CHECKPOINT_LR", "TrainingRecipe", "default_lr"]
 RECIPE_LR = 1e-3  # the paper's (fine-tuning from ImageNet weights, or training a new head)
 TRAINED_CHECKPOINT_LR = 1e-4  # our default for a model already trained on the private data
@@ -59,6 +61,7 @@ class TrainingRecipe:
     label_smoothing: LabelSmoothing | None = None  # schedule resolved to whole epochs on creation
     erase: tuple[float, float, float] | None = None  # (p, min_area, max_area)
     freeze_stages: int = 0
+    augmentation: str = "photo"  # mishield.data.AUGMENTATIONS: "photo" (the paper's), "glyph" (characters)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -77,6 +80,8 @@ class TrainingRecipe:
             self.label_smoothing = self.label_smoothing.resolved(self.total_epochs)
         if self.erase is not None:
             self.erase = check_erase(self.erase)
+        if self.augmentation not in AUGMENTATION_NAMES:
+            raise UsageError(f"`augmentation` must be one of {', '.join(AUGMENTATION_NAMES)}, got {self.augmentation!r}.")
         if isinstance(self.freeze_stages, bool) or not isinstance(self.freeze_stages, int) or self.freeze_stages < 0:
             raise UsageError(
                 f"`freeze_stages` must be a whole number of stages, 0 (nothing frozen) or more, got {self.freeze_stages!r}."
@@ -102,12 +107,14 @@ class TrainingRecipe:
         d = dataclasses.asdict(self)
         d["betas"], d["milestones"] = list(self.betas), list(self.milestones)
         d["bido"] = self.bido.to_dict() if self.bido else None
-        for key in ("label_smoothing", "erase", "freeze_stages"):
-            d.pop(key)
+        for key in ("label_smoothing", "erase", "freeze_stages", "augmentation"):
+            d.pop(key)  # recorded only when set, so a recipe without them records what it always did
         if self.label_smoothing is not None:
             d["label_smoothing"] = self.label_smoothing.to_dict()
         if self.erase is not None:
             d["erase"] = list(self.erase)
         if self.freeze_stages:
             d["freeze_stages"] = self.freeze_stages
+        if self.augmentation != "photo":
+            d["augmentation"] = self.augmentation
         return d
