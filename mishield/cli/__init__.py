@@ -141,13 +141,8 @@ def _stdout_refusal(err: BaseException) -> OutputError | None:
     except BrokenPipeError:
         return None
     except (OSError, ValueError) as again:  # ValueError: a closed stream
-        _silence_stdout()
-        return _stdout_error(getattr(again, "strerror", None) or err.strerror or str(again))
+        return _stdout_refused(getattr(again, "strerror", None) or err.strerror or str(again))
     return None
-
-
-def _stdout_error(cause: str) -> OutputError:
-    return OutputError(f"cannot write to standard output ({cause}); free space or redirect it elsewhere.")
 
 
 def _finish_stdout() -> None:
@@ -158,19 +153,21 @@ def _finish_stdout() -> None:
         _silence_stdout()
         sys.exit(BROKEN_PIPE)
     except OSError as err:
-        _silence_stdout()
-        refused = _stdout_error(err.strerror or str(err))
+        refused = _stdout_refused(err.strerror or str(err))
         typer.echo(f"error: {refused}", err=True)
         sys.exit(refused.exit_code)
 
 
 def _silence_stdout() -> None:
-    # Python flushes stdout again at exit and would print a second BrokenPipeError.
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):  # stdout replaced by a capture without a file descriptor
-        pass
+    from mishield.cli import console  # rich only once a command runs
+
+    console.silence_stdout()
+
+
+def _stdout_refused(cause: str) -> OutputError:
+    from mishield.cli import console
+
+    return console.stdout_refused(cause)
 
 
 def _quiet_library_notices(debug: bool) -> None:

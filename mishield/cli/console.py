@@ -15,6 +15,8 @@ import sys
 
 from rich.console import Console
 
+from mishield.errors import OutputError
+
 LOG_WIDTH = 160  # rich assumes 80 columns off a terminal; module paths need more in CI logs
 json_mode = False
 
@@ -59,5 +61,27 @@ def animate() -> bool:
 
 def emit_json(document: dict) -> None:
     """Print exactly one JSON document on stdout (the only stdout output under --json)."""
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise  # the reader left: `main` ends quietly with 141
+    except OSError as err:
+        # A document larger than the buffer is written straight through, so a full disk or
+        # /dev/full raises here and leaves nothing in the buffer for a later flush to fail on.
+        raise stdout_refused(err.strerror or str(err)) from err
+
+
+def stdout_refused(cause: str) -> OutputError:
+    """Standard output refused what was written: the one sentence (exit 6), with stdout pointed
+    at /dev/null so that Python's own flush at exit does not print a second error."""
+    silence_stdout()
+    return OutputError(f"cannot write to standard output ({cause}); free space or redirect it elsewhere.")
+
+
+def silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout replaced by a capture without a file descriptor
+        pass
