@@ -284,17 +284,26 @@ def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        # mkstemp creates 0600 files; give the output the permissions a plain open() would.
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        _publish(tmp_path, path, overwrite)
+        with _failed_writes_as_output_errors(path, tmp_path.parent):
+            yield tmp_path
+            # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+            os.chmod(tmp_path, 0o666 & ~_umask())
+            _publish(tmp_path, path, overwrite)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _failed_writes_as_output_errors(path: Path, directory: Path) -> Iterator[None]:
+    """A failed write of `path` (in `directory`) re-raised as the one-sentence `OutputError` (exit 6)
+    that `write_failure` makes of it; any other exception passes unchanged."""
+    try:
+        yield
     except Exception as err:
-        failure = write_failure(err, path, tmp_path.parent)
+        failure = write_failure(err, path, directory)
         if failure is None:
             raise
         raise failure from None
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -314,14 +323,10 @@ def staged_folder(out_dir: PathLike, overwrite: bool = False, last: str | None =
     except OSError as err:
         raise OutputError(f"cannot write {out_dir} ({err.strerror or first_line(err)}); choose another --out.") from None
     try:
-        yield staging
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; a report is shared like any folder
-        _move_into_place(staging, out_dir, overwrite, last)
-    except Exception as err:
-        failure = write_failure(err, out_dir, out_dir.parent)
-        if failure is None:
-            raise
-        raise failure from None
+        with _failed_writes_as_output_errors(out_dir, out_dir.parent):
+            yield staging
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; a report is shared like any folder
+            _move_into_place(staging, out_dir, overwrite, last)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
