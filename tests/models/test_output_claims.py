@@ -177,12 +177,13 @@ COMMANDS = {  # every command that writes, with `--out` left to the test
                                   "--device", "cpu"],
     "audit": lambda f: ["audit", f["good"], *TINY, "--data", f["data"], "--eval-model", "attack_support:small_plain_cnn",
                         "--prior", "none", "--device", "cpu", "--preset", "ci"],
+    "demo": lambda f: ["demo", "--quick", "--device", "cpu"],
 }
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_a_second_run_on_the_same_output_stops_at_once(command, files, tmp_path, held, capsys):
-    out = tmp_path / ("report" if command == "audit" else "out.bin")
+    out = tmp_path / ("report" if command in ("audit", "demo") else "out.bin")
     held(out)
     code, stdout, err = run([*COMMANDS[command](files), "--out", out], capsys)
     assert code == 2, err
