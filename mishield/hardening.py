@@ -283,7 +283,9 @@ def harden(
         loaded = _load(model, load_options)
         if data is None:
             return _surgery_only(loaded, config, out)
-        given = {k for k, v in (load_options or {}).items() if v is not None} if isinstance(model, (str, Path)) else {"input_size", "mean"}
+        # what the caller chose: a LoadedModel's preprocessing all of it, a file's load options what they set
+        chosen = {"input_size", "mean", "std"}
+        given = {k for k, v in (load_options or {}).items() if v is not None} if isinstance(model, (str, Path)) else chosen
         where = _Data(Path(data), None if val_data is None else Path(val_data), "input_size" in given,
                       None if public is None else Path(public), bool(given & {"mean", "std"}))
         return _fine_tune(loaded, config, where, out, Callbacks(progress, on_epoch))
