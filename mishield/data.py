@@ -46,10 +46,21 @@ class DataSplits:
     train: list[Item]
     val: list[Item]
     classes: list[str]
+    held_out: dict | None = None  # how `val` was drawn from one folder ({"val_fraction", "seed"}); None: a val/ folder
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def hold_out(splits: DataSplits, fraction: float, seed: int) -> DataSplits:
+    """`splits`' training images with a seeded `fraction` of each class held out for validation:
+    the one split every command draws from a folder without val/ (`load_image_folders` too), so the
+    same (fraction, seed) always holds out the same images."""
+    if not 0.0 < fraction < 1.0:
+        raise UsageError(f"`val_fraction` must lie strictly between 0 and 1, got {fraction}.")
+    train, val = _stratified_split(splits.train, fraction, seed)
+    return DataSplits(train=train, val=val, classes=splits.classes, held_out={"val_fraction": fraction, "seed": seed})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +479,7 @@ def load_image_folders(
     if val_dir is not None:
         val, _ = _scan(Path(val_dir), "validation", classes, verify)
     elif val_fraction is not None:
-        train, val = _stratified_split(train, val_fraction, seed)
+        return hold_out(DataSplits(train=train, val=[], classes=classes), val_fraction, seed)
     return DataSplits(train=train, val=val, classes=classes)
 
 
@@ -479,17 +490,19 @@ def has_validation(data_dir: str | Path, val_dir: str | Path | None = None) -> b
 
 
 def resolve_val_fraction(data_dir: str | Path, val_dir: str | Path | None = None,
-                         val_fraction: float | None = None) -> float | None:
+                         val_fraction: float | None = None, *, val_data_option: bool = False) -> float | None:
     """`val_fraction`, or DEFAULT_VAL_FRACTION when nothing else gives validation images, so that
     natural accuracy is always measured; says so, since a model trained on all of `data_dir` has
-    seen those images (its accuracy on them is then an overestimate)."""
+    seen those images (its accuracy on them is then an overestimate). `val_data_option`: the caller
+    also takes validation images from elsewhere (`harden`'s `val_data`), which the advice then names.
+    Parameters are named in backticks; the command line shows them as its flags."""
     if val_fraction is not None or has_validation(data_dir, val_dir):
         return val_fraction
     _log.warning(
         "%s has no val/ folder: holding out a seeded %d %% of it to measure natural accuracy "
-        "(choose the share with `val_fraction` (--val-fraction), or give validation images in a val/ folder "
-        "or with `val_data` (--val-data); if the model was trained on these images, the accuracy is an "
-        "overestimate).", data_dir, round(100 * DEFAULT_VAL_FRACTION),
+        "(choose the share with `val_fraction`, or give validation images in a val/ folder%s; if the model was "
+        "trained on these images, the accuracy is an overestimate).", data_dir, round(100 * DEFAULT_VAL_FRACTION),
+        " or with `val_data`" if val_data_option else "",
     )
     return DEFAULT_VAL_FRACTION
 
@@ -509,16 +522,30 @@ def fit_resolution(loaded, items: Sequence[Item], input_size_given: bool):
         if not 0.5 <= native / current <= 2.0:
             _log.warning(
                 "the model takes %d px inputs but the images in the data are about %d px; "
-                "check `input_size` (--input-size).", current, native,
+                "check `input_size`.", current, native,
             )
         return loaded
     if size != current:
         _log.warning(
             "%s does not record its input size; using the data's %d px instead of the architecture's "
-            "default %d px (pass `input_size` (--input-size) to choose).",
+            "default %d px (pass `input_size` to choose).",
             loaded.source or loaded.arch, size, current,
         )
     return dataclasses.replace(loaded, preprocessing=loaded.preprocessing.with_input_size(size))
+
+
+def state_normalisation(loaded, given: bool) -> None:
+    """Say which mean/std `loaded` is read with when its file records none (a plain state dict, a
+    pickled module): its architecture's defaults, ImageNet's for most. A wrong guess leaves the model
+    at chance, so it must never be silent (`harden` then refuses to fine-tune such a model)."""
+    if given or loaded.kind in ("mishield", "spec"):  # a mishield file records them; a spec is untrained
+        return
+    pre = loaded.preprocessing
+    _log.warning(
+        "%s does not record its normalisation; assuming mean %s and std %s (the architecture's default); "
+        "pass `mean` and `std` to choose.", loaded.source or loaded.arch,
+        ",".join(f"{v:g}" for v in pre.mean), ",".join(f"{v:g}" for v in pre.std),
+    )
 
 
 def check_num_classes(splits: DataSplits, num_classes: int | None) -> None:

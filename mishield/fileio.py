@@ -7,12 +7,18 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mishield.errors import MishieldError, OutputError, UsageError, first_line
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: outputs are not locked (docs/reliability.md)
+    fcntl = None
 
 PathLike = str | os.PathLike
 
@@ -34,18 +40,23 @@ def _inside(path: Path, directory: Path) -> bool:
     return True
 
 
-def refuse_input_as_output(out: PathLike, inputs: Iterable[PathLike | None] = ()) -> None:
+def _paths(inputs: Iterable[PathLike | None]) -> list[PathLike]:
+    """The inputs that are paths (an arch spec such as `torchvision:resnet18` or a loaded model is not)."""
+    return [x for x in inputs if isinstance(x, (str, os.PathLike))]
+
+
+def refuse_input_as_output(out: PathLike, inputs: Iterable[PathLike | None] = (), label: str | None = None) -> None:
     """Raise UsageError (exit 2) when writing `out` would replace or pollute something this run reads.
 
     `out` is refused, `--overwrite` or not, when it is one of the input files (by inode, so
     symlinks and hard links count), when it would replace an existing file inside an input
     directory (an image of the training data), or when it is an input directory itself.
     Inputs that are not paths (an arch spec such as `torchvision:resnet18`, `none`) are skipped.
+    `label` names `out` in the message (default "--out OUT").
     """
     out = Path(out)
-    for given in inputs:
-        if given is None:
-            continue
+    label = label or f"--out {out}"
+    for given in _paths(inputs):
         source = Path(given)
         if not source.exists():
             continue
@@ -53,12 +64,12 @@ def refuse_input_as_output(out: PathLike, inputs: Iterable[PathLike | None] = ()
             replaces_data = out.exists() and not out.is_dir() and _inside(out, source)
             if _same_file(out, source) or replaces_data:
                 raise UsageError(
-                    f"--out {out} would overwrite the input {given} (or a file in it); "
+                    f"{label} would overwrite the input {given} (or a file in it); "
                     "write the output somewhere else."
                 )
         elif _same_file(out, source):
             raise UsageError(
-                f"--out {out} is the input {given} (the same file, a link or a symlink to it); "
+                f"{label} is the input {given} (the same file, a link or a symlink to it); "
                 "mishield never replaces its input, choose another --out."
             )
 
@@ -67,9 +78,7 @@ def refuse_output_dir_in_inputs(out_dir: PathLike, inputs: Iterable[PathLike | N
     """An output *directory* must not be an input directory or lie inside one: its new files
     would become part of the data (a `grids/` class in an ImageFolder)."""
     out_dir = Path(out_dir)
-    for given in inputs:
-        if given is None:
-            continue
+    for given in _paths(inputs):
         source = Path(given)
         if source.is_dir() and _inside(out_dir, source):
             raise UsageError(f"--out {out_dir} is inside the input folder {given}; write the report somewhere else.")
@@ -138,6 +147,105 @@ def check_writable_dir(path: PathLike, inputs: Iterable[PathLike | None] = ()) -
     refuse_output_dir_in_inputs(path, inputs)
 
 
+def check_side_file(path: PathLike, inputs: Iterable[PathLike | None] = ()) -> None:
+    """A file or folder a run writes, appends to or deletes beside its output (a training log, a
+    resumable state, a search's work folder, a JUnit report), checked as `--out` is: refused (exit
+    2) when it is one of `inputs` or holds one, when it would replace a file inside an input folder,
+    or when it exists as something other than a regular file or folder (a FIFO would hang the
+    run). It may exist: a run resumes from its state, `--overwrite` deletes it."""
+    path = Path(path)
+    label = f"{path}, which this run writes beside its output,"
+    refuse_input_as_output(path, inputs, label)
+    for given in _paths(inputs):
+        if Path(given).exists() and _inside(Path(given), path):
+            raise UsageError(f"{label} holds the input {given}; move the input or choose another --out.")
+    kind = _existing_kind(path)
+    if kind not in (None, "file", "directory"):
+        raise UsageError(f"{label} is {kind}, not a regular file; remove it or choose another --out.")
+
+
+def lock_path_for(out: PathLike) -> Path:
+    """The lock file of an output: hidden, beside it (`.NAME.lock`), present only while a run holds it."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.lock")
+
+
+_HELD: dict[Path, int] = {}  # lock files this process holds, and how many `output_lock` blocks hold each
+
+
+@contextlib.contextmanager
+def output_lock(out: PathLike) -> Iterator[None]:
+    """Hold `out`'s lock for the block: a second run (another process) with the same output stops
+    at once with UsageError (exit 2) instead of interleaving its files with this one's.
+
+    An advisory `flock` on `lock_path_for(out)`, released by the kernel when the process dies (no
+    stale locks after a kill -9); re-entrant within this process (`harden --search` hardens its pick
+    into the same `out` it holds). Under torchrun only rank 0 writes, so only rank 0 locks.
+    """
+    from mishield.launch import torchrun_launch
+
+    lock = lock_path_for(out).absolute()
+    if lock in _HELD or not torchrun_launch().is_main or fcntl is None:  # no fcntl (Windows): no lock, see docs
+        _HELD[lock] = _HELD.get(lock, 0) + 1
+        try:
+            yield
+        finally:
+            _HELD[lock] -= 1
+            if not _HELD[lock]:
+                del _HELD[lock]
+        return
+    fd = _acquire(lock, Path(out))
+    _HELD[lock] = 1
+    try:
+        yield
+    finally:
+        del _HELD[lock]
+        with contextlib.suppress(OSError):  # unlinked while still held, so no other run can lock the old inode
+            lock.unlink()
+        os.close(fd)
+
+
+def _acquire(lock: Path, out: Path) -> int:
+    """An open, flock-ed descriptor of `lock`; UsageError when another process holds it."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot write {out} ({err.strerror or first_line(err)}); choose another --out.") from None
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OutputError(f"cannot write {out} ({err.strerror or first_line(err)}); choose another --out.") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UsageError(f"another mishield run is writing {out} (it holds {lock.name}); wait for it to finish "
+                             "or choose another --out.") from None
+        try:  # the holder before us may have unlinked the file we opened: lock the one at the path
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def claim_output(out: PathLike, overwrite: bool = False, inputs: Iterable[PathLike | None] = (),
+                 side_files: Iterable[PathLike] = ()) -> Iterator[None]:
+    """What every command that writes a file does before its work, as one step: `out` checked
+    (`check_writable`: not an input, not an existing file without `overwrite`, a regular file in a
+    writable folder), every one of `side_files` (the logs, resumable states and work folders the run
+    writes, appends to or deletes beside `out`) checked against the same `inputs`
+    (`check_side_file`), and `out` locked for the block (`output_lock`)."""
+    inputs = _paths(inputs)
+    check_writable(out, overwrite, inputs)
+    for side in side_files:
+        check_side_file(side, inputs)
+    with output_lock(out):
+        yield
+
+
 def _publish(tmp_path: Path, path: Path, overwrite: bool) -> None:
     """Move the finished temporary file into place in one atomic step."""
     if overwrite:
@@ -176,19 +284,73 @@ def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        # mkstemp creates 0600 files; give the output the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        _publish(tmp_path, path, overwrite)
+        with _failed_writes_as_output_errors(path, tmp_path.parent):
+            yield tmp_path
+            # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+            os.chmod(tmp_path, 0o666 & ~_umask())
+            _publish(tmp_path, path, overwrite)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _failed_writes_as_output_errors(path: Path, directory: Path) -> Iterator[None]:
+    """A failed write of `path` (in `directory`) re-raised as the one-sentence `OutputError` (exit 6)
+    that `write_failure` makes of it; any other exception passes unchanged."""
+    try:
+        yield
     except Exception as err:
-        failure = write_failure(err, path, tmp_path.parent)
+        failure = write_failure(err, path, directory)
         if failure is None:
             raise
         raise failure from None
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: PathLike, overwrite: bool = False, last: str | None = None) -> Iterator[Path]:
+    """Yield a new temporary folder beside `out_dir` to write a whole folder of outputs into (a report).
+
+    When the block succeeds the folder is put in place: renamed to `out_dir` in one step when that
+    does not exist yet; else its files are moved in one by one (each with `atomic_output`'s rule:
+    replaced only with `overwrite`), `last` (the file whose presence marks the folder complete,
+    report.json) last of all. On any failure the temporary folder is removed and `out_dir` is
+    untouched, so a reader never sees a mix of two runs' files.
+    """
+    out_dir = Path(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    except OSError as err:
+        raise OutputError(f"cannot write {out_dir} ({err.strerror or first_line(err)}); choose another --out.") from None
+    try:
+        with _failed_writes_as_output_errors(out_dir, out_dir.parent):
+            yield staging
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; a report is shared like any folder
+            _move_into_place(staging, out_dir, overwrite, last)
     finally:
-        tmp_path.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _move_into_place(staging: Path, out_dir: Path, overwrite: bool, last: str | None) -> None:
+    try:
+        os.rename(staging, out_dir)  # a new folder appears whole; fails if out_dir exists and is not empty
+        return
+    except OSError as err:
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY) and not out_dir.is_dir():
+            raise
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.relative_to(staging).as_posix() == last)  # stable: `last` moves last
+    for source in files:
+        target = out_dir / source.relative_to(staging)
+        check_writable(target, overwrite)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _publish(source, target, overwrite)
 
 
 # torch's zip writer reports a failed write as a RuntimeError from its C++ side ("[enforce fail at

@@ -14,14 +14,16 @@ its flag (`--alpha`), so the same check reads right from Python and from the she
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mishield.configs import resolve_config
 from mishield.errors import BadInputError, UsageError
+from mishield.launch import torchrun_launch
 from mishield.progress import EpochCallback, ProgressCallback
 
 if TYPE_CHECKING:  # torch-heavy types, named for readers and type checkers only
@@ -35,6 +37,9 @@ SCHEDULES = ("tts", "finetune")
 DEFAULT_EPOCHS_WITH_DATA = 10
 DEFAULT_STAGE1_EPOCHS = 5  # the paper's M
 DEFAULT_PUBLIC_EPOCHS = 10  # TL-DMI's public pre-training, when `public_epochs` is not given
+# "At chance": the upper end of the original's accuracy interval within this share of the way from
+# chance to perfect (chance + 0.15 (1 - chance): 32 % for 5 classes, 23.5 % for 10, 57.5 % for 2).
+NEAR_CHANCE_SHARE = 0.15
 
 
 def state_path_for(out: Path) -> Path:
@@ -140,7 +145,9 @@ class HardenConfig:
     (p, min_area, max_area), or p alone, or the string "P[,MIN,MAX]"; MIDRE's is (1.0, 0.1, 0.8)),
     `freeze_stages` (the stem and the first N stages frozen in every stage that trains on the
     private data, TL-DMI), `public_epochs` (TL-DMI's public pre-training, with `harden(public=...)`).
-    `overwrite` replaces an existing output. `HardenConfig.from_recipe("recipes/paper-tts.yaml")`
+    `force` fine-tunes even an original that scores at chance on the validation images (by default a
+    refusal, exit 3: its mean/std, input size or class order is likely wrong) or, with `reset_head`,
+    data of one class. `overwrite` replaces an existing output. `HardenConfig.from_recipe("recipes/paper-tts.yaml")`
     reads a recipe file; `HardenConfig.paper_tts()` is the paper's full TTS recipe.
     """
 
@@ -170,6 +177,7 @@ class HardenConfig:
     erase: tuple[float, float, float] | None = None
     freeze_stages: int = 0
     public_epochs: int | None = None
+    force: bool = False
 
     def __post_init__(self) -> None:
         from mishield.defences import parse_erase
@@ -234,6 +242,7 @@ class HardenConfig:
             ("resume", self.resume or None), ("reset_head", self.reset_head or None), ("compile", self.compile or None),
             ("neg_ls", self.neg_ls), ("neg_ls_start", self.neg_ls_start), ("neg_ls_ramp", self.neg_ls_ramp),
             ("erase", self.erase), ("freeze_stages", self.freeze_stages or None), ("public_epochs", self.public_epochs),
+            ("force", self.force or None),
         ) if value is not None]
 
 
@@ -268,19 +277,47 @@ def harden(
     DeprecationWarning.
     """
     config = resolve_config("harden", config, keywords, HardenConfig)
-    _check_call(config, model, data, val_data, public, out)
+    _check_call(config, data, val_data, public, out)
     out = Path(out) if out is not None else None
-    loaded = _load(model, load_options)
-    if data is None:
-        return _surgery_only(loaded, config, out)
-    size_given = not isinstance(model, (str, Path)) or (load_options or {}).get("input_size") is not None
-    where = _Data(Path(data), None if val_data is None else Path(val_data), size_given, None if public is None else Path(public))
-    return _fine_tune(loaded, config, where, out, Callbacks(progress, on_epoch))
+    with _claimed(out, config, (model, data, val_data, public), trains=data is not None):
+        loaded = _load(model, load_options)
+        if data is None:
+            return _surgery_only(loaded, config, out)
+        # what the caller chose: a LoadedModel's preprocessing all of it, a file's load options what they set
+        chosen = {"input_size", "mean", "std"}
+        given = {k for k, v in (load_options or {}).items() if v is not None} if isinstance(model, (str, Path)) else chosen
+        where = _Data(Path(data), None if val_data is None else Path(val_data), "input_size" in given,
+                      None if public is None else Path(public), bool(given & {"mean", "std"}))
+        return _fine_tune(loaded, config, where, out, Callbacks(progress, on_epoch))
 
 
-def _check_call(config: HardenConfig, model, data, val_data, public, out) -> None:
-    """Everything `harden` refuses before it loads anything: options that need data, TL-DMI's
-    pairing of `public` with `freeze_stages`, an existing output, a leftover interrupted run."""
+def side_files_for(out: Path) -> tuple[Path, ...]:
+    """What a fine-tuning `harden` writes, appends to or deletes beside `out`: the resumable states
+    (the private run's and TL-DMI's public one) and the training log."""
+    return state_path_for(out), public_state_path_for(out), log_path_for(out)
+
+
+@contextlib.contextmanager
+def _claimed(out: Path | None, config: HardenConfig, inputs: tuple, trains: bool) -> Iterator[None]:
+    """`out` and (when training) its side files checked against every input and locked for the run
+    (`mishield.fileio.claim_output`); then a leftover interrupted run is refused unless resumed or overwritten."""
+    if out is None:
+        yield
+        return
+    from mishield.fileio import claim_output
+
+    with claim_output(out, config.overwrite, inputs, side_files_for(out) if trains else ()):
+        if trains and not config.resume and not config.overwrite:
+            for state in (state_path_for(out), public_state_path_for(out)):
+                if state.exists():
+                    raise UsageError(f"{state} holds an interrupted run; pass `resume` to continue it or `overwrite` to start over.")
+        yield
+
+
+def _check_call(config: HardenConfig, data, val_data, public, out) -> None:
+    """What `harden` refuses from its arguments alone: options that need data, TL-DMI's pairing of
+    `public` with `freeze_stages`, `resume` without `out`, a partial torchrun environment."""
+    torchrun_launch()
     if data is None:
         given = config.training_options_given() + [name for name, v in (("val_data", val_data), ("public", public)) if v is not None]
         if given:
@@ -290,19 +327,8 @@ def _check_call(config: HardenConfig, model, data, val_data, public, out) -> Non
                          "pass `freeze_stages` (e.g. 2) too.")
     if config.public_epochs is not None and public is None:
         raise UsageError("`public_epochs` is the length of TL-DMI's public pre-training; pass `public` too.")
-    if out is None:
-        if config.resume:
-            raise UsageError("`resume` continues the run whose state sits beside `out`; pass `out` too.")
-        return
-    from mishield.fileio import check_writable
-
-    out = Path(out)
-    check_writable(out, config.overwrite, inputs=[x for x in (model, data, val_data, public) if isinstance(x, (str, Path))])
-    if data is None or config.resume or config.overwrite:
-        return
-    for state in (state_path_for(out), public_state_path_for(out)):
-        if state.exists():
-            raise UsageError(f"{state} holds an interrupted run; pass `resume` to continue it or `overwrite` to start over.")
+    if out is None and config.resume:
+        raise UsageError("`resume` continues the run whose state sits beside `out`; pass `out` too.")
 
 
 @dataclass(frozen=True)
@@ -313,6 +339,7 @@ class _Data:
     val: Path | None
     input_size_given: bool  # False: a plain state dict whose resolution the data must tell
     public: Path | None = None
+    normalisation_given: bool = True  # False: the mean/std are the architecture's defaults, said aloud
 
 
 @dataclass(frozen=True)
@@ -392,13 +419,18 @@ def _private_splits(loaded: LoadedModel, t: HardenConfig, data: _Data):
         fit_resolution,
         load_image_folders,
         resolve_val_fraction,
+        state_normalisation,
     )
     from mishield.training import reset_head as reset_classifier
 
-    fraction = resolve_val_fraction(data.train, data.val, t.val_fraction)
+    fraction = resolve_val_fraction(data.train, data.val, t.val_fraction, val_data_option=True)
     splits = load_image_folders(data.train, val_dir=data.val, val_fraction=fraction, seed=t.seed)
     loaded = fit_resolution(loaded, splits.train, data.input_size_given)
+    state_normalisation(loaded, data.normalisation_given)
     model_classes = loaded.num_classes
+    if t.reset_head and splits.num_classes < 2 and not t.force:
+        raise BadInputError(f"{data.train} has one class folder, so a new head (`reset_head`) has nothing to tell apart "
+                            "and learns nothing; add the other classes' folders, or pass `force` to train anyway.")
     if t.reset_head:
         reset_classifier(loaded.model, splits.num_classes)
         model_classes = splits.num_classes
@@ -433,14 +465,15 @@ def _fine_tune(loaded: LoadedModel, t: HardenConfig, data: _Data, out: Path | No
     loaded, splits, model_classes = _private_splits(loaded, t, data)
     recipe = _recipe(loaded, t, fresh_head=data.public is not None)
     state_path = log_path = None
-    is_main = int(os.environ.get("RANK", "0")) == 0  # torchrun: rank 0 alone writes files
+    is_main = torchrun_launch().is_main  # torchrun: rank 0 alone writes files
     if out is not None:
         state_path, log_path = state_path_for(out), log_path_for(out)
         if is_main and not t.resume and t.overwrite:
-            for stale in (state_path, public_state_path_for(out), log_path):
+            for stale in side_files_for(out):  # checked against the inputs by `_claimed`
                 stale.unlink(missing_ok=True)
+    checks = not (t.force or t.reset_head or loaded.kind == "spec" or data.public is not None)  # these start from no skill
     options = RunOptions(device=t.device, workers=t.workers, compile=t.compile, state_path=state_path, resume=t.resume,
-                         log_path=log_path)
+                         log_path=log_path, check_before=_original_above_chance(loaded, splits.num_classes) if checks else None)
     if not is_main:
         report = Callbacks()
     pretraining = None
@@ -463,6 +496,38 @@ def _fine_tune(loaded: LoadedModel, t: HardenConfig, data: _Data, out: Path | No
         recipe=recipe, metrics=result.metrics, history=result.history, log=log_path, resumed_from=result.resumed_from,
         seconds=result.seconds, main_process=is_main, pretraining=pretraining,
     )
+
+
+def _original_above_chance(loaded: LoadedModel, num_classes: int):
+    """The `RunOptions.check_before` that refuses (exit 3, before any training) an original which
+    scores at chance on the validation images: fine-tuning would retrain it under statistics it
+    never saw and call the result hardened (a mean/std 0.5 model read with ImageNet's scored 20 %
+    on 5 classes, then "hardened" to 74 %; with its own mean/std it went from 67 % to 81 %)."""
+
+    def check(accuracy: float | None, n: int) -> None:
+        from mishield.audit.stats import chance_level, wilson_interval
+
+        if accuracy is None or n == 0:
+            return
+        chance = chance_level(num_classes)
+        high = wilson_interval(round(accuracy * n), n)[1]
+        # The interval's upper end, not the estimate: a few validation images never trigger it.
+        if high > chance + NEAR_CHANCE_SHARE * (1.0 - chance):
+            return
+        pre = loaded.preprocessing
+        raise BadInputError(
+            f"{loaded.source or loaded.arch} scores {100 * accuracy:.1f} % on the {n} validation images before any change "
+            f"(95 % interval up to {100 * high:.1f} %), at chance ({100 * chance:.1f} % for {num_classes} classes): its "
+            f"mean/std ({_numbers(pre.mean)} / {_numbers(pre.std)}), input size ({pre.input_size[1]} px) or class order "
+            "(the data's class folders, sorted by name) is likely wrong; pass `mean`, `std` or `input_size`, or `force` "
+            "to fine-tune it anyway."
+        )
+
+    return check
+
+
+def _numbers(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 def _write_trained(loaded, out: Path, result, num_classes: int, overwrite: bool, record: dict, metrics: dict) -> None:

@@ -40,7 +40,7 @@ from torch import nn
 
 import mishield
 from mishield.errors import BadInputError, MishieldError, ParityError
-from mishield.fileio import atomic_output, check_writable
+from mishield.fileio import atomic_output, check_writable, output_lock
 
 # torch's dynamo default today and the TorchScript exporter's maximum: both paths emit the same opset.
 OPSET = 20
@@ -108,7 +108,7 @@ def export_onnx(
     else:
         export_batch = probe_batch = fixed_batch
 
-    with _eval_mode(model):
+    with output_lock(out), _eval_mode(model):  # a second export to the same `out` stops at once (exit 2)
         example = _probe_input(export_batch, input_size, seed + 1)
         _check_forward(model, example)
         proto, exporter = _export(model, example, dynamic)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mishield.errors import UsageError
+from mishield.launch import torchrun_launch
 
 
 @dataclass
@@ -63,15 +64,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def make_runtime(device: str | torch.device = "auto") -> Runtime:
-    """Join the torchrun job if there is one (gloo on CPU, NCCL on CUDA) and pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the torchrun job if there is one (gloo on CPU, NCCL on CUDA) and pick this rank's device.
+
+    Whether there is one is `mishield.launch.torchrun_launch`'s to say: a partial torchrun
+    environment (a stray RANK) is a usage error, never a silent "rank 1 that writes nothing"."""
+    launch = torchrun_launch()
     dev = resolve_device(device)
     owns = False
-    rank = 0
-    if world > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world = 0, 1
+    if launch.distributed:
         if dev.type == "cuda":
-            dev = torch.device("cuda", local_rank)
+            dev = torch.device("cuda", launch.local_rank)
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

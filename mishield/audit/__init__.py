@@ -23,6 +23,7 @@ audit uses them (docs/architecture.md §3):
     stats.py        intervals with the class as the unit, Wilson, chance, verdicts
     results.py      AuditReport, ModelAudit, PrivacyGate (report.json)
     report.py       report.html, the image grids, the terminal table
+    junit.py        the gate's result as a JUnit XML test report (CI systems show it natively)
     surrogates.py   surrogate files matched to the models they imitate
 
 The attack engine it drives is `mishield.attack`, which never imports this package.

@@ -92,17 +92,16 @@ def load_inputs(models, data, prior, eval_models: list, config) -> AuditInputs:
     from mishield.data import (
         DataSplits,
         fit_resolution,
+        has_validation,
+        hold_out,
         load_image_folders,
-        resolve_val_fraction,
     )
     from mishield.models import LoadedModel, load_model
 
     attack, load_options = config.attack, config.load_options or {}
-    if isinstance(data, DataSplits):
-        splits = data
-    else:
-        fraction = resolve_val_fraction(data, None, config.val_fraction)
-        splits = load_image_folders(data, val_fraction=fraction, seed=attack.seed)
+    # A folder without val/ is scanned whole first: where to split it may be the evaluator's to say.
+    splits = data if isinstance(data, DataSplits) else load_image_folders(data, val_fraction=config.val_fraction,
+                                                                         seed=attack.seed)
     size_given = load_options.get("input_size") is not None
 
     def named(m, **options) -> NamedModel:
@@ -120,6 +119,10 @@ def load_inputs(models, data, prior, eval_models: list, config) -> AuditInputs:
     evaluations = [named(e, arch=config.eval_arch) for e in eval_models]
     for evaluation in evaluations:
         check_hookable(evaluation)
+    if not isinstance(data, DataSplits) and not has_validation(data) and config.val_fraction is None:
+        fraction, seed, source = shared_split(data, splits, evaluations, attack.seed)
+        splits = hold_out(splits, fraction, seed)
+        splits.held_out["from"] = source
     if prior is None or (isinstance(prior, str) and prior.strip().lower() == "none"):
         image_prior = None
     elif isinstance(prior, Prior):
@@ -131,6 +134,22 @@ def load_inputs(models, data, prior, eval_models: list, config) -> AuditInputs:
         # A prior file that lists its training images' hashes: refuse private images among them.
         image_prior.description["provenance_check"] = check_prior_overlap(prior, splits)
     return AuditInputs(targets, evaluations, splits, image_prior)
+
+
+def shared_split(data, scanned, evaluations: list[NamedModel], seed: int) -> tuple[float, int, str]:
+    """(fraction, seed, whose) of the hold-out of a private folder without val/: the one the
+    evaluation model recorded when it was trained on this folder (`mishield train-eval`,
+    `training.split`), so the audit measures it on exactly the images it did not see and judges with
+    it on the images it learnt; else the default share with the audit's seed (`resolve_val_fraction`)."""
+    from mishield.data import resolve_val_fraction
+    from mishield.training.state import data_signature
+
+    signature = data_signature(sorted(scanned.train))
+    for evaluation in evaluations:
+        split = (evaluation.provenance.get("training") or {}).get("split") or {}
+        if "val_fraction" in split and split.get("signature") == signature:
+            return float(split["val_fraction"]), int(split["seed"]), f"the evaluation model {evaluation.name}"
+    return resolve_val_fraction(data), seed, "the audit's seed"
 
 
 def match_model_surrogates(targets: list[NamedModel], files, trust_checkpoint: bool) -> tuple[list[list], list[str]]:

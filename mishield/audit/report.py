@@ -16,7 +16,12 @@ import numpy as np
 import torch
 
 from mishield.audit.results import SCHEMA, SCHEMA_VERSION, AuditReport
-from mishield.fileio import atomic_output, check_writable, check_writable_dir
+from mishield.fileio import (
+    atomic_output,
+    check_writable,
+    check_writable_dir,
+    staged_folder,
+)
 
 __all__ = [  # SCHEMA and SCHEMA_VERSION are defined with the report type and re-exported here
     "MAX_SHOWN_CLASSES", "REPORT_FILES", "SCHEMA", "SCHEMA_VERSION", "SHOW_REAL", "SHOW_RECONSTRUCTIONS",
@@ -196,27 +201,31 @@ def write_report(out_dir: Path, report: AuditReport, shown: dict, real: dict, ov
                  prior_samples: torch.Tensor | None = None) -> dict[str, Path]:
     """Write report.json, report.html, one PNG grid per model and attack (per class: the
     reconstructions, a gap, the private images) and the prior's samples (`report.prior_samples`).
-    `shown[grid][class]`, `real[class]` and `prior_samples` are uint8 (N, C, H, W) images."""
+    `shown[grid][class]`, `real[class]` and `prior_samples` are uint8 (N, C, H, W) images.
+
+    Everything is written into a temporary folder beside `out_dir` and put in place at the end
+    (`mishield.fileio.staged_folder`), report.json last: its presence means the whole report is there."""
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
-    for i, (grid, per_class) in enumerate(shown.items()):
-        rows = [class_row(images, real.get(c, images[:0])) for c, images in list(per_class.items())[:MAX_SHOWN_CLASSES]]
-        if rows:
-            with atomic_output(out_dir / grid, overwrite) as tmp:
-                tmp.write_bytes(png_bytes(stack_rows(rows)))
-            written[f"grid{i}"] = out_dir / grid
-    if prior_samples is not None and report.prior_samples:
-        with atomic_output(out_dir / report.prior_samples, overwrite) as tmp:
-            tmp.write_bytes(png_bytes(tile(prior_samples), min_height=64))
-        written["prior_samples"] = out_dir / report.prior_samples
-    with atomic_output(out_dir / "report.html", overwrite) as tmp:
-        tmp.write_text(render_html(report, shown, real, prior_samples), encoding="utf-8")
-    written["html"] = out_dir / "report.html"
-    # The JSON goes last: its presence means the whole report is there.
-    with atomic_output(out_dir / "report.json", overwrite) as tmp:
-        tmp.write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    written["json"] = out_dir / "report.json"
+    with staged_folder(out_dir, overwrite, last="report.json") as staging:
+        for i, (grid, per_class) in enumerate(shown.items()):
+            rows = [class_row(images, real.get(c, images[:0])) for c, images in list(per_class.items())[:MAX_SHOWN_CLASSES]]
+            if rows:
+                _write(staging / grid, png_bytes(stack_rows(rows)))
+                written[f"grid{i}"] = out_dir / grid
+        if prior_samples is not None and report.prior_samples:
+            _write(staging / report.prior_samples, png_bytes(tile(prior_samples), min_height=64))
+            written["prior_samples"] = out_dir / report.prior_samples
+        _write(staging / "report.html", render_html(report, shown, real, prior_samples).encode("utf-8"))
+        written["html"] = out_dir / "report.html"
+        _write(staging / "report.json", (json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8"))
+        written["json"] = out_dir / "report.json"
     return written
+
+
+def _write(path: Path, data: bytes) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def summary_table(report: AuditReport):

@@ -272,7 +272,8 @@ class AuditRun:
             options={**config.attack.to_dict(), "attacks": [k.name for k in self.attacks], "device": str(runtime.device),
                      "bf16": runtime.amp_dtype is not None, "channels_last": runtime.channels_last, "world_size": runtime.world,
                      "max_attack_acc": config.max_attack_acc, "seeds": self.seed_list, **(config.provenance or {})},
-            data={"classes": data.classes, "train_images": len(data.train), "val_images": len(data.val)},
+            data={"classes": data.classes, "train_images": len(data.train), "val_images": len(data.val),
+                  **({"held_out": data.held_out} if getattr(data, "held_out", None) else {})},
             eval_model=eval_records[0], eval_models=eval_records,
             gate=None if config.max_attack_acc is None else gate(models, config.max_attack_acc),
             warnings=said,
@@ -336,6 +337,7 @@ def audit(models, *, data, prior, eval_model, config: AuditConfig | None = None,
     from mishield.audit.distributed import broadcast
     from mishield.audit.loading import load_inputs, match_model_surrogates
     from mishield.audit.report import check_outputs
+    from mishield.fileio import output_lock
     from mishield.runtime import make_runtime
 
     config = resolve_config("audit", config, keywords, AuditConfig, from_keywords)
@@ -346,10 +348,11 @@ def audit(models, *, data, prior, eval_model, config: AuditConfig | None = None,
     check_outputs(Path(out), config.overwrite, inputs=inputs)
     runtime = make_runtime(config.device)
     try:
-        loaded = load_inputs(models, data, prior, evals, config)
-        own, surrogate_warnings = match_model_surrogates(loaded.targets, surrogates, config.trust_checkpoint)
-        report = AuditRun(loaded.targets, loaded.evaluations, loaded.data, loaded.prior, config, Path(out), runtime,
-                          progress, own, surrogate_warnings).run()  # fmt: skip
+        with output_lock(Path(out)):  # a second audit into the same folder stops here (exit 2)
+            loaded = load_inputs(models, data, prior, evals, config)
+            own, surrogate_warnings = match_model_surrogates(loaded.targets, surrogates, config.trust_checkpoint)
+            report = AuditRun(loaded.targets, loaded.evaluations, loaded.data, loaded.prior, config, Path(out), runtime,
+                              progress, own, surrogate_warnings).run()  # fmt: skip
         failing = broadcast(report.gate.failing if report and report.gate else [], runtime)
     finally:
         runtime.close()

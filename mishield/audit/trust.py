@@ -122,21 +122,31 @@ def evaluator_accuracy(evaluator, items: Sequence, image_shape: Sequence[int]) -
 def check_evaluator(evaluator, evaluation, targets, data, image_shape, *, allow_weak: bool = False) -> tuple[dict, list[str]]:
     """All evaluator checks; returns the report's `eval_model.trust` record and warnings.
 
-    Refuses permuted or other classes, the target as its own evaluator, and an accuracy below
-    `accuracy_floor` (unless `allow_weak`, which then only warns: the caller forbids a gate).
+    Refuses permuted or other classes, the target as its own evaluator, an evaluator that saw every
+    validation image (its accuracy could only be measured on images it learnt) and an accuracy below
+    `accuracy_floor` (unless `allow_weak`, which then only warns: the caller forbids a gate). The
+    accuracy is measured on the validation images the evaluator did not train on (`unseen_validation`).
     """
     recorded = evaluation.provenance
     classes_match = check_classes(recorded.get("classes"), data.classes, evaluation.name)
     check_not_target(evaluation, targets)
-    accuracy, n = evaluator_accuracy(evaluator, data.val, image_shape)
+    items, relation, fingerprint_match = unseen_validation(evaluation, data)
+    accuracy, n = evaluator_accuracy(evaluator, items, image_shape)
     floor = accuracy_floor(data.num_classes)
     warnings = []
     if classes_match is None:
         warnings.append(f"the evaluation model {evaluation.name} records no class names, so its class order is unchecked; "
                         "models from mishield train-eval record them.")
-    if accuracy is None:
+    if not data.val:
         warnings.append("the private data has no validation images, so the evaluation model's accuracy is unmeasured; "
                         "add a val/ folder to trust the audit.")
+    elif accuracy is None:
+        sentence = (f"the evaluation model {evaluation.name} was trained on every one of the {len(data.val)} private validation "
+                    "images, so its accuracy can only be measured on images it learnt, which says nothing; retrain it with "
+                    "mishield train-eval, which holds out the images the audit validates on.")
+        if not allow_weak:
+            raise BadInputError(sentence)
+        warnings.append(sentence)
     elif accuracy < floor:
         sentence = (f"the evaluation model {evaluation.name} recognises {100 * accuracy:.1f} % of the {n} private validation "
                     f"images at the attack's {image_shape[1]}x{image_shape[2]} px, below the floor of {100 * floor:.1f} % "
@@ -146,29 +156,52 @@ def check_evaluator(evaluator, evaluation, targets, data, image_shape, *, allow_
             raise BadInputError(sentence)
         warnings.append(sentence)
     fingerprint = (recorded.get("training") or {}).get("data_fingerprint")
-    fingerprint_match = _fingerprint_match(fingerprint, data)
-    if fingerprint_match is False:
+    if relation == "other images":
         warnings.append(
-            f"the evaluation model {evaluation.name} was trained on other images than the private training images "
-            f"audited here ({fingerprint.get('images')} recorded, {len(data.train)} here; data fingerprints differ); "
+            f"the evaluation model {evaluation.name} was trained on other images than the private images audited here "
+            f"({fingerprint.get('images')} recorded, {len(data.train)} training images here; data fingerprints differ); "
             "its accuracy was measured above, but train it on this data (mishield train-eval) for a like-for-like judge.")
     record = {"accuracy": accuracy, "accuracy_n": n, "floor": floor, "chance": chance_level(data.num_classes),
               "resolution": list(image_shape[1:]), "classes_match": classes_match,
               "recorded_accuracy": (recorded.get("metrics") or {}).get("natural_acc"),
-              "fingerprint": fingerprint, "fingerprint_match": fingerprint_match}
+              "fingerprint": fingerprint, "fingerprint_match": fingerprint_match, "training_data": relation}
     warnings += _resolution_warning(evaluation, image_shape)
     return record, warnings
 
 
-def _fingerprint_match(fingerprint: dict | None, data) -> bool | None:
-    """Whether the evaluator's recorded training data is the audit's private training data (None:
-    nothing recorded). Only a warning when not: a seeded hold-out, or a val/ folder added later,
-    changes the training split without changing what the evaluator has learnt to recognise."""
-    if not isinstance(fingerprint, dict) or "sha256" not in fingerprint:
-        return None
-    from mishield.data import data_fingerprint
+# How an evaluator's training images relate to the audit's private data (`unseen_validation`).
+TRAINING_RELATIONS = ("same split", "other split", "same images", "every image", "other images", "unknown")
 
-    return data_fingerprint(data.train, data.classes)[0]["sha256"] == fingerprint["sha256"]
+
+def unseen_validation(evaluation, data) -> tuple[list, str, bool | None]:
+    """The private validation images `evaluation` did not train on, how its training images relate to
+    `data` (one of TRAINING_RELATIONS) and whether they are exactly `data.train` (None: unrecorded).
+
+    An evaluator from `mishield train-eval` on a folder without val/ records its hold-out
+    (`training.split`): on the same folder the audit redraws it, so even a hold-out of another share
+    or seed is known image by image ("same split" / "other split"). Otherwise its fingerprint tells:
+    `data.train` ("same images"), `data.train` and `data.val` together ("every image": nothing is left
+    to measure on), or neither ("other images", "unknown" when nothing is recorded; then all of
+    `data.val` is used, as nothing says which images it saw).
+    """
+    from mishield.data import DataSplits, data_fingerprint, hold_out
+    from mishield.training.state import data_signature
+
+    training = evaluation.provenance.get("training") or {}
+    split, fingerprint = training.get("split") or {}, training.get("data_fingerprint")
+    every = sorted(data.train + data.val)
+    if "val_fraction" in split and split.get("signature") == data_signature(every):
+        own = set(hold_out(DataSplits(every, [], data.classes), float(split["val_fraction"]), int(split["seed"])).val)
+        items = [item for item in data.val if item in own]
+        same = own == set(data.val)
+        return items, "same split" if same else "other split", same
+    if not isinstance(fingerprint, dict) or "sha256" not in fingerprint:
+        return list(data.val), "unknown", None
+    if data_fingerprint(data.train, data.classes)[0]["sha256"] == fingerprint["sha256"]:
+        return list(data.val), "same images", True
+    if data.val and data_fingerprint(every, data.classes)[0]["sha256"] == fingerprint["sha256"]:
+        return [], "every image", False
+    return list(data.val), "other images", False
 
 
 def _resolution_warning(evaluation, image_shape) -> list[str]:

@@ -11,6 +11,7 @@ instead.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
@@ -182,6 +183,21 @@ def _quiet_library_notices(debug: bool) -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
 
 
+@contextlib.contextmanager
+def _library_warnings():
+    """The library's logged warnings as `warning: ...` lines naming flags (`options.FlagWarnings`)."""
+    import logging
+
+    from mishield.cli.options import FlagWarnings
+
+    logger, handler = logging.getLogger("mishield"), FlagWarnings()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("MISHIELD_DEBUG") == "1"
     args = sys.argv[1:] if argv is None else list(argv)
@@ -192,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         console.configure(json_output="--json" in args)
         _quiet_library_notices(debug)
         _register()
-        code = app(args=args, prog_name="mishield", standalone_mode=False)
+        with _library_warnings():
+            code = app(args=args, prog_name="mishield", standalone_mode=False)
     except MishieldError as err:
         if debug:
             raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -72,11 +71,13 @@ def audit(
     std: StdOpt = None,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
+    junit: Annotated[Path | None, typer.Option("--junit", metavar="FILE", help="Also write the gate's result as a JUnit XML test report: one test case per model and attack, failing with the verdict's reason when leaky or inconclusive.")] = None,
 ) -> None:
     """Attack each model with a Plug-and-Play-style inversion and report how much private data it gives away."""
     from mishield.audit.runner import audit as run
     from mishield.cli.progress import progress_bars
     from mishield.errors import PrivacyGateError, UsageError
+    from mishield.launch import torchrun_launch
 
     if not eval_model:
         raise UsageError(NO_EVAL_MODEL)
@@ -85,16 +86,30 @@ def audit(
     options = {name: value for name, value in locals().items() if name in CONFIG_OPTIONS}
     provenance = {"preset": preset, "prior": prior, "eval_model": eval_model[0], "eval_models": list(eval_model),
                   "surrogates": [str(f) for f in surrogate or ()], "data": str(data), "models": list(models)}
-    with flags_in_errors(run, extra=(*LOAD_PARAMETERS, *CONFIG_OPTIONS)), \
-            progress_bars(os.environ.get("RANK", "0") == "0") as progress:
+    inputs = [*models, data, prior, *eval_model, *(surrogate or ())]
+    with _junit_claimed(junit, overwrite, inputs), flags_in_errors(run, extra=(*LOAD_PARAMETERS, *CONFIG_OPTIONS)), \
+            progress_bars(torchrun_launch().is_main) as progress:
         config = audit_config(options, provenance)
         report = run(models, data=data, prior=prior, eval_model=eval_model, config=config, surrogates=list(surrogate or ()),
                      out=out, progress=progress)  # fmt: skip
+        if report is not None and junit is not None:  # before the gate's exit 4: CI reads it most then
+            from mishield.audit.junit import write_junit
+
+            write_junit(report, junit, overwrite)
     if report is None:  # another rank under torchrun; rank 0 prints
         return
-    _print(report, json_output)
+    _print(report, json_output, junit)
     if not report.passed:
         raise PrivacyGateError(gate_message(report, out / "report.html"))
+
+
+def _junit_claimed(junit: Path | None, overwrite: bool, inputs: list):
+    """--junit FILE checked against the inputs and locked before the audit (`mishield.fileio.claim_output`)."""
+    import contextlib
+
+    from mishield.fileio import claim_output
+
+    return contextlib.nullcontext() if junit is None else claim_output(junit, overwrite, inputs)
 
 
 # The options of `mishield audit` that make its AuditConfig (the parameter names of `audit` above).
@@ -136,16 +151,22 @@ def _milestones(text: str | None) -> tuple[float, ...] | None:
         raise UsageError(f"--milestones takes numbers like 0.6,0.8 or 30,40, or none; cannot read {text!r}.") from None
 
 
-def _print(report, json_output: bool) -> None:
+def _print(report, json_output: bool, junit: Path | None = None) -> None:
     from mishield.audit.report import summary_table
 
     if json_output:
         console.emit_json(report.to_dict())
         return
+    from rich.text import Text
+
+    from mishield.audit.runner import audit as run
+    from mishield.cli.options import flag_names, flags_in_text
+
     console.err.print(summary_table(report))
+    names = flag_names(run, extra=(*LOAD_PARAMETERS, *CONFIG_OPTIONS))  # report.json keeps the library's words
     for warning in report.warnings:
-        console.err.print(f"[yellow]warning:[/] {warning}")
-    console.err.print(f"report: [bold]{report.files['html']}[/]")
+        console.err.print("[yellow]warning:[/]", Text(flags_in_text(warning, names)), soft_wrap=True)
+    console.err.print(f"report: [bold]{report.files['html']}[/]" + (f" (JUnit: {junit})" if junit is not None else ""))
 
 
 def gate_message(report, html: Path) -> str:

@@ -23,11 +23,13 @@ def demo(
     from mishield.cli.options import flags_in_errors
     from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.demo import run_demo
+    from mishield.fileio import output_lock
 
     def log(line: str) -> None:
         console.err.print(f"[bold]{line}[/]")
 
-    with flags_in_errors(run_demo), progress_bars() as progress:
+    # one demo per folder: a second one into the same --out stops at once (exit 2)
+    with flags_in_errors(run_demo), output_lock(out), progress_bars() as progress:
         result = run_demo(out, quick=quick, device=device, seed=seed, progress=progress, on_epoch=epoch_printer(), log=log)
     if json_output:
         console.emit_json(result.to_dict())

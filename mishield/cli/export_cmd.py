@@ -50,12 +50,12 @@ def export(
     Exit code 5 when onnxruntime's logits differ from PyTorch's by more than --atol or pick a
     different top-1 class on the probe batch; the file is then not written.
     """
-    from mishield.fileio import check_writable
+    from mishield.fileio import claim_output
     from mishield.models import load_model
     from mishield.onnx_export import export_onnx, loaded_model_metadata
 
-    with flags_in_errors(export_onnx):
-        check_writable(out, overwrite, inputs=(model,))  # before loading and exporting, which take a while
+    # checked against MODEL and locked before loading and exporting, which take a while
+    with flags_in_errors(export_onnx), claim_output(out, overwrite, (model,)):
         err = console.err
         with err.status(f"loading {model}"):
             loaded = load_model(

@@ -4,7 +4,6 @@ defences stacked on it (BiDO, --neg-ls, --erase, --freeze-stages, TL-DMI with --
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -58,7 +57,7 @@ RECIPE_KEYS = ("method", "alpha", "stage", "sites", "schedule", "epochs", "stage
 
 # HardenConfig's fields, by the flag that sets each (messages name the fields in backticks).
 CONFIG_FLAGS = (*RECIPE_KEYS, "overwrite", "device", "workers", "compile", "reset_head", "resume", "data", "val_data", "public",
-                "out")
+                "out", "force")
 
 
 # Options only `harden` has (shared ones are in mishield.cli.options).
@@ -135,6 +134,11 @@ CompileModelOpt = Annotated[
 ResetHeadOpt = Annotated[
     bool, typer.Option("--reset-head", rich_help_panel=TRAINING_PANEL,
                        help="Replace the classifier with a new one for DATA's classes.")
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", rich_help_panel=TRAINING_PANEL,
+                       help="Fine-tune even an original that scores at chance on the validation images (likely a wrong "
+                            "--mean/--std, --input-size or class order), or one class with --reset-head.")
 ]
 WorkersOpt = Annotated[
     int | None, typer.Option("--workers", min=0, rich_help_panel=TRAINING_PANEL,
@@ -218,6 +222,7 @@ def harden(
     device: DeviceOpt = "auto",
     compile_model: CompileModelOpt = False,
     reset_head: ResetHeadOpt = False,
+    force: ForceOpt = False,
     workers: WorkersOpt = None,
     neg_ls: NegLsOpt = None,
     neg_ls_start: NegLsStartOpt = None,
@@ -242,7 +247,6 @@ def harden(
     with stacked defences (BiDO, negative label smoothing, random erasing, frozen stages, TL-DMI) and
     write a hardened model file; or (--search) find the least leaky stack within an accuracy budget."""
     from mishield.cli.progress import epoch_printer, progress_bars
-    from mishield.fileio import refuse_input_as_output
     from mishield.hardening import HardenConfig
     from mishield.hardening import harden as harden_model
     from mishield.recipes import recipe_defaults
@@ -251,9 +255,9 @@ def harden(
     given = {k: (None if v == () else v) for k, v in ctx.params.items()}
     r = recipe_defaults(ctx, recipe_file, RECIPE_KEYS)
     options = {k: r.get(k, given[k]) for k in RECIPE_KEYS}
-    refuse_input_as_output(out, (recipe_file,))  # the library checks the inputs it is given itself
-    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
-    run = {"overwrite": overwrite, "device": device, "workers": workers, "compile": compile_model}
+    _refuse_recipe_as_output(out, recipe_file)  # the library checks the inputs it is given itself
+    is_main = _is_main()  # under torchrun only rank 0 reports
+    run = {"overwrite": overwrite, "device": device, "workers": workers, "compile": compile_model, "force": force}
     with flags_in_errors(harden_model, extra=(*LOAD_PARAMETERS, *CONFIG_FLAGS)):
         refuse_search_options(ctx, search)
         load = _load_options(given)
@@ -266,6 +270,22 @@ def harden(
                               on_epoch=epoch_printer(is_main), load_options=load)
     if result.main_process:
         _print_result(result, json_output)
+
+
+def _refuse_recipe_as_output(out: Path, recipe_file: Path | None) -> None:
+    """The --recipe file is an input the library never sees: neither --out nor a file beside it may be it."""
+    from mishield.fileio import check_side_file, refuse_input_as_output
+    from mishield.hardening import side_files_for
+
+    refuse_input_as_output(out, (recipe_file,))
+    for side in side_files_for(out):
+        check_side_file(side, (recipe_file,))
+
+
+def _is_main() -> bool:
+    from mishield.launch import torchrun_launch
+
+    return torchrun_launch().is_main
 
 
 def _load_options(given: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -89,23 +90,56 @@ def flag_for(param: str) -> str:
     return _FLAG_EXCEPTIONS.get(param, "--" + param.replace("_", "-"))
 
 
+def flags_in_text(message: str, names: Iterable[str]) -> str:
+    """`message` with each backticked parameter of `names` written as its flag (`val_fraction` ->
+    --val-fraction); other backticked words (`none`, `z_dim`) stay as they are."""
+    names = set(names)
+
+    def flag(m: re.Match) -> str:
+        return flag_for(m.group(1)) if m.group(1) in names else m.group(0)
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
+
+
+def flag_names(*functions: Callable, extra: Iterable[str] = LOAD_PARAMETERS) -> set[str]:
+    """The parameter names a command's messages may name: those of `functions` and `extra`."""
+    return set(extra).union(*(inspect.signature(f).parameters for f in functions))
+
+
+_NAMES: list[set[str]] = []  # the names of the `flags_in_errors` blocks now running, innermost last
+
+
 @contextmanager
 def flags_in_errors(*functions: Callable, extra: Iterable[str] = LOAD_PARAMETERS) -> Iterator[None]:
     """Re-raise a library error with each of `functions`' parameters (and `extra`) that its message
-    names in backticks written as its CLI flag. Other backticked words (`none`, `z_dim`) stay."""
+    names in backticks written as its CLI flag; the warnings the library logs meanwhile are written
+    the same way (`FlagWarnings`), so that the command line never reads `val_fraction` for --val-fraction."""
     from mishield.errors import MishieldError
 
+    names = flag_names(*functions, extra=extra)
+    _NAMES.append(names)
     try:
         yield
     except MishieldError as err:
-        message = str(err)
-        if "`" not in message:
-            raise
-        names = set(extra).union(*(inspect.signature(f).parameters for f in functions))
-
-        def flag(m: re.Match) -> str:
-            return flag_for(m.group(1)) if m.group(1) in names else m.group(0)
-
-        # The same exception (type, exit code, attributes kept), its sentence reworded.
-        err.args = (re.sub(r"`([a-z][a-z0-9_]*)`", flag, message),)
+        if "`" in str(err):  # the same exception (type, exit code, attributes kept), its sentence reworded
+            err.args = (flags_in_text(str(err), names),)
         raise
+    finally:
+        _NAMES.remove(names)
+
+
+class FlagWarnings(logging.Handler):
+    """Prints the library's warnings (the `mishield` logger) on stderr as `warning: ...`, each
+    parameter written as the flag of the command that runs (`flags_in_errors`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from mishield.cli import console
+
+        try:
+            text = flags_in_text(record.getMessage(), set().union(*_NAMES))
+            console.err.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
+        except Exception:  # noqa: BLE001 - logging's own rule: a failed report never stops the run
+            self.handleError(record)

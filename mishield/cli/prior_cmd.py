@@ -34,7 +34,6 @@ def train(
     from mishield.cli.options import flags_in_errors
     from mishield.cli.progress import epoch_printer, progress_bars
     from mishield.errors import UsageError
-    from mishield.fileio import refuse_input_as_output
     from mishield.models.dcgan import load_generator_file
     from mishield.runtime import resolve_device
     from mishield.training.prior import (
@@ -45,9 +44,8 @@ def train(
 
     if channels not in (None, 1, 3):
         raise UsageError(f"--channels must be 1 or 3, got {channels}.")
-    refuse_input_as_output(out, (data,))
     config = PriorTrainingConfig(resolution, channels, latent_dim, width, epochs, batch_size, lr, seed)
-    with flags_in_errors(train_prior, extra=("resume", "overwrite", "epochs", "batch_size", "lr", "seed")), progress_bars() as progress:
+    with flags_in_errors(train_prior, extra=("resume", "overwrite", "epochs", "batch_size", "lr", "seed", "val_fraction", "input_size")), progress_bars() as progress:
         path = train_prior(data, out, config, device=resolve_device(device), resume=resume, overwrite=overwrite,
                            progress=progress, on_epoch=epoch_printer())
     _, meta = load_generator_file(path)

@@ -45,11 +45,9 @@ def train(
     """Distil a surrogate from TARGET's soft outputs on public images; `mishield audit` attacks it with the target."""
     from mishield.cli.options import flags_in_errors
     from mishield.cli.progress import epoch_printer, progress_bars
-    from mishield.fileio import refuse_input_as_output
     from mishield.training.distillation import SurrogateConfig, train_surrogate
 
-    refuse_input_as_output(out, (target, public))
-    with flags_in_errors(train_surrogate, extra=("resume", "overwrite", "epochs", "batch_size", "lr", "seed")), progress_bars() as progress:
+    with flags_in_errors(train_surrogate, extra=("resume", "overwrite", "epochs", "batch_size", "lr", "seed", "val_fraction", "input_size")), progress_bars() as progress:
         config = SurrogateConfig(arch=surrogate_arch, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
                                  resolution=input_size, device=device, seed=seed, resume=resume, overwrite=overwrite,
                                  trust_checkpoint=trust_checkpoint, val_fraction=val_fraction)

@@ -30,12 +30,10 @@ def train_eval(
     """Train an evaluation model (default: a skip-free VGG-style CNN) on the private data for `mishield audit`."""
     from mishield.cli.options import flags_in_errors
     from mishield.cli.progress import epoch_printer, progress_bars
-    from mishield.fileio import refuse_input_as_output
     from mishield.runtime import resolve_device
     from mishield.training.evaluator import EvalModelConfig, train_eval_model
 
-    refuse_input_as_output(out, (data,) if prior is None else (data, prior))
-    with flags_in_errors(train_eval_model, extra=("resume", "overwrite", "epochs", "batch_size", "lr", "seed")), progress_bars() as progress:
+    with flags_in_errors(train_eval_model, extra=("resume", "overwrite", "epochs", "batch_size", "lr", "seed", "val_fraction", "input_size")), progress_bars() as progress:
         config = EvalModelConfig(arch=arch, input_size=input_size, epochs=epochs, lr=lr, batch_size=batch_size,
                                  val_fraction=val_fraction, device=resolve_device(device), seed=seed, overwrite=overwrite,
                                  resume=resume)
@@ -44,6 +42,7 @@ def train_eval(
         console.emit_json(summary)
     else:
         acc = summary["natural_acc"]
-        shown = "no held-out data" if acc is None else f"held-out accuracy {100 * acc:.1f} %"
+        shown = ("no validation images" if acc is None
+                 else f"validation accuracy {100 * acc:.1f} % on {summary['val_images']} held-out images")
         console.err.print(f"evaluation model {summary['arch']}, {len(summary['classes'])} classes, {summary['input_size']} px, "
                           f"{shown} -> [bold]{summary['out']}[/]")

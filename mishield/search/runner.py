@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mishield.errors import BadInputError, UsageError, first_line
+from mishield.fileio import output_lock
 from mishield.progress import ProgressCallback
 from mishield.search.config import SearchConfig
 from mishield.search.grid import Candidate
@@ -105,22 +106,23 @@ def search_defences(
     paths = SearchPaths(Path(out))
     inputs = [x for x in (model, data, public, prior, *_as_list(eval_model)) if isinstance(x, (str, Path))]
     _check_call(model, data, public, prior, paths, config, inputs)
-    original = _load_original(model, config)
-    splits, config = _splits(Path(data), config)
-    state = SearchState(paths, _fingerprint(original, model, splits, public, prior, eval_model, config))
-    _check_outputs(paths, state.read(config.overwrite), config.overwrite, inputs)
-    with _resumable(paths):
-        state.start(config.overwrite)
-        run = _Run(model, Path(data), config, paths, splits, progress, log)
-        prior_file = _prior(run, prior, public)
-        evaluators = _eval_models(run, eval_model, prior_file)
-        trained = _train_candidates(run)
-        report = _audit(run, [model, *[c["file"] for c in trained]], prior_file, evaluators, paths.audit, "candidates")
-        result = _select(run, report, trained)
-        if result.pick is not None:
-            _finish(run, state, result, prior_file, evaluators)
-    result.seconds, result.resumed = time.perf_counter() - t0, state.resumed
-    _write_documents(paths, result, config.overwrite)
+    with output_lock(paths.out):  # a second search (or harden) into the same `out` stops here (exit 2)
+        original = _load_original(model, config)
+        splits, config = _splits(Path(data), config)
+        state = SearchState(paths, _fingerprint(original, model, splits, public, prior, eval_model, config))
+        _check_outputs(paths, state.read(config.overwrite), config.overwrite, inputs)
+        with _resumable(paths):
+            state.start(config.overwrite)
+            run = _Run(model, Path(data), config, paths, splits, progress, log)
+            prior_file = _prior(run, prior, public)
+            evaluators = _eval_models(run, eval_model, prior_file)
+            trained = _train_candidates(run)
+            report = _audit(run, [model, *[c["file"] for c in trained]], prior_file, evaluators, paths.audit, "candidates")
+            result = _select(run, report, trained)
+            if result.pick is not None:
+                _finish(run, state, result, prior_file, evaluators)
+        result.seconds, result.resumed = time.perf_counter() - t0, state.resumed
+        _write_documents(paths, result, config.overwrite)
     return result
 
 
@@ -129,7 +131,8 @@ def _as_list(value) -> list:
 
 
 def _check_call(model, data, public, prior, paths: SearchPaths, config: SearchConfig, inputs: list) -> None:
-    from mishield.fileio import check_writable_dir
+    from mishield.fileio import check_side_file, check_writable_dir
+    from mishield.hardening import side_files_for
 
     if data is None:
         raise UsageError("the search fine-tunes and audits on your private images; pass `data`.")
@@ -137,6 +140,8 @@ def _check_call(model, data, public, prior, paths: SearchPaths, config: SearchCo
         raise UsageError("the search's audit needs an image prior: pass `prior` (a prior file, or none for the "
                          "generator-free prior) or `public` (public images to train one on).")
     check_writable_dir(paths.work, inputs)
+    for side in (paths.work, *side_files_for(paths.out)):  # the work folder is deleted with `overwrite`
+        check_side_file(side, inputs)
 
 
 def _check_outputs(paths: SearchPaths, state: SearchState, overwrite: bool, inputs: list) -> None:
@@ -195,7 +200,7 @@ def _fingerprint(original, model, splits, public, prior, eval_model, config: Sea
     options = config.to_dict()
     for key in ("max_acc_drop", "remeasure"):
         options.pop(key)
-    for key in ("device", "workers", "compile"):  # where it runs, not what it computes
+    for key in ("device", "workers", "compile", "force"):  # where it runs (or whether it may), not what it computes
         options["base"].pop(key)
     return {"model": original.source_sha256 or identity(model), "train": data_signature(splits.train),
             "val": data_signature(splits.val), "public": None if public is None else str(Path(public).resolve()),

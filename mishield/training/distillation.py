@@ -241,21 +241,29 @@ def train_surrogate(
     public_fingerprint}`; `OUT.train-state` sits beside it while training (`config.resume`).
     `config` (`SurrogateConfig`) says how; the former keyword form (`arch=`, `epochs=`, ...) is deprecated.
     """
-    import time
 
-    from mishield.data import DataSplits, data_fingerprint
-    from mishield.fileio import check_writable
-    from mishield.runtime import resolve_device
-    from mishield.training import RunOptions, TrainingRecipe, evaluate_accuracy, fit
+    from mishield.fileio import claim_output
     from mishield.training.state import refuse_stale_state, state_path_for
 
     c = resolve_config("train_surrogate", config, keywords, SurrogateConfig)
+    out = Path(out)
+    state_path = state_path_for(out)
+    with claim_output(out, c.overwrite, (target, public), (state_path,)):  # checked against the inputs, locked
+        refuse_stale_state(state_path, c.resume, c.overwrite)
+        return _distil(target, public, out, c, progress, on_epoch, load_options)
+
+
+def _distil(target, public, out: Path, c: SurrogateConfig, progress, on_epoch, load_options) -> SurrogateResult:
+    import time
+
+    from mishield.data import DataSplits, data_fingerprint
+    from mishield.runtime import resolve_device
+    from mishield.training import RunOptions, TrainingRecipe, evaluate_accuracy, fit
+    from mishield.training.state import state_path_for
+
     arch, epochs, batch_size, lr, temperature, seed = c.arch, c.epochs, c.batch_size, c.lr, c.temperature, c.seed
     resume, overwrite, val_fraction = c.resume, c.overwrite, c.val_fraction
-    out = Path(out)
-    check_writable(out, overwrite, inputs=[x for x in (target, public) if isinstance(x, (str, Path))])
     state_path = state_path_for(out)
-    refuse_stale_state(state_path, resume, overwrite)
     items, classes = public_items(public)
     options = {**(load_options or {}), "trust_checkpoint": c.trust_checkpoint or (load_options or {}).get("trust_checkpoint", False)}
     loaded, num_classes = _load_target(target, options, c.resolution, items)

@@ -495,7 +495,7 @@ def evaluate_accuracy(
     Inside a torchrun job every rank scores its own shard and the counts are summed.
     """
     if not items:
-        raise BadInputError("there are no validation images to measure accuracy on; pass --val-data or --val-fraction.")
+        raise BadInputError("there are no validation images to measure accuracy on; pass `val_data` or `val_fraction`.")
     rt = runtime or Runtime(resolve_device(device))
     if runtime is None and rt.device.type == "cuda":
         rt.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
@@ -555,7 +555,10 @@ def to_cpu_eval(model: nn.Module) -> nn.Module:
 class RunOptions:
     """How a training run runs, beside what it trains (the `TrainingRecipe`): the device, loader
     workers, torch.compile, the resumable state (`resume` continues it) and the JSON-lines log
-    beside the output, and `stop_after` (global epochs), which simulates an interruption in tests."""
+    beside the output, `stop_after` (global epochs), which simulates an interruption in tests, and
+    `check_before(accuracy, images)`, called by `run_schedule` with the natural accuracy it measures
+    before anything changes (on every rank), which may raise to stop the run before any training
+    (`harden` refuses an original that scores at chance)."""
 
     device: str | torch.device = "auto"
     workers: int | None = None
@@ -564,6 +567,7 @@ class RunOptions:
     resume: bool = False
     log_path: Path | None = None
     stop_after: int | None = None
+    check_before: Callable[[float | None, int], None] | None = None
 
 
 # fit()'s keyword arguments before TrainingRecipe and RunOptions, and which one each belongs to.

@@ -172,21 +172,28 @@ def train_prior(
     The file records the per-epoch losses and the training images' fingerprint and pixel hashes
     (an audit refuses private data among them); a grid of samples goes to `samples_path(out)`.
     """
+    from mishield.fileio import claim_output
+
+    out = Path(out)
+    if config.resolution is not None:
+        _check_resolution(config.resolution)
+    state_path = state_path_for(out)
+    # The prior, its state and its samples grid are checked against the data, and `out` locked for the run.
+    with claim_output(out, overwrite, (data_dir,), (state_path, samples_path(out))):
+        refuse_stale_state(state_path, resume, overwrite)
+        return _train_prior(Path(data_dir), out, config, device, resume, overwrite, progress, on_epoch)
+
+
+def _train_prior(data_dir: Path, out: Path, config: PriorTrainingConfig, device, resume: bool, overwrite: bool,
+                 progress: ProgressCallback | None, on_epoch: EpochCallback | None) -> Path:
     from mishield.data import (
         ImageDataset,
         data_fingerprint,
         default_resolution,
         load_image_folders,
     )
-    from mishield.fileio import check_writable
 
-    out = Path(out)
-    check_writable(out, overwrite)
-    if config.resolution is not None:
-        _check_resolution(config.resolution)
     state_path = state_path_for(out)
-    refuse_stale_state(state_path, resume, overwrite)
-
     splits = load_image_folders(data_dir)
     items = splits.train + splits.val
     config = PriorTrainingConfig(**{**asdict(config), "channels": config.channels or _infer_channels(items),

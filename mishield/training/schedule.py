@@ -108,7 +108,7 @@ def run_schedule(
         example = torch.zeros((2, *preprocessing.input_size), device=next(model.parameters()).device)
         ctx.freeze_plan = plan_freeze(model, example, recipe.freeze_stages, declared=ctx.feature_names)
     try:
-        result = _run_stages(ctx, model, plan, options.stop_after, options.resume)
+        result = _run_stages(ctx, model, plan, options)
     finally:
         rt.close()
     result.seconds = time.perf_counter() - t0
@@ -116,11 +116,11 @@ def run_schedule(
     return result
 
 
-def _run_stages(ctx: _StageContext, model: nn.Module, plan, stop_after: int | None, resume: bool) -> ScheduleResult:
+def _run_stages(ctx: _StageContext, model: nn.Module, plan, options: RunOptions) -> ScheduleResult:
     rt, recipe, data, log = ctx.runtime, ctx.recipe, ctx.data, ctx.log
     plan_record = {"method": plan.method, "alpha": plan.alpha, "sites": list(plan.selected)}
     fingerprint = run_fingerprint(recipe, data, ctx.preprocessing, model, plan_record)
-    state = resume_classifier_state(ctx.state_path, resume, fingerprint, recipe)
+    state = resume_classifier_state(ctx.state_path, options.resume, fingerprint, recipe)
     history: list[dict] = list(state["history"]) if state else []
     metrics: dict = dict(state.get("metrics", {})) if state else {}
 
@@ -134,6 +134,8 @@ def _run_stages(ctx: _StageContext, model: nn.Module, plan, stop_after: int | No
         log.write("start", recipe=recipe.to_dict(), surgery=plan_record, classes=data.classes,
                   train_images=len(data.train), val_images=len(data.val), device=str(rt.device), world=rt.world)
         metrics["natural_acc_before"] = evaluate(model)
+        if options.check_before is not None:
+            options.check_before(metrics["natural_acc_before"], len(data.val))
     else:
         log.write("resume", stage=state["stage"], epoch=state["epoch"])
 
@@ -157,7 +159,7 @@ def _run_stages(ctx: _StageContext, model: nn.Module, plan, stop_after: int | No
         if end > first:
             _train_stage(ctx, current, name, first, end, resume=stage_state,
                          checkpoint=checkpointer(rt, ctx.state_path, name, recipe, fingerprint, metrics),
-                         history=history, stop_after=stop_after)
+                         history=history, stop_after=options.stop_after)
 
     metrics["natural_acc_after"] = evaluate(current)
     rt.barrier()

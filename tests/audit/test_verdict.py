@@ -72,6 +72,22 @@ def test_a_failed_attack_is_inconclusive_and_fails_the_gate(tiny, tmp_path, caps
     assert all(not row["reached"] for m in doc["models"] for row in m["per_class"])
 
 
+def test_junit_reports_the_failed_gate_for_ci(tiny, tmp_path, capsys, without_trust_checks):
+    import xml.etree.ElementTree as ET
+
+    junit = tmp_path / "ci" / "junit.xml"
+    code, out, err = _run(_audit(tiny, tmp_path / "j", "--max-attack-acc", "1.0", "--allow-weak-budget", "--junit", junit), capsys)
+    assert code == 4, err  # written before the gate's exit code
+    doc = json.loads(out)
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == ("2", "2")
+    failures = [case.find("failure") for case in suite.findall("testcase")]
+    assert [f.get("type") for f in failures] == ["inconclusive", "inconclusive"]
+    assert [f.get("message") for f in failures] == [m["verdict"]["reason"] for m in doc["models"]]
+    code, _, err = _run(_audit(tiny, tmp_path / "k", "--junit", tiny["eval"]), capsys)  # an input is never the report
+    assert code == 2 and "is the input" in err, err
+
+
 def test_report_json_carries_every_number_per_model(tiny, tmp_path, capsys):
     code, out, err = _run(_audit(tiny, tmp_path / "b", "--seeds", "2", "--allow-weak-evaluator"), capsys)
     assert code == 0, err

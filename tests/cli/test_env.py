@@ -79,3 +79,22 @@ def test_env_names_the_torch_build_and_the_asset_it_checks_is_the_data_modules()
     assert environment.EMBEDDED_ASSET == data.EMBEDDED_ASSET
     build = environment.devices()["torch_build"]
     assert build == ("cpu" if torch.version.cuda is None else f"cuda {torch.version.cuda}")
+
+
+def test_env_imports_only_torch_of_the_heavy_libraries():
+    """`mishield env` took 15 s on a loaded machine while it imported torchvision for one constant; it
+    needs torch alone (for the devices), and versions come from package metadata."""
+    heavy = ("torchvision", "timm", "onnx", "onnxruntime", "onnxscript", "safetensors", "jinja2", "PIL", "mishield.data",
+             "mishield.models")
+    code = (
+        "import sys, io, contextlib, mishield.cli as cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        "        cli.main(['env', '--json'])\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, e.code\n"
+        f"print(' '.join(m for m in {heavy!r} if m in sys.modules) or 'none')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.stdout.split() == ["none"], proc.stdout
