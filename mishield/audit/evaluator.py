@@ -20,16 +20,21 @@ from mishield.runtime import Runtime, autocast
 
 
 class Evaluator:
-    """Logits and penultimate features (the classifier layer's input) of images in [-1, 1]."""
+    """Logits and penultimate features (the classifier layer's input) of images in [-1, 1].
 
-    def __init__(self, model: nn.Module, preprocessing: Preprocessing, runtime: Runtime, batch_size: int = 256):
+    `output_features=True` reads a feature extractor instead of a classifier: its output is the
+    features (and the "logits"), e.g. the prior's discriminator (`mishield.audit.feature_spaces`).
+    """
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing, runtime: Runtime, batch_size: int = 256,
+                 output_features: bool = False):  # fmt: skip
         self.model = model.eval().requires_grad_(False).to(runtime.device)
         self.preprocessing, self.runtime, self.batch_size = preprocessing, runtime, batch_size
         self.model_input = ModelInput(preprocessing, runtime.device)
         self._features: torch.Tensor | None = None
-        found = find_classifier(self.model)
+        found = None if output_features else find_classifier(self.model)
         layer = found[1] if found else None
-        self.feature_source = "penultimate" if layer is not None else "logits"
+        self.feature_source = "penultimate" if layer is not None else ("output" if output_features else "logits")
         if layer is not None:
             layer.register_forward_pre_hook(self._keep_features)
 
