@@ -324,8 +324,8 @@ def summary_table(report: AuditReport):
     from rich.table import Table
 
     table = Table(title="mishield audit (intervals: 95 % class bootstrap; the gate reads the upper end)", show_lines=False)
-    cols = ("model", "attack", "Acc %", "AttAcc@1 %", "95% interval", "chance %", "unfiltered %", "I=0 %", "AttAcc@5 %",
-            "KNN dist", "paired diff (95%)", "Δ", "verdict")  # fmt: skip
+    cols = ("model", "attack", "Acc %", "AttAcc@1 %", "95% interval", "KNN judge %", "chance %", "unfiltered %", "I=0 %",
+            "AttAcc@5 %", "KNN dist", "paired diff (95%)", "Δ", "verdict")  # fmt: skip
     for col in cols:
         table.add_column(col, justify="left" if col in ("model", "attack", "verdict") else "right")
     for m in report.models:
@@ -341,7 +341,7 @@ def _cells(s: dict, d: dict, verdict: dict | None) -> tuple[str, ...]:
     """One summary-table row's figures after the model and attack columns."""
     paired = s.get("paired_diff_acc1_interval")
     return (
-        _pct(s.get("natural_acc")), _pct(s.get("attack_acc1")), _interval(_ci(s)), _pct(s.get("chance_acc1")),
+        _pct(s.get("natural_acc")), _pct(s.get("attack_acc1")), _interval(_ci(s)), _pct(s.get("knn_judge_acc1")), _pct(s.get("chance_acc1")),
         _pct(s.get("unfiltered_acc1")), _pct(s.get("selection_only_acc1")), _pct(s.get("attack_acc5")),
         _num(s.get("knn_dist")), "–" if not paired else f"{_signed_pct(paired['estimate'])} ({_interval(paired, True)})",
         _num(d.get("delta")), (verdict or {}).get("status", "–"),

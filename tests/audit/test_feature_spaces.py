@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from mishield.audit.feature_spaces import EVALUATOR, PUBLIC, FeatureSpace, judge_rows, public_extractor
+from mishield.audit.feature_spaces import (
+    EVALUATOR,
+    PUBLIC,
+    FeatureSpace,
+    judge_rows,
+    public_extractor,
+)
 from mishield.audit.judging import Row
 from mishield.errors import BadInputError
 from mishield.models.dcgan import (
