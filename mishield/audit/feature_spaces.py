@@ -38,6 +38,7 @@ from mishield.audit.fidelity import (
     fidelity_summary,
     judge_agreement,
     knn_judge_hits,
+    rejected_share,
 )
 from mishield.audit.metrics import knn_distances
 from mishield.preprocessing import Preprocessing
@@ -106,7 +107,8 @@ class FeatureSpace:
         """The private images' features (`train` when the caller already has the training images')."""
         t0 = time.perf_counter()
         train = train if train is not None else self.reader.dataset(list(data.train), progress, image_shape=image_shape)
-        self.use(train, self.reader.dataset(list(data.val), progress, image_shape=image_shape) if data.val else None)
+        # `read`: an evaluator's validation images were just read by the trust check, and are not read twice
+        self.use(train, self.reader.read(list(data.val), image_shape)[1:] if data.val else None)
         self.seconds["prepare"] += time.perf_counter() - t0
 
     def use(self, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None) -> None:
@@ -149,8 +151,10 @@ def kept_features(spaces: list[FeatureSpace], images: torch.Tensor, evaluator_fe
     return [(s.features(images.flatten(0, 1)) if s.kind == PUBLIC else evaluator_features).view(n, k, -1) for s in spaces]
 
 
-def _space_figures(space: FeatureSpace, f: torch.Tensor, classes: list[int], evaluator_hits: np.ndarray) -> tuple[dict, list[dict], torch.Tensor]:
-    """One row's figures in one space: the metrics entry, one entry per class, each reconstruction's distance."""
+def _space_figures(space: FeatureSpace, f: torch.Tensor, classes: list[int],
+                   evaluator_hits: np.ndarray) -> tuple[dict, list[dict], torch.Tensor, np.ndarray]:  # fmt: skip
+    """One row's figures in one space: the metrics entry, one entry per class, each reconstruction's
+    distance, and the KNN judge's [classes, images] hits."""
     n, k = f.shape[:2]
     train_f, train_y = space.train
     flat, labels = f.flatten(0, 1), torch.tensor(classes).repeat_interleave(k)
@@ -175,7 +179,7 @@ def _space_figures(space: FeatureSpace, f: torch.Tensor, classes: list[int], eva
     }  # fmt: skip
     per_class = [{"extractor": space.extractor, **{key: r[key] for key in (*METRICS, "fid_rank_deficient")},
                   "knn_judge_acc1": float(hits[i].mean())} for i, r in enumerate(summary["per_class"])]  # fmt: skip
-    return entry, per_class, distances
+    return entry, per_class, distances, hits
 
 
 def judge_rows(rows: list, features: list[list[torch.Tensor]], classes: list[int], spaces: list[FeatureSpace]) -> None:
@@ -206,11 +210,12 @@ def _one_thread():
 
 def _judge_row(row, feats: list[torch.Tensor], classes: list[int], spaces: list[FeatureSpace]) -> list[torch.Tensor]:
     """One row's figures in every space (in place); returns each space's per-reconstruction distances."""
-    entries, per_class, row_distances = [], [[] for _ in classes], []
+    entries, per_class, row_distances, knn_hits = [], [[] for _ in classes], [], []
     for space, f in zip(spaces, feats):
         t0 = time.perf_counter()
-        entry, classes_entry, d = _space_figures(space, f, classes, row.hits[row.evaluator])
+        entry, classes_entry, d, hits = _space_figures(space, f, classes, row.hits[row.evaluator])
         space.seconds["figures"] += time.perf_counter() - t0
+        knn_hits.append(hits)
         entries.append(entry)
         row_distances.append(d)
         for slot, e in zip(per_class, classes_entry):
@@ -224,6 +229,11 @@ def _judge_row(row, feats: list[torch.Tensor], classes: list[int], spaces: list[
     for r, slot in zip(row.per_class, per_class):
         r["knn_judge_acc1"] = slot[0]["knn_judge_acc1"]
         r["feature_extractors"] = slot
+    # Every evaluator's own false-positive share, against the first space's judge: which one is fooled more.
+    for summary, hits in zip(row.metrics.get("evaluators") or [], row.hits):
+        share = rejected_share(hits, knn_hits[0])
+        summary["false_positive_share"] = None if share is None else share.estimate
+        summary["false_positive_share_interval"] = None if share is None else share.to_dict()
     return row_distances
 
 

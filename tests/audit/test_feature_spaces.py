@@ -123,6 +123,18 @@ def test_the_knn_judge_confirms_faithful_reconstructions_and_rejects_another_cla
     assert space.ceiling() == (1.0, 30)
 
 
+def test_every_evaluator_gets_its_own_false_positive_share():
+    space = _space()
+    f = torch.stack([_cluster(1, 6, 60), _cluster(1, 6, 61), _cluster(2, 6, 62)])  # class 0 looks like class 1
+    fooled, careful = np.ones((3, 6)), np.vstack([np.zeros(6), np.ones(6), np.ones(6)])
+    row = Row(attack="ppa", metrics={"evaluators": [{"evaluator": "a"}, {"evaluator": "b"}]}, per_class=[{"class": c} for c in range(3)],
+              verdict={}, hits=[fooled, careful], evaluator=0, interval=None, grid="", timing={}, budget={}, shown={})  # fmt: skip
+    judge_rows([row], [[f]], [0, 1, 2], [space])
+    a, b = row.metrics["evaluators"]
+    assert a["false_positive_share"] == pytest.approx(1 / 3) and b["false_positive_share"] == 0.0
+    assert row.metrics["false_positive_share"] == pytest.approx(1 / 3)  # the row reads its own evaluator, the first
+
+
 def test_histograms_share_one_set_of_bins_per_space_and_count_every_reconstruction():
     space = _space()
     near = torch.stack([_cluster(c, 5, 40 + c) for c in range(3)])
