@@ -47,7 +47,7 @@ PUBLIC, EVALUATOR = "public", "evaluator"
 HISTOGRAM_BINS = 20
 # Why each kind of space is there, in report.json's `feature_extractors[].why` and on the page.
 WHY = {
-    PUBLIC: "trained by `mishield prior train` on the public images only (the audit checks that no private image is among "
+    PUBLIC: "trained by mishield prior train on the public images only (the audit checks that no private image is among "
             "them): it has seen no private image and never the target, so features an attack plants through the target "
             "are not likeness here",
     EVALUATOR: "trained on the private data like the target, so features an attack plants through the target may carry "
