@@ -95,21 +95,33 @@ class FeatureSpace:
     source: str | None = None
     train: tuple[torch.Tensor, torch.Tensor] | None = None
     val: tuple[torch.Tensor, torch.Tensor] | None = None
-    seconds: dict = field(default_factory=lambda: {"prepare": 0.0, "figures": 0.0})
+    # what this space added to the audit, wall and process CPU seconds: the private images' features,
+    # the kept reconstructions' features (the evaluator's space reuses the evaluator's), the figures
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(("prepare", "features", "figures", "prepare_cpu", "features_cpu",
+                                                                 "figures_cpu"), 0.0))  # fmt: skip
     histogram: dict | None = None  # edges and the private validation images' counts, once every row is judged
     _val_distances: torch.Tensor | None = None
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (N, C, H, W) as the prior made them -> (N, D) features on the CPU."""
-        return self.reader.images(images)[1]
+        with self._timed("features"):
+            return self.reader.images(images)[1]
 
     def prepare(self, data, image_shape, progress=None, train: tuple | None = None) -> None:
         """The private images' features (`train` when the caller already has the training images')."""
-        t0 = time.perf_counter()
-        train = train if train is not None else self.reader.dataset(list(data.train), progress, image_shape=image_shape)
-        # `read`: an evaluator's validation images were just read by the trust check, and are not read twice
-        self.use(train, self.reader.read(list(data.val), image_shape)[1:] if data.val else None)
-        self.seconds["prepare"] += time.perf_counter() - t0
+        with self._timed("prepare"):
+            train = train if train is not None else self.reader.dataset(list(data.train), progress, image_shape=image_shape)
+            # `read`: an evaluator's validation images were just read by the trust check, and are not read twice
+            self.use(train, self.reader.read(list(data.val), image_shape)[1:] if data.val else None)
+
+    @contextmanager
+    def _timed(self, what: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[what] += time.perf_counter() - wall
+            self.seconds[f"{what}_cpu"] += time.process_time() - cpu
 
     def use(self, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Take the private training and validation images' (features, labels) as this space's reference."""
@@ -212,9 +224,8 @@ def _judge_row(row, feats: list[torch.Tensor], classes: list[int], spaces: list[
     """One row's figures in every space (in place); returns each space's per-reconstruction distances."""
     entries, per_class, row_distances, knn_hits = [], [[] for _ in classes], [], []
     for space, f in zip(spaces, feats):
-        t0 = time.perf_counter()
-        entry, classes_entry, d, hits = _space_figures(space, f, classes, row.hits[row.evaluator])
-        space.seconds["figures"] += time.perf_counter() - t0
+        with space._timed("figures"):
+            entry, classes_entry, d, hits = _space_figures(space, f, classes, row.hits[row.evaluator])
         knn_hits.append(hits)
         entries.append(entry)
         row_distances.append(d)
