@@ -23,7 +23,7 @@ def train_eval(
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Hold out this fraction when --data has no val/ folder.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    noise: Annotated[float, typer.Option("--noise", min=0.0, max=1.0, help="Std of the Gaussian pixel noise added to training images, which makes the evaluator harder to fool (docs/audit.md); 0 turns it off.")] = 0.25,
+    noise: Annotated[float, typer.Option("--noise", min=0.0, max=1.0, help="Std of the Gaussian pixel noise added to training images (pixel units), so that perturbations made against the target fool the evaluator less often (docs/audit.md); 0 turns it off.")] = 0.25,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run whose state is beside --out (OUT.train-state); Ctrl-C exits 130, SIGTERM 143, both resumable.")] = False,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,

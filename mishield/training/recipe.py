@@ -20,8 +20,8 @@ existed:
   to every stage of the schedule: both TTS stages and finetune train on the private data.
 
 `noise` is not a defence of the trained model but of an audit's judge: Gaussian noise of that
-standard deviation (in [0, 1] pixel units) added to every training image makes an evaluation model
-harder to fool with features an attack plants through the target (`mishield.data.GaussianNoise`;
+standard deviation (in [0, 1] pixel units) added to every training image makes perturbations made
+against the target carry over to an evaluation model less often (`mishield.data.GaussianNoise`;
 `train-eval` uses 0.25, measured in docs/audit.md "Evaluation models").
 """
 
