@@ -162,6 +162,13 @@ def _signed_pct(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:+.1f}"
 
 
+def _short_interval(iv: dict | None) -> str:
+    """"(12–48)": a bracketed interval in whole percent, for a cell that also holds its estimate."""
+    if not iv or iv.get("low") is None or iv.get("high") is None:
+        return ""
+    return f"({100 * iv['low']:.0f}–{100 * iv['high']:.0f})"
+
+
 def _interval(iv: dict | None, signed: bool = False) -> str:
     """"12.0–48.0" (or "+1.0 to +9.0" for a difference); "–" when there is none."""
     if not iv:
@@ -283,7 +290,7 @@ def render_html(report: AuditReport, shown: dict | None = None, real: dict | Non
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("mishield.audit", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
     )
-    env.filters.update(pct=_pct, num=_num, signed=_signed_pct, interval=_interval)
+    env.filters.update(pct=_pct, num=_num, signed=_signed_pct, interval=_interval, short_interval=_short_interval)
     return env.get_template("report.html.j2").render(
         report=report, options=report.options, chart=bar_chart(report), ci=_ci,
         side_by_side=_side_by_side(report, shown or {}, real or {}), max_classes=MAX_SHOWN_CLASSES,
