@@ -40,6 +40,7 @@ from mishield.audit.fidelity import (
     knn_judge_hits,
     rejected_share,
 )
+from mishield.audit.judging import per_class
 from mishield.audit.metrics import knn_distances
 from mishield.preprocessing import Preprocessing
 
@@ -192,6 +193,16 @@ def _space_figures(space: FeatureSpace, f: torch.Tensor, classes: list[int],
     per_class = [{"extractor": space.extractor, **{key: r[key] for key in (*METRICS, "fid_rank_deficient")},
                   "knn_judge_acc1": float(hits[i].mean())} for i, r in enumerate(summary["per_class"])]  # fmt: skip
     return entry, per_class, distances, hits
+
+
+def judge_parts(rows: list[list], parts: list[list[list]], classes: list[int], spaces: list[FeatureSpace]) -> None:
+    """`judge_rows` for the runner's layout: `rows[model][attack]` judged from the ranks' `parts[model][attack]`
+    (`mishield.audit.outcomes.ShardOutcome`s, whose `features` hold each space's kept-image features)."""
+    if not spaces:
+        return
+    flat = [(row, p) for model_rows, model_parts in zip(rows, parts) for row, p in zip(model_rows, model_parts)]
+    features = [[per_class(p, classes, lambda o, s=s: o.features[s]) for s in range(len(spaces))] for _, p in flat]
+    judge_rows([row for row, _ in flat], features, classes, spaces)
 
 
 def judge_rows(rows: list, features: list[list[torch.Tensor]], classes: list[int], spaces: list[FeatureSpace]) -> None:

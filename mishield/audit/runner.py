@@ -32,17 +32,10 @@ from mishield.audit.feature_spaces import (
     EVALUATOR,
     PublicExtractor,
     feature_spaces,
-    judge_rows,
+    judge_parts,
     kept_features,
 )
-from mishield.audit.judging import (
-    Judging,
-    gate,
-    grid_name,
-    judge_row,
-    model_audits,
-    per_class,
-)
+from mishield.audit.judging import Judging, gate, grid_name, judge_row, model_audits
 from mishield.audit.loading import NamedModel, parse_classes
 from mishield.audit.metrics import knn_distances, topk_hits
 from mishield.audit.outcomes import EvaluatorOutcome, ShardOutcome
@@ -283,11 +276,7 @@ class AuditRun:
                            grid_name(mi, names[mi], kind.name, len(self.attacks)))
                  for kind, p in zip(self.attacks, parts[mi])]
                 for mi, t, acc in zip(range(len(self.targets)), self.targets, natural_accs)]  # fmt: skip
-        if self.spaces:
-            flat = [(row, p) for model_rows, model_parts in zip(rows, parts) for row, p in zip(model_rows, model_parts)]
-            judge_rows([row for row, _ in flat],
-                       [[per_class(p, classes, lambda o, s=s: o.features[s]) for s in range(len(self.spaces))] for _, p in flat],
-                       classes, self.spaces)  # fmt: skip
+        judge_parts(rows, parts, classes, self.spaces)  # the KNN judge and distribution figures, in place
         models = model_audits(self.targets, names, rows)
         shown = {r.grid: r.shown for model_rows in rows for r in model_rows}
         real = {c: real_images(data.train, c, tuple(next(iter(shown.values()))[c].shape[1:])) for c in classes}
