@@ -2,6 +2,13 @@
 
     python bench/fidelity_cost.py                       # the sizes below, one torch thread
     python bench/fidelity_cost.py --classes 129 --recon 20 --private 15 --dims 128 256 512
+    python bench/fidelity_cost.py --demo DEMO_DIR --prior PRIOR.safetensors --runs 4   # a real audit, figures on and off
+
+With `--demo` (the folder `mishield demo --quick --out DEMO_DIR` wrote, and a prior of format 2,
+i.e. made by this version's `mishield prior train`, so that the public space exists): the demo's
+models audited with the demo's quick budget, alternately with `AuditConfig.feature_metrics` on
+and off in one process, wall and process CPU seconds per run, the medians, and what each feature
+space timed itself (`feature_extractors[].seconds`).
 
 Per setting: `fidelity_summary` (FID, precision, recall, density, coverage per class and pooled,
 FID_inf when the pooled sets are large enough), `knn_judge_hits` (every reconstruction against
@@ -52,6 +59,32 @@ def one_setting(classes: int, recon: int, private: int, dims: int, extrapolate: 
             "fid_extrapolated": summary["pooled"]["fid_extrapolated"] is not None}  # fmt: skip
 
 
+def audit_runs(demo: Path, prior: Path, runs: int) -> None:
+    """The demo's audit with the figures on and off, alternating (`--demo`)."""
+    import os
+    import statistics
+
+    import mishield
+    from mishield.audit.config import AuditConfig
+
+    models = [demo / f for f in ("original.pt", "rolss-tts.pt", "ssf.pt", "bido-rolss.pt") if (demo / f).exists()]
+    budget = {"samples": 40, "candidates": 4, "iterations": 5, "keep": 4, "final_augmentations": 2, "batch_size": 40}  # demo --quick
+    seen: dict[bool, list] = {True: [], False: []}
+    for run in range(runs):
+        for on in (True, False):
+            config = AuditConfig.preset(**budget, seed=0, device="cpu", overwrite=True, allow_weak_evaluator=True, feature_metrics=on)
+            wall, cpu = time.perf_counter(), time.process_time()
+            report = mishield.audit(models, data=demo / "data" / "private", prior=prior, eval_model=demo / "eval.pt", config=config,
+                                    out=demo / f"cost-audit-{'on' if on else 'off'}")  # fmt: skip
+            seen[on].append((time.perf_counter() - wall, time.process_time() - cpu))
+            spaces = {e["extractor"]: e["seconds"] for e in report.feature_extractors}
+            print(f"run {run}, figures {'on' if on else 'off'}: {seen[on][-1][0]:.1f} s wall, {seen[on][-1][1]:.1f} s CPU, "
+                  f"load {os.getloadavg()[0]:.1f}; {spaces}", flush=True)  # fmt: skip
+    for on in (True, False):
+        print(f"figures {'on' if on else 'off'}: median {statistics.median(w for w, _ in seen[on]):.1f} s wall, "
+              f"{statistics.median(c for _, c in seen[on]):.1f} s CPU")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, nargs="+", default=[129, 5])
@@ -59,7 +92,13 @@ def main() -> None:
     parser.add_argument("--private", type=int, nargs="+", default=[15, 300], help="private images per class, one per --classes")
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--demo", type=Path, help="audit this quick demo's models instead (figures on and off)")
+    parser.add_argument("--prior", type=Path, help="with --demo: a prior of format 2 (it keeps its discriminator)")
+    parser.add_argument("--runs", type=int, default=4, help="with --demo: alternating runs per setting")
     args = parser.parse_args()
+    if args.demo is not None:
+        audit_runs(args.demo, args.prior or args.demo / "prior.safetensors", args.runs)
+        return
     if len(args.private) != len(args.classes):
         parser.error("give one --private per --classes")
     torch.set_num_threads(args.threads)

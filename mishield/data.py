@@ -615,13 +615,16 @@ def _normalize(pre: Preprocessing) -> T.Normalize:
 
 
 def train_transform(pre: Preprocessing, erase: tuple[float, float, float] | None = None,
-                    augmentation: str = "photo") -> Callable:
+                    augmentation: str = "photo", noise: float = 0.0) -> Callable:
     """The training augmentation `augmentation` names (AUGMENTATIONS: "photo", the paper's
-    fine-tuning augmentation after PPA's training recipe, or "glyph" for drawn characters), and
+    fine-tuning augmentation after PPA's training recipe, or "glyph" for drawn characters),
+    optionally Gaussian pixel noise of std `noise` before normalisation (`GaussianNoise`), and
     optionally random erasing as a defence (`erase` = (p, min_area, max_area); see `random_erasing`)."""
     if augmentation not in AUGMENTATIONS:
         raise UsageError(f"`augmentation` must be one of {', '.join(AUGMENTATIONS)}, got {augmentation!r}.")
     steps = list(AUGMENTATIONS[augmentation](pre).transforms)
+    if noise:  # in pixel units: before the final normalisation
+        steps.insert(len(steps) - 1, GaussianNoise(noise))
     if erase is not None:
         steps.append(random_erasing(*erase))
     return T.Compose(steps)
@@ -652,6 +655,26 @@ def random_erasing(p: float, min_area: float, max_area: float) -> Callable:
     0.7, so that happens to about one image in 10^5.
     """
     return T.RandomErasing(p=p, scale=(min_area, max_area), ratio=(0.3, 3.3), value=0.0)
+
+
+class GaussianNoise:
+    """Adds N(0, std^2) noise to every pixel of a [0, 1] image tensor (no clipping), a fresh draw per image.
+
+    For evaluation models (`train-eval`): an evaluator trained on noisy images relies less on the
+    small, precise pixel patterns an attack plants through the target (the reasoning of training
+    with noise for robustness, Cohen et al., ICML 2019); measured in docs/audit.md ("Evaluation
+    models"), perturbations made against the target fooled it 5-8 points less often. A class
+    rather than a lambda, so data loader workers can pickle it.
+    """
+
+    def __init__(self, std: float):
+        self.std = float(std)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.std * torch.randn_like(x)
+
+    def __repr__(self) -> str:
+        return f"GaussianNoise(std={self.std})"
 
 
 def glyph_train_transform(pre: Preprocessing) -> Callable:

@@ -3,6 +3,7 @@ ImageFolders, each command as the README shows it plus only size options the CLI
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -31,7 +32,12 @@ def readme_workflow() -> list[list[str]]:
 
 def test_the_block_is_the_whole_pipeline():
     commands = [c[1] for c in readme_workflow()]
-    assert commands == ["inspect", "harden", "prior", "train-eval", "audit", "export"]
+    assert commands == ["inspect", "harden", "prior", "train-eval", "train-eval", "audit", "export"]
+    # two evaluation models of different architectures, both given to the audit
+    evals = [c for c in readme_workflow() if c[1] == "train-eval"]
+    assert [c[c.index("--out") + 1] for c in evals] == ["eval.pt", "eval2.pt"] and "--arch" in evals[1]
+    audit = next(c for c in readme_workflow() if c[1] == "audit")
+    assert [audit[i + 1] for i, a in enumerate(audit) if a == "--eval-model"] == ["eval.pt", "eval2.pt"]
 
 
 @pytest.mark.slow
@@ -64,5 +70,9 @@ def test_readme_workflow_runs_as_written(tmp_path, monkeypatch, capsys):
             assert "layer4" in out  # the table goes to stdout, so `> skips.txt` keeps it
     assert Path("hardened.pt").is_file() and Path("hardened.onnx").is_file()
     assert Path("audit/report.json").is_file()
+    report = json.loads(Path("audit/report.json").read_text())
+    assert [e["source"] for e in report["eval_models"]] == ["eval.pt", "eval2.pt"]
+    # the prior train keeps its discriminator: the audit reads the reconstructions in a public-only space too
+    assert [e["kind"] for e in report["feature_extractors"]] == ["public", "evaluator"]
     # a plain state dict says nothing about its resolution: harden took the data's (28 px -> 32)
     assert load_model("hardened.pt").preprocessing.input_size[1:] == (32, 32)

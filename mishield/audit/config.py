@@ -36,6 +36,8 @@ class AuditConfig:
     `mishield.load_model` for each audited model (arch, num_classes, input_size, mean, std);
     `eval_arch` is the evaluation models' architecture where their files record none.
     `provenance` is recorded in report.json's `options` (the CLI records its command line there).
+    `feature_metrics`: FID, precision / recall / density / coverage and the KNN judge in the
+    feature spaces of `mishield.audit.feature_spaces` (docs/audit.md; off only to save their time).
     """
 
     attack: AttackConfig = field(default_factory=make_config)
@@ -52,6 +54,7 @@ class AuditConfig:
     load_options: dict | None = None
     eval_arch: str | None = None
     provenance: dict | None = None
+    feature_metrics: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.attacks, str):

@@ -20,16 +20,22 @@ from mishield.runtime import Runtime, autocast
 
 
 class Evaluator:
-    """Logits and penultimate features (the classifier layer's input) of images in [-1, 1]."""
+    """Logits and penultimate features (the classifier layer's input) of images in [-1, 1].
 
-    def __init__(self, model: nn.Module, preprocessing: Preprocessing, runtime: Runtime, batch_size: int = 256):
+    `output_features=True` reads a feature extractor instead of a classifier: its output is the
+    features (and the "logits"), e.g. the prior's discriminator (`mishield.audit.feature_spaces`).
+    """
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing, runtime: Runtime, batch_size: int = 256,
+                 output_features: bool = False):  # fmt: skip
         self.model = model.eval().requires_grad_(False).to(runtime.device)
         self.preprocessing, self.runtime, self.batch_size = preprocessing, runtime, batch_size
         self.model_input = ModelInput(preprocessing, runtime.device)
         self._features: torch.Tensor | None = None
-        found = find_classifier(self.model)
+        self._read: tuple[tuple, tuple] | None = None  # the last `read`: (key, answer)
+        found = None if output_features else find_classifier(self.model)
         layer = found[1] if found else None
-        self.feature_source = "penultimate" if layer is not None else "logits"
+        self.feature_source = "penultimate" if layer is not None else ("output" if output_features else "logits")
         if layer is not None:
             layer.register_forward_pre_hook(self._keep_features)
 
@@ -53,6 +59,25 @@ class Evaluator:
             logits.append(lo)
             feats.append(fe)
         return torch.cat(logits), torch.cat(feats)
+
+    def read(self, items: list, image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Private `(path, label)` items degraded to `image_shape` (the prior's output, as `dataset` does)
+        -> (logits, features, labels). The last answer is kept: the trust check and the audit's
+        feature spaces both read the validation images, and the second read is then free."""
+        from mishield.audit.trust import degraded_batches
+
+        key = (tuple(str(p) for p, _ in items), tuple(int(v) for v in image_shape))
+        if self._read is not None and self._read[0] == key:
+            return self._read[1]
+        logits, feats, labels = [], [], []
+        for x, y in degraded_batches(items, image_shape, self.batch_size):
+            lo, fe = self.images(x)
+            logits.append(lo)
+            feats.append(fe)
+            labels.append(y)
+        answer = (torch.cat(logits), torch.cat(feats), torch.cat(labels)) if labels else (torch.empty(0, 0), torch.empty(0, 0), torch.empty(0, dtype=torch.long))
+        self._read = (key, answer)
+        return answer
 
     def dataset(self, items: list, progress: ProgressCallback | None = None,
                 image_shape: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

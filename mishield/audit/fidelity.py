@@ -17,8 +17,9 @@ beside accuracy, all computed in a feature space that did NOT come from the targ
 * `fidelity_summary`: all distribution figures per class and pooled, with their cost.
 
 Every distance is computed in float64 and in row blocks (`chunk`), so memory stays bounded at
-chunk x (number of reference rows) whatever the sizes. docs/fidelity.md explains how to read the
-figures and why figures from different feature extractors do not compare.
+chunk x (number of reference rows) whatever the sizes. docs/audit.md ("Distribution metrics and the
+KNN judge") explains how to read the figures and why figures from different feature extractors do
+not compare; `mishield.audit.feature_spaces` computes them in the audit.
 """
 
 from __future__ import annotations
@@ -318,7 +319,7 @@ def knn_judge_hits(recon_features, recon_labels, private_features, private_label
 
     A judge that is not a classifier: it has no decision boundary an attack could push a
     reconstruction across, only the private images themselves. Use features from an extractor
-    that did not come from the target (docs/fidelity.md): in the target's own feature space,
+    that did not come from the target (docs/audit.md): in the target's own feature space,
     adversarial features would again count as likeness. Unlike `mishield.audit.metrics.
     knn_distances`, which only looks at the attacked class, a reconstruction nearer to another
     class's images is a miss here. Blocks of `chunk` rows on both sides (`nearest_private`).

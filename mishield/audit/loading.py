@@ -81,6 +81,7 @@ class AuditInputs:
     evaluations: list[NamedModel]
     data: object  # mishield.data.DataSplits of the private data
     prior: Prior | None  # None: the generator-free (pixel) mode
+    extractor: object | None = None  # mishield.audit.feature_spaces.PublicExtractor: the prior file's discriminator
 
 
 def load_inputs(models, data, prior, eval_models: list, config) -> AuditInputs:
@@ -133,7 +134,12 @@ def load_inputs(models, data, prior, eval_models: list, config) -> AuditInputs:
                                  center_crop=attack.center_crop)
         # A prior file that lists its training images' hashes: refuse private images among them.
         image_prior.description["provenance_check"] = check_prior_overlap(prior, splits)
-    return AuditInputs(targets, evaluations, splits, image_prior)
+    extractor = None
+    if image_prior is not None and config.feature_metrics:
+        from mishield.audit.feature_spaces import public_extractor
+
+        extractor = public_extractor(prior)
+    return AuditInputs(targets, evaluations, splits, image_prior, extractor)
 
 
 def shared_split(data, scanned, evaluations: list[NamedModel], seed: int) -> tuple[float, int, str]:

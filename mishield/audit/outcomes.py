@@ -1,8 +1,10 @@
 """What one attack on one rank's classes hands to the judging: typed, per evaluator, per class.
 
 A rank attacks its shard of the classes (`mishield.audit.distributed`) and every evaluation model
-judges the kept reconstructions right there, so only these small tensors cross processes: 0/1
-hits and distances per class and image, never the images' features. `--seeds` repeats the attack
+judges the kept reconstructions right there, so mostly small tensors cross processes: 0/1 hits and
+distances per class and image. The one exception is the kept images' features in each feature
+space (`mishield.audit.feature_spaces`): FID and the other distribution figures compare all
+classes' reconstructions at once, so rank 0 needs them (at most 2,048 float32 per image). `--seeds` repeats the attack
 on the same classes; `ShardOutcome.pooled` joins the repeats along the image axis, so the class
 stays the unit of every interval (docs/audit.md, "Intervals").
 """
@@ -10,7 +12,7 @@ stays the unit of every interval (docs/audit.md, "Intervals").
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -46,6 +48,7 @@ class ShardOutcome:
     image_steps: int
     seconds: float
     timings: dict[str, float]
+    features: list[torch.Tensor] = field(default_factory=list)  # per feature space: [classes, images, D]
 
     @classmethod
     def pooled(cls, runs: Sequence[ShardOutcome]) -> ShardOutcome:
@@ -61,4 +64,5 @@ class ShardOutcome:
             image_steps=sum(r.image_steps for r in runs),
             seconds=sum(r.seconds for r in runs),
             timings={k: sum(r.timings[k] for r in runs) for k in first.timings},
+            features=[torch.cat([r.features[s] for r in runs], dim=1) for s in range(len(first.features))],
         )

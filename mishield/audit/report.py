@@ -24,8 +24,24 @@ from mishield.fileio import (
 )
 
 __all__ = [  # SCHEMA and SCHEMA_VERSION are defined with the report type and re-exported here
-    "MAX_SHOWN_CLASSES", "REPORT_FILES", "SCHEMA", "SCHEMA_VERSION", "SHOW_REAL", "SHOW_RECONSTRUCTIONS",
-    "bar_chart", "check_outputs", "class_row", "png_bytes", "real_images", "render_html", "stack_rows", "summary_table", "tile",
+    "COLUMN_HELP",
+    "MAX_SHOWN_CLASSES",
+    "REPORT_FILES",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "SHOW_REAL",
+    "SHOW_RECONSTRUCTIONS",
+    "bar_chart",
+    "check_outputs",
+    "class_row",
+    "distance_histograms",
+    "feature_rows",
+    "png_bytes",
+    "real_images",
+    "render_html",
+    "stack_rows",
+    "summary_table",
+    "tile",
     "write_report",
 ]
 REPORT_FILES = ("report.json", "report.html")
@@ -33,6 +49,43 @@ REPORT_FILES = ("report.json", "report.html")
 SHOW_RECONSTRUCTIONS = 8
 SHOW_REAL = 4
 MAX_SHOWN_CLASSES = 100
+# What each column and verdict of report.html means: its tooltip and the legend under the table (docs/audit.md has the long form).
+COLUMN_HELP = {
+    "Acc %": "natural accuracy: the model's top-1 accuracy on the held-out private images",
+    "AttAcc@1 %": "attack accuracy: share of the kept reconstructions the evaluation model puts in the attacked class (top-1)",
+    "95 % interval": "95 % bootstrap interval over classes (the unit that varies); the gate reads its upper end",
+    "chance %": "what an evaluator that guesses scores: 1 / number of classes",
+    "unfiltered %": "attack accuracy over every optimised candidate, before final selection keeps the K the target is surest of",
+    "I=0 %": "attack accuracy with no optimisation (I = 0 steps): picking the best prior samples only; an attack that does "
+             "not beat it was too weak to say anything",
+    "AttAcc@5 %": "share of kept reconstructions with the attacked class among the evaluator's top 5",
+    "KNN dist": "squared distance, in the evaluator's features, from each kept reconstruction to the nearest private "
+                "training image of its class, averaged: lower is closer to the private data",
+    "target conf.": "the target's own mean confidence in the attacked class on the kept reconstructions; below 0.5 the attack "
+                    "did not reach the class and the audit is inconclusive",
+    "evaluator acc %": "the evaluation model's accuracy on private validation images at the attack's resolution: how far to "
+                       "trust attack accuracy",
+    "paired diff % (95 %)": "attack accuracy minus the first model's, with a paired interval; an interval holding 0 cannot "
+                            "tell the two apart",
+    "ΔAcc": "natural accuracy minus the first model's",
+    "Δ": "points of attack accuracy removed per point of natural accuracy lost, against the first model (Koh et al., 2024)",
+    "KNN judge %": "attack accuracy by nearest neighbour: a reconstruction counts when its nearest private training image, "
+                   "among all classes, is of the attacked class (a judge with no decision boundary to fool)",
+    "false pos. %": "share of the evaluator's hits the KNN judge rejects: the estimate of the evaluator's false positives",
+    "disagree %": "share of reconstructions the evaluator and the KNN judge judge differently",
+    "FID": "Fréchet distance between the reconstructions' and the private images' features (lower is closer; per class "
+           "strongly biased upwards by few samples, compare only within one table)",
+    "precision": "share of reconstructions inside some private image's 5-NN ball: fidelity",
+    "recall": "share of private images inside some reconstruction's 5-NN ball: diversity",
+    "density": "how many private balls hold a reconstruction, over 5; about 1 when both come from one distribution",
+    "coverage": "share of private images whose 5-NN ball holds a reconstruction: diversity an outlier cannot inflate",
+}
+VERDICT_HELP = {
+    "leaky": "the upper end of the attack-accuracy interval exceeds the gate's threshold",
+    "passes": "the upper end of the interval is at or below the threshold",
+    "inconclusive": "the attack did not reach some class, fell below chance, or one class only: never passes",
+    "not gated": "conclusive, but no --max-attack-acc threshold was given",
+}
 
 
 def check_outputs(out_dir: Path, overwrite: bool, inputs=()) -> None:
@@ -114,6 +167,13 @@ def _signed_pct(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:+.1f}"
 
 
+def _short_interval(iv: dict | None) -> str:
+    """"(12–48)": a bracketed interval in whole percent, for a cell that also holds its estimate."""
+    if not iv or iv.get("low") is None or iv.get("high") is None:
+        return ""
+    return f"({100 * iv['low']:.0f}–{100 * iv['high']:.0f})"
+
+
 def _interval(iv: dict | None, signed: bool = False) -> str:
     """"12.0–48.0" (or "+1.0 to +9.0" for a difference); "–" when there is none."""
     if not iv:
@@ -180,6 +240,52 @@ def _side_by_side(report: AuditReport, shown: dict, real: dict) -> list[dict]:
     return rows
 
 
+def _space_entry(metrics: dict, extractor: str) -> dict | None:
+    return next((e for e in metrics.get("feature_extractors") or [] if e.get("extractor") == extractor), None)
+
+
+def feature_rows(report: AuditReport) -> list[dict]:
+    """Per feature space of the report: its record and one row of figures per model (per model and
+    attack when several attacks ran), for report.html's "Second opinions" tables."""
+    out = []
+    for space in report.feature_extractors:
+        rows = [{"label": label, "e": entry} for label, metrics, _ in _rows(report)
+                if (entry := _space_entry(metrics, space["extractor"])) is not None]  # fmt: skip
+        out.append({"space": space, "rows": rows})
+    return out
+
+
+def distance_histograms(report: AuditReport, width: int = 250, height: int = 120) -> list[dict]:
+    """SVG geometry, per feature space and model, of the histogram of each kept reconstruction's distance
+    to the nearest private training image of its class, with the private validation images' histogram
+    (the distance a real unseen image of the class has) as an outline; shares, one x scale per space."""
+    left, right, top, bottom = 6, 6, 8, 22
+    plot_w, plot_h = width - left - right, height - top - bottom
+    spaces = []
+    for space in report.feature_extractors:
+        hist = space.get("histogram") or {}
+        edges, ref = hist.get("edges") or [], hist.get("private_val")
+        panels = []
+        for m in report.models:
+            entry = _space_entry(m.metrics, space["extractor"])
+            counts = (entry or {}).get("distance_histogram")
+            if not counts or not edges:
+                continue
+            shares = [c / max(sum(counts), 1) for c in counts]
+            ref_shares = [c / max(sum(ref), 1) for c in ref] if ref else []
+            peak = max(shares + ref_shares) or 1.0
+            bw = plot_w / len(shares)
+            bars = [{"x": left + i * bw, "w": bw, "y": top + plot_h * (1 - v / peak), "h": plot_h * v / peak} for i, v in enumerate(shares)]
+            outline = " ".join(f"{left + i * bw:.1f},{top + plot_h * (1 - v / peak):.1f} {left + (i + 1) * bw:.1f},{top + plot_h * (1 - v / peak):.1f}"
+                               for i, v in enumerate(ref_shares))  # fmt: skip
+            panels.append({"name": m.name, "bars": bars, "outline": outline, "median": entry.get("knn_distance_median"),
+                           "n": sum(counts)})  # fmt: skip
+        if panels:
+            spaces.append({"extractor": space["extractor"], "panels": panels, "xmax": edges[-1], "ref_median": hist.get("private_val_median"),
+                           "width": width, "height": height, "base": top + plot_h, "left": left, "right": width - right})  # fmt: skip
+    return spaces
+
+
 def render_html(report: AuditReport, shown: dict | None = None, real: dict | None = None, prior_samples: torch.Tensor | None = None) -> str:
     """The self-contained page: `shown[grid][class]` reconstructions (`grid`: a model's or an attack
     row's grid path), `real[class]` private images and `prior_samples` (uint8 N, C, H, W) become
@@ -189,11 +295,12 @@ def render_html(report: AuditReport, shown: dict | None = None, real: dict | Non
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("mishield.audit", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
     )
-    env.filters.update(pct=_pct, num=_num, signed=_signed_pct, interval=_interval)
+    env.filters.update(pct=_pct, num=_num, signed=_signed_pct, interval=_interval, short_interval=_short_interval)
     return env.get_template("report.html.j2").render(
         report=report, options=report.options, chart=bar_chart(report), ci=_ci,
         side_by_side=_side_by_side(report, shown or {}, real or {}), max_classes=MAX_SHOWN_CLASSES,
         rows=_rows(report), prior_samples=None if prior_samples is None else _b64(tile(prior_samples), 64),
+        help=COLUMN_HELP, verdict_help=VERDICT_HELP, spaces=feature_rows(report), histograms=distance_histograms(report),
     )  # fmt: skip
 
 
@@ -233,8 +340,8 @@ def summary_table(report: AuditReport):
     from rich.table import Table
 
     table = Table(title="mishield audit (intervals: 95 % class bootstrap; the gate reads the upper end)", show_lines=False)
-    cols = ("model", "attack", "Acc %", "AttAcc@1 %", "95% interval", "chance %", "unfiltered %", "I=0 %", "AttAcc@5 %",
-            "KNN dist", "paired diff (95%)", "Δ", "verdict")  # fmt: skip
+    cols = ("model", "attack", "Acc %", "AttAcc@1 %", "95% interval", "KNN judge %", "chance %", "unfiltered %", "I=0 %",
+            "AttAcc@5 %", "KNN dist", "paired diff (95%)", "Δ", "verdict")  # fmt: skip
     for col in cols:
         table.add_column(col, justify="left" if col in ("model", "attack", "verdict") else "right")
     for m in report.models:
@@ -250,7 +357,7 @@ def _cells(s: dict, d: dict, verdict: dict | None) -> tuple[str, ...]:
     """One summary-table row's figures after the model and attack columns."""
     paired = s.get("paired_diff_acc1_interval")
     return (
-        _pct(s.get("natural_acc")), _pct(s.get("attack_acc1")), _interval(_ci(s)), _pct(s.get("chance_acc1")),
+        _pct(s.get("natural_acc")), _pct(s.get("attack_acc1")), _interval(_ci(s)), _pct(s.get("knn_judge_acc1")), _pct(s.get("chance_acc1")),
         _pct(s.get("unfiltered_acc1")), _pct(s.get("selection_only_acc1")), _pct(s.get("attack_acc5")),
         _num(s.get("knn_dist")), "–" if not paired else f"{_signed_pct(paired['estimate'])} ({_interval(paired, True)})",
         _num(d.get("delta")), (verdict or {}).get("status", "–"),

@@ -2,7 +2,7 @@
 `PrivacyGate` (the `max_attack_acc` verdict).
 
 `AuditReport.to_dict()` is exactly the layout of `report.json` (schema `mishield.audit-report`,
-version 1; docs/architecture.md §3); `AuditReport.from_dict()` reads one back, so saved reports can be
+version 2; docs/architecture.md §3); `AuditReport.from_dict()` reads one back, so saved reports can be
 compared from Python. Metrics stay plain dicts (the keys are listed in docs/audit.md, "The
 numbers in the report"), because the schema lets later versions add numbers without a new type.
 
@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEMA = "mishield.audit-report"
-SCHEMA_VERSION = 1
+# 2: the feature spaces (`feature_extractors`; per model and class FID, precision, recall, density,
+# coverage, the KNN judge and the false-positive share). Every version-1 field is kept.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # What `ModelAudit.info` holds: where the model came from (copied into the report as it is).
 MODEL_INFO_KEYS = ("source", "sha256", "arch", "kind", "surgery", "surrogates", "defences")
 
@@ -124,6 +127,7 @@ class AuditReport:
     files: dict[str, str] = field(default_factory=dict)  # what was written: json, html, grid<i>
     eval_models: list[dict] = field(default_factory=list)  # every evaluation model; each row reads the most leaky
     prior_samples: str | None = None  # the grid of prior samples shown in the HTML, relative to the report
+    feature_extractors: list[dict] = field(default_factory=list)  # the feature spaces (mishield.audit.feature_spaces)
 
     @property
     def passed(self) -> bool:
@@ -151,6 +155,7 @@ class AuditReport:
             "eval_model": self.eval_model,
             "eval_models": self.eval_models,
             "prior_samples": self.prior_samples,
+            "feature_extractors": self.feature_extractors,
             "models": [m.to_dict() for m in self.models],
             "gate": None if self.gate is None else self.gate.to_dict(),
             "warnings": self.warnings,
@@ -162,11 +167,11 @@ class AuditReport:
     @classmethod
     def from_dict(cls, d: dict) -> AuditReport:
         """Read a report.json document back (the inverse of `to_dict`)."""
-        if d.get("schema") != SCHEMA or d.get("schema_version") != SCHEMA_VERSION:
+        if d.get("schema") != SCHEMA or d.get("schema_version") not in READABLE_VERSIONS:
             from mishield.errors import BadInputError
 
             raise BadInputError(
-                f"not a {SCHEMA} version {SCHEMA_VERSION} document "
+                f"not a {SCHEMA} document of version {' or '.join(map(str, READABLE_VERSIONS))} "
                 f"(schema {d.get('schema')!r}, version {d.get('schema_version')!r})."
             )
         gate = d.get("gate")
@@ -177,4 +182,5 @@ class AuditReport:
             warnings=list(d.get("warnings", [])), created=d.get("created", ""),
             mishield_version=d.get("mishield_version", ""), files=dict(d.get("files") or {}),
             eval_models=list(d.get("eval_models") or []), prior_samples=d.get("prior_samples"),
+            feature_extractors=list(d.get("feature_extractors") or []),
         )

@@ -28,6 +28,13 @@ from mishield.attack.priors import PixelPrior, Prior
 from mishield.audit.config import AuditConfig, from_keywords
 from mishield.audit.distributed import gather, shard_classes
 from mishield.audit.evaluator import Evaluator, check_compatible
+from mishield.audit.feature_spaces import (
+    EVALUATOR,
+    PublicExtractor,
+    feature_spaces,
+    judge_parts,
+    kept_features,
+)
 from mishield.audit.judging import Judging, gate, grid_name, judge_row, model_audits
 from mishield.audit.loading import NamedModel, parse_classes
 from mishield.audit.metrics import knn_distances, topk_hits
@@ -81,6 +88,7 @@ class AuditRun:
     progress: ProgressCallback | None = None
     surrogates: list[list[Surrogate]] | None = None
     warnings: list[str] = field(default_factory=list)  # from loading (e.g. weak surrogates)
+    extractor: PublicExtractor | None = None  # the prior's discriminator: the public feature space
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -95,6 +103,7 @@ class AuditRun:
         self.seed_list = [self.config.attack.seed + i for i in range(self.config.seeds)]
         self.evaluators: list[Evaluator] = []
         self.prior_record: dict | None = None  # the report's `prior`, from this rank's first attack
+        self.spaces: list = []  # mishield.audit.feature_spaces.FeatureSpace, when `config.feature_metrics`
 
     def image_prior(self, target: NamedModel) -> Prior:
         """The prior the attack optimises through: the given one, or pixels at the target's input size."""
@@ -109,6 +118,9 @@ class AuditRun:
         self._check()
         weak = self._weak_budget()
         self.evaluators = [Evaluator(e.model, e.preprocessing, self.runtime, self.config.attack.batch_size) for e in self.evaluations]
+        if self.config.feature_metrics:
+            self.spaces = feature_spaces(self.evaluators, [e.name for e in self.evaluations], self.extractor, self.runtime,
+                                         self.config.attack.batch_size)  # fmt: skip
         trust, trust_warnings, natural_accs = self._trust()
         parts = self._attack_all()
         if natural_accs is None:
@@ -195,10 +207,12 @@ class AuditRun:
     def _attack_all(self) -> list[list[list[ShardOutcome]]]:
         """This rank's share of every (target, attack) run, gathered on rank 0 as parts[target][attack][rank]."""
         mine = shard_classes(self.classes, self.runtime)
-        mine_set = set(mine)
         # Private images degraded to the attack's resolution, so KNN compares like with like (docs/audit.md "Trust checks").
-        items = [item for item in self.data.train if item[1] in mine_set]
+        # Every class's, not only this shard's: the KNN judge compares a reconstruction with all of them.
+        items = list(self.data.train)
         privates = [e.dataset(items, self.progress, image_shape=self.image_shape) for e in self.evaluators]
+        for space in self.spaces if self.runtime.is_main else ():
+            space.prepare(self.data, self.image_shape, self.progress, train=privates[0] if space.kind == EVALUATOR else None)
         parts = []
         for target, own in zip(self.targets, self.surrogates):
             per_attack = []
@@ -231,9 +245,10 @@ class AuditRun:
             raise hint from None
         n, k = len(classes), config.keep
         labels = torch.tensor(classes).repeat_interleave(k)
-        outcomes = []
+        outcomes, first_features = [], None
         for evaluator, private, seen in zip(self.evaluators, privates, candidates):
             logits, features = evaluator.images(result.images.flatten(0, 1))
+            first_features = features if first_features is None else first_features
             so_top1, so_top5 = _selection_only(result.selection_only, evaluator, classes)
             outcomes.append(EvaluatorOutcome(
                 top1=topk_hits(logits, labels, 1).view(n, k), top5=topk_hits(logits, labels, 5).view(n, k),
@@ -244,7 +259,8 @@ class AuditRun:
             self.prior_record = {**prior.describe(), "lr": config.resolve(prior).lr, "budget": config.resolve(prior).to_dict()}
         return ShardOutcome(classes=classes, target_conf=result.final_scores, evaluators=outcomes,
                             shown=result.images[:, :SHOW_RECONSTRUCTIONS].clone(), image_steps=result.image_steps,
-                            seconds=result.seconds, timings=result.timings)  # fmt: skip
+                            seconds=result.seconds, timings=result.timings,
+                            features=kept_features(self.spaces, result.images, first_features))  # fmt: skip
 
     # -- the report (rank 0) ---------------------------------------------------------------------
 
@@ -260,6 +276,7 @@ class AuditRun:
                            grid_name(mi, names[mi], kind.name, len(self.attacks)))
                  for kind, p in zip(self.attacks, parts[mi])]
                 for mi, t, acc in zip(range(len(self.targets)), self.targets, natural_accs)]  # fmt: skip
+        judge_parts(rows, parts, classes, self.spaces)  # the KNN judge and distribution figures, in place
         models = model_audits(self.targets, names, rows)
         shown = {r.grid: r.shown for model_rows in rows for r in model_rows}
         real = {c: real_images(data.train, c, tuple(next(iter(shown.values()))[c].shape[1:])) for c in classes}
@@ -278,6 +295,7 @@ class AuditRun:
             gate=None if config.max_attack_acc is None else gate(models, config.max_attack_acc),
             warnings=said,
             prior_samples=None if self.prior is None or self.prior.kind == "pixels" else PRIOR_SAMPLES,
+            feature_extractors=[space.record() for space in self.spaces],
         )  # fmt: skip
         samples = None if report.prior_samples is None else _prior_samples(self.prior, config.attack.seed, runtime.device)
         report.files = {k: str(v) for k, v in write_report(self.out_dir, report, shown, real, config.overwrite, samples).items()}
@@ -352,7 +370,7 @@ def audit(models, *, data, prior, eval_model, config: AuditConfig | None = None,
             loaded = load_inputs(models, data, prior, evals, config)
             own, surrogate_warnings = match_model_surrogates(loaded.targets, surrogates, config.trust_checkpoint)
             report = AuditRun(loaded.targets, loaded.evaluations, loaded.data, loaded.prior, config, Path(out), runtime,
-                              progress, own, surrogate_warnings).run()  # fmt: skip
+                              progress, own, surrogate_warnings, extractor=loaded.extractor).run()  # fmt: skip
         failing = broadcast(report.gate.failing if report and report.gate else [], runtime)
     finally:
         runtime.close()

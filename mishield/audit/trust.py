@@ -111,12 +111,9 @@ def degraded_batches(items: Sequence, image_shape: Sequence[int], batch: int = 2
 
 def evaluator_accuracy(evaluator, items: Sequence, image_shape: Sequence[int]) -> tuple[float | None, int]:
     """The evaluator's top-1 accuracy on `items` degraded to the attack's resolution, and the image count."""
-    correct, n = 0, 0
-    for images, labels in degraded_batches(items, image_shape, evaluator.batch_size):
-        logits, _ = evaluator.images(images)
-        correct += int((logits.argmax(1) == labels).sum())
-        n += len(labels)
-    return (correct / n if n else None), n
+    logits, _, labels = evaluator.read(list(items), image_shape)
+    n = len(labels)
+    return (int((logits.argmax(1) == labels).sum()) / n if n else None), n
 
 
 def check_evaluator(evaluator, evaluation, targets, data, image_shape, *, allow_weak: bool = False) -> tuple[dict, list[str]]:

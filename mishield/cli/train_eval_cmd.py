@@ -23,6 +23,7 @@ def train_eval(
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Hold out this fraction when --data has no val/ folder.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    noise: Annotated[float, typer.Option("--noise", min=0.0, max=1.0, help="Std of the Gaussian pixel noise added to training images (pixel units), so that perturbations made against the target fool the evaluator less often (docs/audit.md); 0 turns it off.")] = 0.25,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run whose state is beside --out (OUT.train-state); Ctrl-C exits 130, SIGTERM 143, both resumable.")] = False,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
@@ -36,7 +37,7 @@ def train_eval(
     with flags_in_errors(train_eval_model, extra=("resume", "overwrite", "epochs", "batch_size", "lr", "seed", "val_fraction", "input_size")), progress_bars() as progress:
         config = EvalModelConfig(arch=arch, input_size=input_size, epochs=epochs, lr=lr, batch_size=batch_size,
                                  val_fraction=val_fraction, device=resolve_device(device), seed=seed, overwrite=overwrite,
-                                 resume=resume)
+                                 resume=resume, noise=noise)
         summary = train_eval_model(data, out, config=config, prior=prior, progress=progress, on_epoch=epoch_printer())
     if json_output:
         console.emit_json(summary)

@@ -368,7 +368,7 @@ def _train_stage(
     """Train `model` for global epochs [first, end) (continuing from `resume` when given)."""
     rt, recipe = ctx.runtime, ctx.recipe
     s = _setup_stage(ctx, model, stage, first, resume)
-    train_tf = train_transform(ctx.preprocessing, erase=recipe.erase, augmentation=recipe.augmentation)
+    train_tf = train_transform(ctx.preprocessing, erase=recipe.erase, augmentation=recipe.augmentation, noise=recipe.noise)
     epoch = s.start
     steps_done = 0
     try:
@@ -571,7 +571,8 @@ class RunOptions:
 
 
 # fit()'s keyword arguments before TrainingRecipe and RunOptions, and which one each belongs to.
-_RECIPE_KEYWORDS = ("epochs", "lr", "batch_size", "seed", "bido", "label_smoothing", "erase", "freeze_stages", "augmentation")
+_RECIPE_KEYWORDS = ("epochs", "lr", "batch_size", "seed", "bido", "label_smoothing", "erase", "freeze_stages", "augmentation",
+                    "noise")
 _OPTION_KEYWORDS = tuple(f.name for f in dataclasses.fields(RunOptions))
 
 

@@ -170,7 +170,9 @@ def train_prior(
     run continues with `resume=True`; it is removed once `out` is written. A state left by an
     interrupted run is refused unless `resume` (continue it) or `overwrite` (drop it) is given.
     The file records the per-epoch losses and the training images' fingerprint and pixel hashes
-    (an audit refuses private data among them); a grid of samples goes to `samples_path(out)`.
+    (an audit refuses private data among them), and keeps the discriminator: it has seen only these
+    public images, and the audit reads reconstructions in its features (docs/audit.md,
+    "Distribution metrics and the KNN judge"). A grid of samples goes to `samples_path(out)`.
     """
     from mishield.fileio import claim_output
 
@@ -226,7 +228,8 @@ def _train_prior(data_dir: Path, out: Path, config: PriorTrainingConfig, device,
     training = {"data": str(Path(data_dir)), "classes": splits.classes, "images": len(dataset), "epochs": config.epochs,
                 "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed, "data_fingerprint": provenance,
                 "losses": losses}
-    save_generator(out, gan.generator.cpu(), training, overwrite=overwrite, image_hashes=hashes)
+    save_generator(out, gan.generator.cpu(), training, overwrite=overwrite, image_hashes=hashes,
+                   discriminator=gan.discriminator.cpu().eval())
     state_path.unlink(missing_ok=True)
     write_samples(gan.generator, samples_path(out), seed=config.seed)
     return out

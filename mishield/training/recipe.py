@@ -18,6 +18,11 @@ existed:
 * `freeze_stages`: N > 0 trains with the stem and the first N stages frozen, their batch-norm
   statistics included (`mishield.training.freezing`; TL-DMI, Ho et al., CVPR 2024). It applies
   to every stage of the schedule: both TTS stages and finetune train on the private data.
+
+`noise` is not a defence of the trained model but of an audit's judge: Gaussian noise of that
+standard deviation (in [0, 1] pixel units) added to every training image makes perturbations made
+against the target carry over to an evaluation model less often (`mishield.data.GaussianNoise`;
+`train-eval` uses 0.25, measured in docs/audit.md "Evaluation models").
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class TrainingRecipe:
     erase: tuple[float, float, float] | None = None  # (p, min_area, max_area)
     freeze_stages: int = 0
     augmentation: str = "photo"  # mishield.data.AUGMENTATIONS: "photo" (the paper's), "glyph" (characters)
+    noise: float = 0.0  # std of Gaussian pixel noise on training images (evaluation models: mishield.data.GaussianNoise)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -80,6 +86,8 @@ class TrainingRecipe:
             self.label_smoothing = self.label_smoothing.resolved(self.total_epochs)
         if self.erase is not None:
             self.erase = check_erase(self.erase)
+        if not (isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and 0.0 <= self.noise <= 1.0):
+            raise UsageError(f"`noise` is a standard deviation in [0, 1] pixel units (0: off), got {self.noise!r}.")
         if self.augmentation not in AUGMENTATION_NAMES:
             raise UsageError(f"`augmentation` must be one of {', '.join(AUGMENTATION_NAMES)}, got {self.augmentation!r}.")
         if isinstance(self.freeze_stages, bool) or not isinstance(self.freeze_stages, int) or self.freeze_stages < 0:
@@ -107,7 +115,7 @@ class TrainingRecipe:
         d = dataclasses.asdict(self)
         d["betas"], d["milestones"] = list(self.betas), list(self.milestones)
         d["bido"] = self.bido.to_dict() if self.bido else None
-        for key in ("label_smoothing", "erase", "freeze_stages", "augmentation"):
+        for key in ("label_smoothing", "erase", "freeze_stages", "augmentation", "noise"):
             d.pop(key)  # recorded only when set, so a recipe without them records what it always did
         if self.label_smoothing is not None:
             d["label_smoothing"] = self.label_smoothing.to_dict()
@@ -117,4 +125,6 @@ class TrainingRecipe:
             d["freeze_stages"] = self.freeze_stages
         if self.augmentation != "photo":
             d["augmentation"] = self.augmentation
+        if self.noise:
+            d["noise"] = self.noise
         return d

@@ -152,6 +152,8 @@ def _comparable(report: dict) -> dict:
     for key in ("created", "files"):
         report.pop(key, None)
     report["options"].pop("world_size")
+    for space in report.get("feature_extractors", []):
+        space.pop("seconds")  # what each feature space cost: timing, like the models' `timing`
     for m in report["models"]:
         m.pop("timing")
         for row in m["attacks"]:

@@ -10,6 +10,7 @@ import torch
 
 from mishield.audit.report import (
     SCHEMA,
+    SCHEMA_VERSION,
     check_outputs,
     class_row,
     real_images,
@@ -28,7 +29,7 @@ def _report() -> AuditReport:
     other = {**model, "name": "hardened", "grid": "grids/1_hardened.png",
              "delta": {"natural_acc": -0.01, "attack_acc1": -0.1, "attack_acc5": 0.0, "knn_dist": 0.2, "delta": 10.0}}  # fmt: skip
     return AuditReport.from_dict({
-        "schema": SCHEMA, "schema_version": 1, "classes": [0, 1, 2], "seed": 0,
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "classes": [0, 1, 2], "seed": 0,
         "options": {"samples": 8, "candidates": 4, "iterations": 2, "keep": 4, "final_augmentations": 2, "seed": 0},
         "prior": {"kind": "generator", "source": "prior.safetensors"}, "eval_model": {"source": "eval.pt"},
         "models": [model, other], "gate": {"max_attack_acc": 0.2, "passed": False, "failing": ["base <b>", "hardened"]},
@@ -41,7 +42,7 @@ def test_writes_json_html_and_grids(tmp_path):
     shown = {m.grid: {c: recon for c in range(3)} for m in report.models}
     written = write_report(tmp_path, report, shown, {c: recon[:2] for c in range(3)})
     parsed = json.loads((tmp_path / "report.json").read_text())
-    assert parsed["schema"] == SCHEMA and parsed["schema_version"] == 1 and parsed["models"][1]["delta"]["delta"] == 10.0
+    assert parsed["schema"] == SCHEMA and parsed["schema_version"] == 2 and parsed["models"][1]["delta"]["delta"] == 10.0
     from PIL import Image
 
     with Image.open(tmp_path / "grids" / "0_base.png") as grid:
@@ -111,7 +112,8 @@ def test_report_object_round_trips_through_the_json_layout():
     report.models[1].metrics["knn_dist"] = float("nan")  # JSON has no NaN: written as null
     doc = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert list(doc) == ["schema", "schema_version", "created", "mishield_version", "options", "seed", "classes",
-                         "data", "prior", "eval_model", "eval_models", "prior_samples", "models", "gate", "warnings"]
+                         "data", "prior", "eval_model", "eval_models", "prior_samples", "feature_extractors", "models", "gate",
+                         "warnings"]
     assert list(doc["models"][0]) == ["name", "num_classes", "preprocessing", "metrics", "per_class", "grid",
                                       "timing", "delta", "budget", "verdict", "attack", "attacks"]
     assert doc["models"][1]["metrics"]["knn_dist"] is None
@@ -124,3 +126,28 @@ def test_report_object_round_trips_through_the_json_layout():
         back.model("nope")
     with pytest.raises(BadInputError, match="mishield.audit-report"):
         AuditReport.from_dict({**doc, "schema_version": 99})
+
+
+def test_the_page_explains_its_columns_and_shows_the_feature_spaces():
+    report = _report()
+    entry = {"extractor": "prior discriminator (p.safetensors)", "extractor_kind": "public", "evaluator_acc1": 0.25,
+             "knn_judge_acc1": 0.5, "knn_judge_acc1_interval": {"low": 0.2, "high": 0.8}, "judge_disagreement": 0.25,
+             "false_positive_share": 0.4, "false_positive_share_interval": {"low": 0.1, "high": 0.9}, "fid": 12.5,
+             "fid_extrapolated": None, "precision": 0.5, "recall": None, "density": 0.9, "coverage": 0.3,
+             "knn_distance_median": 1.0, "distance_histogram": [1, 2, 0, 1]}  # fmt: skip
+    report.feature_extractors = [{"extractor": entry["extractor"], "kind": "public", "dims": 1024, "why": "public only",
+                                  "knn_judge_ceiling": 0.83, "knn_judge_ceiling_n": 30,
+                                  "histogram": {"edges": [0, 1, 2, 3, 4], "private_val": [3, 1, 0, 0], "private_val_median": 0.5}}]  # fmt: skip
+    for m in report.models:
+        m.metrics["feature_extractors"] = [entry]
+        m.per_class[0]["feature_extractors"] = [{"extractor": entry["extractor"], "knn_judge_acc1": 0.75, "fid": 3.0}]
+    page = render_html(report, {}, {})
+    # every column of the metrics table has a tooltip, and the legend says what the puzzling ones and the verdicts mean
+    assert 'title="attack accuracy over every optimised candidate' in page and '<dl class="legend" id="legend">' in page
+    for word in ("unfiltered %", "I=0 %", "target conf.", "KNN dist", "leaky", "passes", "inconclusive"):
+        assert f"<dt>{word}</dt>" in page or f'<dt><span class="{word}">{word}</span></dt>' in page
+    # the feature space: named, its ceiling, one table row and one histogram per model
+    assert "In the features of prior discriminator (p.safetensors)" in page and "83.0 %" in page
+    assert page.count('<svg class="hist"') == 2 and "40.0" in page and "75.0" in page
+    # class labels: the folder name first, the index apart
+    assert 'c0 <span class="cid" title="class index">#0</span>' in page

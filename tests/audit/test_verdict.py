@@ -115,7 +115,7 @@ def test_report_json_carries_every_number_per_model(tiny, tmp_path, capsys):
     assert second["metrics"]["paired_diff_acc1"] == pytest.approx(second["metrics"]["attack_acc1"] - first["metrics"]["attack_acc1"])
     page = Path(doc["files"]["html"]).read_text()
     assert '<svg id="attack-chart"' in page and page.count("<rect class=\"bar") == 2
-    assert '<table id="side-by-side">' in page and page.count('class="class-row"') == 3
+    assert '<div id="side-by-side">' in page and page.count('class="class-row"') == 3
     # per class row: private examples + one strip per model
     assert page.count("data:image/png;base64,") == 3 * (1 + 2) + 1  # + one strip of the prior's samples
     assert 'id="prior-samples"' in page and (Path(doc["files"]["html"]).parent / doc["prior_samples"]).is_file()

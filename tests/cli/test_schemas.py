@@ -135,9 +135,12 @@ def test_surrogate_train(private, public, tmp_path, capsys):
 
 def test_audit_at_the_smallest_budget(private, public, tmp_path, capsys):
     from mishield.attack.priors import DCGANGenerator, save_generator
+    from mishield.models.dcgan import DCGANDiscriminator
     from mishield.training.evaluator import train_eval_model
 
-    prior = save_generator(tmp_path / "prior.safetensors", DCGANGenerator(latent_dim=8, resolution=32, channels=1, width=4).eval(), {})
+    # a prior file with its discriminator (format 2): the audit's public feature space
+    prior = save_generator(tmp_path / "prior.safetensors", DCGANGenerator(latent_dim=8, resolution=32, channels=1, width=4).eval(), {},
+                           discriminator=DCGANDiscriminator(32, 1, 4))  # fmt: skip
     evaluation = tmp_path / "eval.pt"
     train_eval_model(private, evaluation, arch="attack_support:small_plain_cnn", input_size=32, epochs=1,
                      batch_size=20, device="cpu")  # fmt: skip
@@ -151,6 +154,11 @@ def test_audit_at_the_smallest_budget(private, public, tmp_path, capsys):
     assert doc["gate"] is None and len(doc["models"]) == 2
     assert doc["eval_model"]["trust"]["floor"] > 0 and doc["prior"]["quality"]["nn_ratio"] > 0
     assert doc["models"][0]["delta"] is None and isinstance(doc["models"][1]["delta"], dict)
+    assert doc["schema_version"] == 2 and [e["kind"] for e in doc["feature_extractors"]] == ["public", "evaluator"]
+    for m in doc["models"]:
+        assert [e["extractor"] for e in m["metrics"]["feature_extractors"]] == [e["extractor"] for e in doc["feature_extractors"]]
+        assert m["metrics"]["knn_judge_extractor"] == doc["feature_extractors"][0]["extractor"]
+        assert 0 <= m["metrics"]["knn_judge_acc1"] <= 1 and len(m["per_class"][0]["feature_extractors"]) == 2
     # stdout and report.json carry the same document.
     assert json.loads(Path(doc["files"]["json"]).read_text())["models"] == doc["models"]
 

@@ -463,3 +463,27 @@ def test_label_smoothing_cannot_replace_a_custom_criterion():
     with pytest.raises(UsageError, match="`label_smoothing`"):
         TrainStep(model, torch.optim.Adam(model.parameters()), make_runtime("cpu"), num_classes=10,
                   criterion=lambda z, x, y: (z.sum(), y), label_smoothing=LabelSmoothing(-0.05, 0, 0))
+
+
+def test_gaussian_noise_is_added_in_pixel_units_before_normalisation_and_recorded_only_when_on(small):
+    from PIL import Image
+
+    from mishield.data import GaussianNoise
+    from mishield.training import TrainingRecipe
+
+    with Image.open(small.train[0][0]) as img:
+        image = img.convert("RGB")
+    steps = train_transform(PRE, noise=0.25).transforms
+    assert isinstance(steps[-2], GaussianNoise) and isinstance(steps[-1], torchvision.transforms.Normalize)
+    assert not any(isinstance(t, GaussianNoise) for t in train_transform(PRE).transforms + eval_transform(PRE).transforms)
+    torch.manual_seed(3)
+    plain = train_transform(PRE)(image)
+    torch.manual_seed(3)
+    noisy = train_transform(PRE, noise=0.25)(image)
+    # the noise is drawn after the photo augmentation's draws: the difference is pure noise, scaled by 1/std
+    diff = (noisy - plain) * torch.tensor(PRE.std).view(-1, 1, 1)
+    assert abs(float(diff.std()) - 0.25) < 0.02 and abs(float(diff.mean())) < 0.02
+    assert TrainingRecipe(noise=0.25).to_dict()["noise"] == 0.25 and "noise" not in TrainingRecipe().to_dict()
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(UsageError, match="`noise`"):
+            TrainingRecipe(noise=bad)

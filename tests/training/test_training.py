@@ -533,6 +533,12 @@ def test_sigterm_during_prior_training_exits_143_and_resume_matches_an_uninterru
     b, _ = load_generator_file(out)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
+    # the discriminator is kept (the audit's public feature space) and resumes exactly too
+    from mishield.models.dcgan import load_discriminator
+
+    da, db = load_discriminator(tmp_path / "ref.safetensors"), load_discriminator(out)
+    for (name, p), q in zip(da.state_dict().items(), db.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
 
 
 def test_damaged_or_newer_state_is_bad_input_for_every_trainer(model_file, small_dir, tmp_path, capsys):
