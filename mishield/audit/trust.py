@@ -110,7 +110,10 @@ def degraded_batches(items: Sequence, image_shape: Sequence[int], batch: int = 2
 
 
 def evaluator_accuracy(evaluator, items: Sequence, image_shape: Sequence[int]) -> tuple[float | None, int]:
-    """The evaluator's top-1 accuracy on `items` degraded to the attack's resolution, and the image count."""
+    """The evaluator's top-1 accuracy on `items` degraded to the attack's resolution, and the image count
+    (None and 0 when there is nothing it did not see)."""
+    if not items:
+        return None, 0
     logits, _, labels = evaluator.read(list(items), image_shape)
     n = len(labels)
     return (int((logits.argmax(1) == labels).sum()) / n if n else None), n
