@@ -2,7 +2,7 @@
 `PrivacyGate` (the `max_attack_acc` verdict).
 
 `AuditReport.to_dict()` is exactly the layout of `report.json` (schema `mishield.audit-report`,
-version 1; docs/architecture.md §3); `AuditReport.from_dict()` reads one back, so saved reports can be
+version 2; docs/architecture.md §3); `AuditReport.from_dict()` reads one back, so saved reports can be
 compared from Python. Metrics stay plain dicts (the keys are listed in docs/audit.md, "The
 numbers in the report"), because the schema lets later versions add numbers without a new type.
 
@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEMA = "mishield.audit-report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions `AuditReport.from_dict` reads: 2 only added keys (masking diagnostics, gradient-free and
+# transfer attacks, the optimisation's gain), so a version 1 document reads as it did.
+READABLE_VERSIONS = (1, 2)
 # What `ModelAudit.info` holds: where the model came from (copied into the report as it is).
 MODEL_INFO_KEYS = ("source", "sha256", "arch", "kind", "surgery", "surrogates", "defences")
 
@@ -70,6 +73,7 @@ class ModelAudit:
     verdict: dict | None = None  # worst case over attacks: status, passed, reason, attack
     attack: str | None = None  # the strongest attack, whose row gives the figures above
     attacks: list[dict] = field(default_factory=list)  # one row per attack: attack, metrics, per_class, verdict, grid, ...
+    masking: dict | None = None  # the masking diagnostics (mishield.audit.masking_checks): statistics, signals
 
     @property
     def attack_acc1(self) -> float | None:
@@ -94,6 +98,7 @@ class ModelAudit:
             "verdict": self.verdict,
             "attack": self.attack,
             "attacks": self.attacks,
+            "masking": self.masking,
         }
 
     @classmethod
@@ -103,6 +108,7 @@ class ModelAudit:
             info={k: d[k] for k in MODEL_INFO_KEYS if k in d}, num_classes=d.get("num_classes"),
             preprocessing=d.get("preprocessing"), timing=d.get("timing"), delta=d.get("delta"),
             budget=d.get("budget"), verdict=d.get("verdict"), attack=d.get("attack"), attacks=list(d.get("attacks") or []),
+            masking=d.get("masking"),
         )
 
 
@@ -162,11 +168,11 @@ class AuditReport:
     @classmethod
     def from_dict(cls, d: dict) -> AuditReport:
         """Read a report.json document back (the inverse of `to_dict`)."""
-        if d.get("schema") != SCHEMA or d.get("schema_version") != SCHEMA_VERSION:
+        if d.get("schema") != SCHEMA or d.get("schema_version") not in READABLE_VERSIONS:
             from mishield.errors import BadInputError
 
             raise BadInputError(
-                f"not a {SCHEMA} version {SCHEMA_VERSION} document "
+                f"not a {SCHEMA} document of version {' or '.join(map(str, READABLE_VERSIONS))} "
                 f"(schema {d.get('schema')!r}, version {d.get('schema_version')!r})."
             )
         gate = d.get("gate")

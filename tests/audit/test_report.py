@@ -41,7 +41,7 @@ def test_writes_json_html_and_grids(tmp_path):
     shown = {m.grid: {c: recon for c in range(3)} for m in report.models}
     written = write_report(tmp_path, report, shown, {c: recon[:2] for c in range(3)})
     parsed = json.loads((tmp_path / "report.json").read_text())
-    assert parsed["schema"] == SCHEMA and parsed["schema_version"] == 1 and parsed["models"][1]["delta"]["delta"] == 10.0
+    assert parsed["schema"] == SCHEMA and parsed["schema_version"] == 2 and parsed["models"][1]["delta"]["delta"] == 10.0
     from PIL import Image
 
     with Image.open(tmp_path / "grids" / "0_base.png") as grid:
@@ -113,7 +113,7 @@ def test_report_object_round_trips_through_the_json_layout():
     assert list(doc) == ["schema", "schema_version", "created", "mishield_version", "options", "seed", "classes",
                          "data", "prior", "eval_model", "eval_models", "prior_samples", "models", "gate", "warnings"]
     assert list(doc["models"][0]) == ["name", "num_classes", "preprocessing", "metrics", "per_class", "grid",
-                                      "timing", "delta", "budget", "verdict", "attack", "attacks"]
+                                      "timing", "delta", "budget", "verdict", "attack", "attacks", "masking"]
     assert doc["models"][1]["metrics"]["knn_dist"] is None
     back = AuditReport.from_dict(doc)
     assert isinstance(back.models[0], ModelAudit) and isinstance(back.gate, PrivacyGate)
