@@ -273,8 +273,9 @@ def diagnose(run, parts: list[list[list]]) -> list[dict]:
 def to_json(entry: dict) -> dict:
     """A `masking` entry with its statistics as plain dicts (report.json)."""
     kinds = {s["kind"] for s in entry["signals"]}
-    return {**entry, **{key: {k: v.to_dict() for k, v in entry[key].items()} for key in ("gradient_stats", "reference_gradient_stats")},
-            "masked_gradients": "gradients" in kinds, "treats_generated_differently": "generated" in kinds}
+    plain = {key: {k: v.to_dict() if isinstance(v, GradientStats) else v for k, v in entry[key].items()}
+             for key in ("gradient_stats", "reference_gradient_stats") if key in entry}  # fmt: skip
+    return {**entry, **plain, "masked_gradients": "gradients" in kinds, "treats_generated_differently": "generated" in kinds}
 
 
 def remedy(masking: dict) -> str:

@@ -231,7 +231,8 @@ def summary_table(report: AuditReport):
     for m in report.models:
         several = len(m.attacks) > 1
         for r in (m.attacks if several else [{"attack": m.attack, "metrics": m.metrics, "delta": m.delta, "verdict": m.verdict}]):
-            table.add_row(m.name, r["attack"] or "ppa", *_cells(r["metrics"], r.get("delta") or {}, r.get("verdict")))
+            masked = " (cannot decide: masking)" if r.get("decides") is False else ""
+            table.add_row(m.name, f"{r['attack'] or 'ppa'}{masked}", *_cells(r["metrics"], r.get("delta") or {}, r.get("verdict")))
         if several:  # the model's worst case over attacks, which the gate reads
             table.add_row(m.name, f"worst: {m.attack}", *_cells(m.metrics, m.delta or {}, m.verdict), style="bold")
     return table
