@@ -151,6 +151,11 @@ def test_audit_at_the_smallest_budget(private, public, tmp_path, capsys):
     assert doc["gate"] is None and len(doc["models"]) == 2
     assert doc["eval_model"]["trust"]["floor"] > 0 and doc["prior"]["quality"]["nn_ratio"] > 0
     assert doc["models"][0]["delta"] is None and isinstance(doc["models"][1]["delta"], dict)
+    # version 2: the default attacks (ppa and the gradient-free one, its budget in queries) and the masking diagnostics
+    assert doc["schema_version"] == 2 and [r["attack"] for r in doc["models"][0]["attacks"]] == ["ppa", "blackbox"]
+    blackbox = doc["models"][0]["attacks"][1]
+    assert blackbox["budget"]["queries_per_candidate"] == 8 and blackbox["timing"]["queries"]["per_candidate"] == 8
+    assert all(isinstance(m["masking"]["signals"], list) and "gradient_stats" in m["masking"] for m in doc["models"])
     # stdout and report.json carry the same document.
     assert json.loads(Path(doc["files"]["json"]).read_text())["models"] == doc["models"]
 
