@@ -151,7 +151,7 @@ def judge_row(attack: str, parts: list[ShardOutcome], classes: list[int], class_
                      "unfiltered_acc1": None if out.unfiltered is None else float(out.unfiltered[r].mean()),
                      "selection_only_acc1": None if out.so_top1 is None else float(out.so_top1[r].mean())})  # fmt: skip
     judged = stats_verdict(interval, judging.threshold, chance=best["chance_acc1"], reached=top1.numpy())
-    judged = optimisation_verdict(judged, gain, drop)
+    judged = optimisation_verdict(judged, gain, drop, out.top1.shape[1])
     where = {c: (p, i) for p in parts for i, c in enumerate(p.classes)}
     return Row(attack, metrics, rows, {**judged.to_dict(), "attack": attack}, [o.top1.numpy() for o in outs], leaky,
                interval, grid, _timing(parts), dict(judging.budgets[attack]), {c: where[c][0].shown[where[c][1]] for c in classes},

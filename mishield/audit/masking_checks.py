@@ -66,6 +66,7 @@ class MaskingLimits:
 
     gradients: MaskingThresholds = field(default_factory=MaskingThresholds)  # zero fraction, norm and asymmetry factors
     agreement_gap: float = 0.4  # surrogate agreement on generated images this far below natural images'
+    normal_factor: float = 10.0  # real-image gradient norm within this factor of the reference's: "normal on natural images"
     flat_share: float = 0.1  # a loss-curve drop below this share of the reference's drop ...
     flat_drop: float = 0.01  # ... and below this relative drop is flat (the second alone without a reference)
     curve_steps: int = 10  # fewer optimisation steps give no curve to read
@@ -73,6 +74,7 @@ class MaskingLimits:
     def to_dict(self) -> dict:
         return {"zero_excess": self.gradients.zero_excess, "norm_factor": self.gradients.norm_factor,
                 "asymmetry_factor": self.gradients.asymmetry_factor, "agreement_gap": self.agreement_gap,
+                "normal_factor": self.normal_factor,
                 "flat_share": self.flat_share, "flat_drop": self.flat_drop, "curve_steps": self.curve_steps}  # fmt: skip
 
 
@@ -176,9 +178,10 @@ def signals(model: dict, reference: dict | None, limits: MaskingLimits = LIMITS)
     together = masking_signals(stats, ref_stats, limits.gradients)
     asymmetry = [r for r in together if r not in on_real and r not in on_prior]
     found += [{"kind": "gradients", "reason": r} for r in on_real]
-    # signals on prior images alone, or a real/prior asymmetry: the model treats generated inputs apart
-    found += [{"kind": "gradients" if on_real else "generated", "reason": r} for r in on_prior]
-    found += [{"kind": "generated", "reason": r} for r in asymmetry]
+    # signals on prior images, or a real/prior asymmetry, while the model is normal on real images:
+    # it treats generated inputs apart; where its real-image gradients are off as well, they are masked
+    apart = "generated" if _normal_on_real(stats, ref_stats, limits) else "gradients"
+    found += [{"kind": apart, "reason": r} for r in [*on_prior, *asymmetry]]
     if not model["determinism"]["deterministic"]:
         found.append({"kind": "gradients", "reason": f"two passes over the same images gave logits differing by "
                       f"{model['determinism']['relative_difference']:.2g} of their scale: the model is stochastic, "
@@ -190,6 +193,16 @@ def signals(model: dict, reference: dict | None, limits: MaskingLimits = LIMITS)
                           f"images but on {agreement['generated']:.0%} of generated ones: it answers generated inputs differently."})
     found += _curve_signal(model.get("loss_drop"), (reference or {}).get("loss_drop"), model.get("loss_attack"), limits)
     return found
+
+
+def _normal_on_real(stats: dict, reference: dict, limits: MaskingLimits) -> bool:
+    """No signal on real images and a median norm within `normal_factor` of the reference's there."""
+    real, ref = stats.get("real"), reference.get("real")
+    if real is None or ref is None or masking_signals({"real": real}, {"real": ref}, limits.gradients):
+        return False
+    if not (ref.median_norm > 0 and math.isfinite(ref.median_norm) and math.isfinite(real.median_norm)):
+        return False
+    return 1 / limits.normal_factor <= real.median_norm / ref.median_norm <= limits.normal_factor
 
 
 def _curve_signal(drop: float | None, reference: float | None, attack: str | None, limits: MaskingLimits) -> list[dict]:

@@ -358,30 +358,38 @@ def verdict(interval: Interval, threshold: float | None, *, chance: float, reach
     return Verdict("leaky", reason, "uncertain" if interval.estimate <= threshold else "leaky")
 
 
-def optimisation_verdict(judged: Verdict, gain: Interval | None, unfiltered_drop: Interval | None) -> Verdict:
+def optimisation_verdict(judged: Verdict, gain: Interval | None, unfiltered_drop: Interval | None, per_class: int = 1) -> Verdict:
     """`judged` unless the optimisation gave no evidence that the attack worked (docs/audit.md "How the gate decides").
 
     `gain`: the paired interval of attack accuracy minus the selection-only baseline's (same
     classes, same judge); `unfiltered_drop`: of unfiltered accuracy (every optimised candidate)
-    minus the selection-only baseline's. A conclusive non-leaky verdict ("passes", "not gated")
-    becomes inconclusive when the attack did not beat selection alone beyond its noise (the gain's
-    lower end at or below 0: an optimiser with nothing to follow stays exactly at the baseline), or
-    when the optimised candidates fell significantly below it (the unfiltered drop's upper end
-    under 0: the model's answers on generated images led the optimiser away from the class). A
-    leaky verdict stands: what selection alone recovers, an attacker recovers too.
+    minus the selection-only baseline's; `per_class`: kept images per class (K x seeds). A pass
+    becomes inconclusive when the attack did not beat selection alone beyond its noise: the gain's
+    upper end at or below 0 (no better, whatever the noise), or a gain of less than one kept image
+    per class (1 / `per_class`: below what the measurement resolves; an optimiser with nothing to
+    follow stays there), or when the optimised candidates fell significantly below the baseline
+    (the unfiltered drop's upper end under 0: the model's answers on generated images led the
+    optimiser away from the class). Only a pass needs the attack to have worked: "leaky" stands
+    (what selection alone recovers, an attacker recovers too), and "not gated" keeps its status
+    with the finding added to its reason.
     """
     if judged.status not in ("passes", "not gated"):
         return judged
+    found = None
     if unfiltered_drop is not None and unfiltered_drop.high < 0:
-        return Verdict("inconclusive", f"the optimised candidates were judged the attacked class {_points(unfiltered_drop)} less often "
-                                       "than the selection-only baseline's: the model's answers on generated images led the attack "
-                                       "away from the class, so its low accuracy says nothing about privacy.", "misled")  # fmt: skip
-    if gain is not None and not gain.low > 0:
-        return Verdict("inconclusive", f"the attack did not beat the selection-only baseline beyond its noise (gain "
-                                       f"{100 * gain.estimate:+.1f} points, {gain.level:.0%} interval {100 * gain.low:+.1f} to "
-                                       f"{100 * gain.high:+.1f}), so it says nothing about the model beyond what selection alone "
-                                       "finds.", "no_gain")  # fmt: skip
-    return judged
+        found = Verdict("inconclusive", f"the optimised candidates were judged the attacked class {_points(unfiltered_drop)} less often "
+                                        "than the selection-only baseline's: the model's answers on generated images led the attack "
+                                        "away from the class, so its low accuracy says nothing about privacy.", "misled")  # fmt: skip
+    elif gain is not None and (gain.high <= 0 or gain.estimate < 1.0 / max(per_class, 1)):
+        found = Verdict("inconclusive", f"the attack did not beat the selection-only baseline beyond its noise (gain "
+                                        f"{100 * gain.estimate:+.1f} points, {gain.level:.0%} interval {100 * gain.low:+.1f} to "
+                                        f"{100 * gain.high:+.1f}; one kept image per class is {100 / max(per_class, 1):.1f}), so it "
+                                        "says nothing about the model beyond what selection alone finds.", "no_gain")  # fmt: skip
+    if found is None:
+        return judged
+    if judged.status == "not gated":
+        return Verdict("not gated", f"{judged.reason} Note: {found.reason}", judged.cause)
+    return found
 
 
 def _points(interval: Interval) -> str:

@@ -46,6 +46,9 @@ def test_signals_on_real_images_mean_masked_gradients_and_on_prior_images_alone_
     assert set(_kinds(_entry(prior=zero))) == {"generated"}  # a detector: broken on generated images only
     # each norm within a factor 100 of the reference's, their ratio not (x0.1 on real, x20 on prior: 200): asymmetry
     assert _kinds(_entry(real=GradientStats(100, 0.1, 0.0, 0.0), prior=GradientStats(100, 40.0, 0.0, 0.0))) == ["generated"]
+    # logits x1e-3 measured on a real target: real-image norms x0.011 (just inside the factor 100), prior x0.0025.
+    # Off on real images too, so the gradients are masked; the model does not treat generated images apart.
+    assert _kinds(_entry(real=GradientStats(100, 0.0114, 0.0, 0.0), prior=GradientStats(100, 0.005, 0.0, 0.0))) == ["gradients"]
 
 
 def test_a_stochastic_model_and_a_flat_loss_curve_mask_gradients():
@@ -118,9 +121,13 @@ def test_an_attack_that_does_not_beat_selection_alone_says_nothing():
     # exactly the baseline in every class (an optimiser with a zero gradient): inconclusive, not "passes"
     (m,) = _judge([{"ppa": _parts(gained, so=gained)}], 1.0)
     assert m.verdict["status"] == "inconclusive" and m.verdict["cause"] == "no_gain"
-    # without a gate too: the audit is not conclusive
+    # less than one kept image per class above the baseline is below what the audit resolves
+    one_more = gained.copy()
+    one_more[1, 1] = 1  # one more hit in one class: +0.1 on average, under 1 / K = 0.5
+    assert _judge([{"ppa": _parts(one_more, so=gained)}], 1.0)[0].verdict["cause"] == "no_gain"
+    # without a gate there is no pass to withhold: the status stays, the reason says it
     (m,) = _judge([{"ppa": _parts(gained, so=gained)}], None)
-    assert m.verdict["status"] == "inconclusive"
+    assert m.verdict["status"] == "not gated" and "did not beat the selection-only baseline" in m.verdict["reason"]
     # a leaky attack stands even without a gain: what selection alone recovers, an attacker recovers
     (m,) = _judge([{"ppa": _parts(FIVE_HIGH, so=FIVE_HIGH)}], 0.5)
     assert m.verdict["status"] == "leaky"
