@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mishield.attack.engine import chunks, to_uint8
+from mishield.attack.engine import chunks
 from mishield.attack.inputs import ModelInput
 from mishield.attack.masking import (
     GradientStats,
@@ -105,7 +105,9 @@ def image_sets(items, prior, image_shape, device: torch.device, seed: int) -> Im
     """Up to REAL_IMAGES private validation images (spread over the folder) and PRIOR_IMAGES prior samples.
 
     Real images go through the same degradation as the evaluator's (`trust.degraded_batches`): read
-    at the prior's size in 8 bits, as a reconstruction is stored."""
+    at the prior's size in 8 bits. Prior samples stay the generator's continuous output, which is
+    what every attack feeds the model: a model that tells generated images apart must be probed
+    with them as they are."""
     from mishield.audit.trust import _spread, degraded_batches
 
     chosen = _spread(items, REAL_IMAGES)
@@ -114,10 +116,9 @@ def image_sets(items, prior, image_shape, device: torch.device, seed: int) -> Im
     labels = torch.cat([y for _, y in batches]) if batches else torch.zeros(0, dtype=torch.long)
     prior.to(device)
     latents = prior.sample(PRIOR_IMAGES, torch.Generator().manual_seed(seed + PRIOR_SEED_SALT), device)
-    with torch.no_grad():
-        generated = torch.cat([to_uint8(prior.generate(latents[p])) for p in chunks(PRIOR_IMAGES, 64)])
-    # uint8 -> [-1, 1]: the generated images at the precision a reconstruction is judged at
-    return ImageSets(real.to(device).float() / 127.5 - 1.0, labels.to(device), generated.to(device).float() / 127.5 - 1.0)
+    with torch.no_grad():  # the generator's own output, as the attack feeds it to the model (not rounded to 8 bits)
+        generated = torch.cat([prior.generate(latents[p]).float().clamp(-1, 1) for p in chunks(PRIOR_IMAGES, 64)])
+    return ImageSets(real.to(device).float() / 127.5 - 1.0, labels.to(device), generated.to(device))
 
 
 def gradient_statistics(view: nn.Module, images: ImageSets, batch_size: int) -> dict[str, GradientStats]:

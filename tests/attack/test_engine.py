@@ -81,7 +81,7 @@ class Scaled(nn.Module):
         return self.model(x) * self.t
 
 
-def test_optimisation_raises_target_confidence_and_final_selection_sorts_by_margin():
+def test_optimisation_raises_target_confidence_and_final_selection_sorts_it():
     result = _attack().run([0, 2])
     assert result.images.shape == (2, 3, 3, 8, 8) and result.images.dtype == torch.uint8
     assert (result.final_scores[:, :-1] >= result.final_scores[:, 1:]).all()  # best first
