@@ -65,7 +65,7 @@ class MaskingLimits:
     """The thresholds of every diagnostic (docs/audit.md "Masking" gives the measurements behind them)."""
 
     gradients: MaskingThresholds = field(default_factory=MaskingThresholds)  # zero fraction, norm and asymmetry factors
-    agreement_gap: float = 0.4  # surrogate agreement on generated images this far below natural images'
+    agreement_gap: float = 0.2  # surrogate agreement on generated images this far below natural images'
     normal_factor: float = 10.0  # real-image gradient norm within this factor of the reference's: "normal on natural images"
     flat_share: float = 0.1  # a loss-curve drop below this share of the reference's drop ...
     flat_drop: float = 0.01  # ... and below this relative drop is flat (the second alone without a reference)

