@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/masking-audit"))
     parser.add_argument("--preset", default="default")
     parser.add_argument("--iterations", type=int, default=None, help="-I (default: the prior's)")
+    parser.add_argument("--models", default=",".join(MODELS), help="files of the demo folder; the first is the original")
     parser.add_argument("--wrappers", default=",".join(WRAPPERS))
     parser.add_argument("--surrogates", action="store_true", help="distil a surrogate of the original and run lomma and transfer too")
     parser.add_argument("--surrogate-epochs", type=int, default=10)
@@ -58,7 +59,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    named = [NamedModel.from_loaded(mishield.load_model(args.demo / m)) for m in MODELS if (args.demo / m).exists()]
+    named = [NamedModel.from_loaded(mishield.load_model(args.demo / m)) for m in args.models.split(",") if (args.demo / m).exists()]
     original = named[0]
     wrapped = [NamedModel(f"original.pt + {w}", copy.deepcopy(_wrappers(original)[w]), original.preprocessing, original.num_classes,
                           {"source": None, "sha256": None, "arch": None, "kind": "module"})

@@ -68,7 +68,7 @@ class MaskingLimits:
     agreement_gap: float = 0.2  # surrogate agreement on generated images this far below natural images'
     normal_factor: float = 10.0  # real-image gradient norm within this factor of the reference's: "normal on natural images"
     flat_share: float = 0.1  # a loss-curve drop below this share of the reference's drop ...
-    flat_drop: float = 0.01  # ... and below this relative drop is flat (the second alone without a reference)
+    flat_drop: float = 0.005  # ... and below this relative drop is flat (the second alone without a reference)
     curve_steps: int = 10  # fewer optimisation steps give no curve to read
 
     def to_dict(self) -> dict:

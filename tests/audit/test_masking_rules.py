@@ -54,10 +54,11 @@ def test_signals_on_real_images_mean_masked_gradients_and_on_prior_images_alone_
 def test_a_stochastic_model_and_a_flat_loss_curve_mask_gradients():
     noisy = {**_entry(), "determinism": {"deterministic": False, "max_difference": 0.3, "relative_difference": 0.1}}
     assert _kinds(noisy) == ["gradients"]
-    # the gradient attack's loss fell by 0.5 % where the reference's fell by 30 %: nothing to follow
-    assert _kinds(_entry(loss_drop=0.005, loss_attack="ppa"), {"loss_drop": 0.30}) == ["gradients"]
-    # a real defence that only weakens the gradients slows the curve (4 % against 30 %) without stopping it
-    assert _kinds(_entry(loss_drop=0.04, loss_attack="ppa"), {"loss_drop": 0.30}) == []
+    # the gradient attack's loss fell by 0.1 % where the reference's fell by 30 %: nothing to follow
+    assert _kinds(_entry(loss_drop=0.001, loss_attack="ppa"), {"loss_drop": 0.30}) == ["gradients"]
+    # a real defence that only weakens the gradients slows the curve without stopping it (measured on the demo:
+    # RoLSS + TTS 1.3 % against the original's 2.1 %)
+    assert _kinds(_entry(loss_drop=0.013, loss_attack="ppa"), {"loss_drop": 0.021}) == []
     # next to a reference that barely moved itself, a small drop is not evidence of masking
     assert _kinds(_entry(loss_drop=0.002, loss_attack="ppa"), {"loss_drop": 0.01}) == []
     assert _kinds(_entry(loss_drop=0.002, loss_attack="ppa")) == ["gradients"]  # no reference: the absolute bar
