@@ -173,14 +173,15 @@ def attack_curve(attack: InversionAttack, pool: torch.Tensor, classes: list[int]
 def judge(attack: InversionAttack, latents, labels, keys, classes: list[int], evaluator: Evaluator) -> dict:
     """PPA's final selection on the current latents, then the evaluator's verdict on kept and all candidates."""
     cfg, n = attack.config, len(classes)
-    scores = attack.final_scores(latents, labels, keys)
-    flat, kept_scores = select_top(scores, n, cfg.keep)
+    stats = attack.final_statistics(latents, labels, keys)
+    flat, kept_scores = select_top(stats["confidence"], n, cfg.keep, tiebreak=stats["margin"])
     with torch.no_grad():
         images = to_uint8(attack.prior.generate(latents))
     logits, _ = evaluator.images(images)
     every = topk_hits(logits, labels, 1).view(n, cfg.candidates)
     kept = topk_hits(logits[flat], labels[flat], 1).view(n, cfg.keep)
-    return {"kept": kept.numpy(), "unfiltered": every.numpy(), "target_conf": kept_scores.numpy()}
+    return {"kept": kept.numpy(), "unfiltered": every.numpy(), "target_conf": kept_scores.numpy(),
+            "target_top1": stats["top1"][flat].view(n, cfg.keep).cpu().numpy()}
 
 
 def run_grid(args, setup: dict, on_rows=None) -> list[dict]:
@@ -216,7 +217,7 @@ def summarise(args, name: str, bname: str, lr: float, step: int, res: dict, trai
         "attack_acc1": iv.estimate, "interval": [iv.low, iv.high],
         "unfiltered_acc1": float(res["unfiltered"].mean()),
         "target_confidence": float(res["target_conf"].mean()),
-        "verdict": verdict(iv, args.threshold, chance=CHANCE, target_confidence=res["target_conf"]).status,
+        "verdict": verdict(iv, args.threshold, chance=CHANCE, reached=res["target_top1"]).status,
         "seconds": res["seconds"],
     }  # fmt: skip
     if name == "rolss" and trained_kept is not None:

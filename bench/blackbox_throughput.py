@@ -1,4 +1,4 @@
-"""Target queries per second of the black-box attack against image-steps per second of the gradient step.
+"""Target queries per second of the black-box attack, and the transfer attack's step, against the gradient step.
 
     python bench/blackbox_throughput.py              # CUDA if present, else the small CPU setting
     python bench/blackbox_throughput.py --device cpu --mode labels
@@ -13,7 +13,10 @@ one run measures in interleaved rounds (the median counts):
 * gradient: PPA's `InversionStep` with its Adam update at the same batch, in image-steps
   (forward + backward) per second;
 * bare: a forward pass of generator and target alone under `torch.no_grad()` at the black-box
-  attack's pass size: the ceiling its queries can approach.
+  attack's pass size: the ceiling its queries can approach;
+* transfer: the transfer attack's step (`mishield.attack.transfer`: the engine's step with a
+  torchvision ResNet-18 surrogate, mishield's default surrogate architecture, as the only model),
+  in image-steps per second. Its selection runs on the surrogate too; the target is never queried.
 
 It prints one JSON document with the rates, blackbox / bare, and what the two default budgets
 cost per candidate in seconds (PPA's z-space 100 steps against the black-box default's
@@ -35,11 +38,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torchvision
 from attack_throughput import SETTINGS, _sync, _timed, build, mishield_step
 
 from mishield.attack.augment import candidate_keys
 from mishield.attack.blackbox import BlackBoxAttack, BlackBoxConfig
-from mishield.attack.config import make_config
+from mishield.attack.config import GENERATIONS_PER_STEP, make_config
 from mishield.attack.priors import Z_SPACE_BUDGET, GeneratorPrior
 from mishield.preprocessing import Preprocessing
 from mishield.runtime import Runtime, autocast
@@ -98,21 +102,25 @@ def main() -> None:
     compile_ = args.compile == "on" or (args.compile == "auto" and cuda)
     runtime = Runtime(device, amp_dtype=torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None, channels_last=cuda)
     timed = BlackBoxConfig(mode=args.mode, generations=args.generations or s["steps"], population=args.population, query_batch=args.query_batch)
-    default = BlackBoxConfig(mode=args.mode)
+    default = BlackBoxConfig(mode=args.mode, generations=round(GENERATIONS_PER_STEP * Z_SPACE_BUDGET["iterations"]))
     t_start = time.perf_counter()
     black, queries, pass_images = blackbox_phase(*build(s, device), s, runtime, compile_, timed)
     gradient, n = mishield_step(*build(s, device), s, runtime, compile_)
     bare, _ = bare_forward(*build(s, device), s, runtime, pass_images)
+    surrogate = torchvision.models.resnet18(num_classes=s["classes"]).eval().requires_grad_(False).to(device)
+    transfer, _ = mishield_step(build(s, device)[0], surrogate, s, runtime, compile_)
     warm = time.perf_counter()
     black()
     gradient(3)
+    transfer(3)
     bare()
     _sync(device)
     warmup_s = time.perf_counter() - warm
-    rates: dict[str, list[float]] = {"blackbox_queries": [], "gradient_image_steps": [], "bare_forward": []}
+    rates: dict[str, list[float]] = {"blackbox_queries": [], "gradient_image_steps": [], "transfer_image_steps": [], "bare_forward": []}
     for _ in range(args.rounds):
         rates["blackbox_queries"].append(queries / _timed(black, device, warmup=0, repeat=1))
         rates["gradient_image_steps"].append(n * s["steps"] / _timed(lambda: gradient(s["steps"]), device, warmup=0, repeat=1))
+        rates["transfer_image_steps"].append(n * s["steps"] / _timed(lambda: transfer(s["steps"]), device, warmup=0, repeat=1))
         rates["bare_forward"].append(pass_images / _timed(bare, device, warmup=0, repeat=s["steps"]))
     median = {k: statistics.median(v) for k, v in rates.items()}
     ppa_steps = Z_SPACE_BUDGET["iterations"]
@@ -124,9 +132,11 @@ def main() -> None:
         "per_s": {k: round(v, 1) for k, v in median.items()},
         "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "ratios": {"queries_vs_gradient_image_steps": round(median["blackbox_queries"] / median["gradient_image_steps"], 2),
-                   "blackbox_vs_bare_forward": round(median["blackbox_queries"] / median["bare_forward"], 3)},
+                   "blackbox_vs_bare_forward": round(median["blackbox_queries"] / median["bare_forward"], 3),
+                   "transfer_vs_gradient_image_steps": round(median["transfer_image_steps"] / median["gradient_image_steps"], 2)},
         "seconds_per_candidate": {f"ppa_{ppa_steps}_steps": round(ppa_steps / median["gradient_image_steps"], 4),
-                                  f"blackbox_{default.queries_per_candidate}_queries": round(default.queries_per_candidate / median["blackbox_queries"], 4)},
+                                  f"blackbox_{default.queries_per_candidate}_queries": round(default.queries_per_candidate / median["blackbox_queries"], 4),
+                                  f"transfer_{ppa_steps}_steps_resnet18": round(ppa_steps / median["transfer_image_steps"], 4)},
         "warmup_s": round(warmup_s, 1),
         "total_s": round(time.perf_counter() - t_start, 1),
     }, indent=2))  # fmt: skip

@@ -20,8 +20,9 @@
 #   MISHIELD_PRIOR_ARGS       extra `prior train` flags, e.g. "--resolution 32 --width 16" for small images
 #   MISHIELD_AUDIT_ARGS       audit budget flags (default "--preset default"), e.g. "-S 8 -C 1 -I 1 -K 1 -A 1 --allow-weak-budget" for a smoke test
 #   MISHIELD_INPUT_SIZE       input size of the evaluation model (default: the prior's resolution)
-#   MISHIELD_ATTACKS          attacks of the audit (default "ppa"); "ppa,lomma" also distils a surrogate of the
-#                             hardened model from PUBLIC_DATA and gates on the worst case (docs/audit.md)
+#   MISHIELD_ATTACKS          attacks of the audit (default: the audit's own, ppa and the gradient-free blackbox);
+#                             naming lomma or transfer also distils a surrogate of the hardened model from
+#                             PUBLIC_DATA; the gate reads the worst case (docs/audit.md)
 #   MISHIELD_SURROGATE_ARGS   extra `surrogate train` flags, e.g. "--surrogate-arch timm:resnet18 --epochs 20"
 #   EVAL_MODEL, PRIOR         reuse an existing evaluation model / prior instead of training one
 #
@@ -41,7 +42,7 @@ read -r -a prior_args <<<"${MISHIELD_PRIOR_ARGS:-}"
 read -r -a eval_args <<<"${MISHIELD_EVAL_ARGS:-}"
 read -r -a audit_args <<<"${MISHIELD_AUDIT_ARGS:---preset default}"
 read -r -a surrogate_args <<<"${MISHIELD_SURROGATE_ARGS:-}"
-attacks=${MISHIELD_ATTACKS:-ppa}
+attacks=${MISHIELD_ATTACKS:-}
 max_attack_acc=${MISHIELD_MAX_ATTACK_ACC:-0.5}
 mkdir -p "$out"
 
@@ -69,7 +70,7 @@ step "hardening $model"
     --epochs "${MISHIELD_EXAMPLE_EPOCHS:-10}" --out "$out/hardened.safetensors" --overwrite --json >"$out/harden.json"
 
 surrogates=()
-if [[ ,$attacks, == *,lomma,* ]]; then
+if [[ ,$attacks, == *,lomma,* || ,$attacks, == *,transfer,* ]]; then
     # The adaptive attacker imitates the released model from its outputs on public images.
     step "distilling a surrogate of the hardened model"
     "${mishield[@]}" surrogate train "$out/hardened.safetensors" --public "$public" --out "$out/surrogate.safetensors" \
@@ -77,11 +78,13 @@ if [[ ,$attacks, == *,lomma,* ]]; then
     surrogates=(--surrogate "$out/surrogate.safetensors")
 fi
 
-step "auditing the hardened model with $attacks (gate: attack accuracy @1 <= $max_attack_acc)"
+attack_args=()
+[[ -n $attacks ]] && attack_args=(--attack "$attacks")
+step "auditing the hardened model with ${attacks:-the default attacks} (gate: attack accuracy @1 <= $max_attack_acc)"
 # The gate's exit code is the decision, so catch it instead of letting `set -e` end the script.
 status=0
 "${mishield[@]}" audit "$out/hardened.safetensors" --data "$private" --prior "$prior" --eval-model "$eval_model" \
-    --attack "$attacks" "${surrogates[@]}" "${audit_args[@]}" --max-attack-acc "$max_attack_acc" --out "$out/audit" --overwrite --json \
+    "${attack_args[@]}" "${surrogates[@]}" "${audit_args[@]}" --max-attack-acc "$max_attack_acc" --out "$out/audit" --overwrite --json \
     >"$out/audit.json" || status=$?
 case $status in
     0) ;;

@@ -55,14 +55,15 @@ def _gate(tmp: Path, data: Path, out: str, max_attack_acc: str, **extra: str) ->
         "MISHIELD_MAX_ATTACK_ACC": max_attack_acc,
         # enough training for the audit's trust checks: an evaluator above its accuracy floor and a
         # target clearly above chance (a gate refuses both otherwise, docs/audit.md "Trust checks")
-        "MISHIELD_HARDEN_ARGS": "--num-classes 3 --input-size 32 --stage1-epochs 3 --batch-size 32 --lr 0.003 --device cpu",
+        "MISHIELD_HARDEN_ARGS": "--num-classes 5 --input-size 32 --stage1-epochs 3 --batch-size 32 --lr 0.003 --device cpu",
         "MISHIELD_EXAMPLE_EPOCHS": "2",
         "MISHIELD_EVAL_EPOCHS": "8",
         "MISHIELD_EVAL_ARGS": "--batch-size 32 --lr 0.003 --device cpu",
         "MISHIELD_PRIOR_EPOCHS": "15",
         "MISHIELD_PRIOR_ARGS": "--resolution 32 --width 16 --latent-dim 32 --batch-size 32 --device cpu",
-        # small, but enough for the attack to reach every class (else the audit is inconclusive: exit 4)
-        "MISHIELD_AUDIT_ARGS": "--device cpu -S 256 -C 8 -I 50 -K 2 -A 4 --allow-weak-budget",
+        # small, but enough for the attack to reach every class and to beat selection alone by more than one
+        # kept image per class (else the audit is inconclusive: exit 4)
+        "MISHIELD_AUDIT_ARGS": "--device cpu -S 256 -C 16 -I 50 -K 8 -A 4 --allow-weak-budget",
         "NO_COLOR": "1",
         "OMP_NUM_THREADS": "2",
         **extra,
@@ -80,8 +81,10 @@ def test_release_gate_passes_then_blocks_an_impossible_threshold(tmp_path):
 
     jsonschema = pytest.importorskip("jsonschema")
     data = tmp_path / "demo"
-    materialize_fashion_mnist(data / "private", [0, 1, 2], train_per_class=100, val_per_class=30)
-    materialize_fashion_mnist(data / "public", [5, 6, 7], train_per_class=300, val_per_class=1)
+    # five private classes: a gate over fewer cannot pass (docs/audit.md "How the gate decides"); trousers are
+    # public, since nothing else in Fashion-MNIST would let a prior draw them
+    materialize_fashion_mnist(data / "private", [0, 2, 3, 4, 6], train_per_class=100, val_per_class=30)
+    materialize_fashion_mnist(data / "public", [1, 5, 7, 8, 9], train_per_class=300, val_per_class=1)
 
     # A threshold every model meets: the whole chain runs and the ONNX file is released.
     passed = _gate(tmp_path, data, "pass", "1.0")

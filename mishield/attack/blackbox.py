@@ -60,14 +60,15 @@ The fitness
   and keeps pushing the latent towards the inside of the class region.
 
 Only the optimisation is gradient- and (in `labels` mode) score-free: initial and final
-selection are PPA's, unchanged, and read the target's softmax, as they must for the result to be
-comparable with PPA and its selection-only baseline. A fully label-only attacker would also have
-to select by labels.
+selection are the engine's, unchanged, and rank by the target's logit margins, as they must for
+the result to be comparable with PPA and its selection-only baseline. A fully label-only attacker
+would also have to select by labels.
 
 Budget: every queried image counts once (a forward pass of generator and target, no backward).
 Optimisation costs `generations x population x crops` queries per candidate (`queries_per_candidate`);
-PPA's step costs `iterations` forward+backward passes (one crop each). The defaults (50 x 8 x 1 =
-400 queries in `scores` mode) are 4x PPA's z-space 100 steps in count; a query cost 1/1.6 of a
+PPA's step costs `iterations` forward+backward passes (one crop each). `generations` defaults to
+half the audit's I (`BlackBoxConfig.resolve`): at the z-space default of 100 steps, 50 x 8 x 1 =
+400 queries in `scores` mode, 4x PPA's 100 steps in count; a query cost 1/1.6 of a
 gradient step with ResNet-18 on a 2-core CPU (bench/blackbox_throughput.py, docs/BENCHMARKS.md),
 so about 2.5x PPA's time there, and less where a backward pass costs its usual ~2 forward passes.
 `labels` mode reads 4 crops per member (1,600 queries): a binary answer carries less per query. Everything runs under `torch.no_grad()`, one generator pass + one target
@@ -80,93 +81,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
 
 from mishield.attack.augment import uniforms
-from mishield.attack.config import AttackConfig
+from mishield.attack.config import BLACKBOX_MODES as MODES
+from mishield.attack.config import AttackConfig, BlackBoxConfig
 from mishield.attack.engine import (
-    FINAL_COUNTER_BASE,
     InversionAttack,
     InversionResult,
     ProgressFn,
     chunks,
+    label_margins,
 )
 from mishield.attack.priors import Prior
-from mishield.errors import UsageError
 from mishield.preprocessing import Preprocessing
 from mishield.runtime import Runtime, autocast
 
-MODES = ("scores", "labels")
+__all__ = ["MODES", "BlackBoxAttack", "BlackBoxConfig", "BlackBoxResult", "EvolutionSearch", "centred_ranks", "gaussian",
+           "label_fitness", "score_fitness"]  # fmt: skip
 # Counter ranges of the hashed randomness (PPA's step crops use [0, I), final selection
 # FINAL_COUNTER_BASE onward): crops of generation g use g * R + r, below FINAL_COUNTER_BASE, and
 # the search directions of generation g use NOISE_COUNTER_BASE + g, so no two streams share a counter.
 NOISE_COUNTER_BASE = 1 << 21
 SCALE_SEED_SALT = 0x5CA1E  # the per-coordinate spread is measured on its own draw, not on the pool
 SCALE_SAMPLES = 1024
-
-
-@dataclass(frozen=True)
-class BlackBoxConfig:
-    """The evolution strategy's knobs; the pool, C, K, A, batch size and seed come from `AttackConfig`.
-
-    Defaults chosen on the embedded Fashion-MNIST at 32 px (a 64-d DCGAN prior trained on classes
-    5-9, a tiny ResNet target on 0-4, S 200, C 16, K 8, A 8; mean target confidence of the kept
-    images, selection alone 0.53, PPA's 100 z-space steps 0.64): at the same 640 queries per
-    candidate 80 x 8 reached 0.76 and 40 x 16 0.73; at 320, 40 x 8 0.71 and 20 x 16 0.69, so small
-    populations over more generations pay best per query; 50 x 8 (400) reached 0.73. sigma 0.5 and
-    lr 0.1 beat 0.25 / 0.05 (0.70 at 40 x 8) and 1.0 / 0.2 (0.64 at 20 x 16).
-    """
-
-    mode: str = "scores"  # "scores" (output probabilities) or "labels" (top-1 labels only)
-    generations: int = 50
-    population: int = 8  # per candidate and generation; even (antithetic pairs)
-    sigma: float = 0.5  # search radius, in units of the prior's per-coordinate spread
-    lr: float = 0.1  # Adam step, in units of the prior's per-coordinate spread
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam's moments average the noisy estimates over generations
-    crops: int | None = None  # per population member and generation; None: 1 for scores, 4 for labels
-    label_growth: float = 1.25  # labels mode: sigma x this when a candidate's whole population stayed in the class
-    label_max_growth: float = 4.0
-    query_batch: int | None = None  # images per target pass; None: 4 x AttackConfig.batch_size (no backward pass to store)
-
-    def validate(self) -> BlackBoxConfig:
-        if self.mode not in MODES:
-            raise UsageError(f"`mode` must be one of {', '.join(MODES)}, got {self.mode!r}.")
-        for name in ("generations",):
-            if getattr(self, name) < 0:
-                raise UsageError(f"`{name}` must be at least 0, got {getattr(self, name)}.")
-        if self.population < 2 or self.population % 2:
-            raise UsageError(f"`population` must be an even number of at least 2 (antithetic pairs), got {self.population}.")
-        for name in ("sigma", "lr"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (name == "sigma" and value == 0):
-                raise UsageError(f"`{name}` must be a finite number {'> 0' if name == 'sigma' else '>= 0'}, got {value}.")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise UsageError(f"`betas` must lie in [0, 1), got {list(self.betas)}.")
-        if self.crops is not None and self.crops < 1:
-            raise UsageError(f"`crops` must be at least 1, got {self.crops}.")
-        if self.query_batch is not None and self.query_batch < 1:
-            raise UsageError(f"`query_batch` must be at least 1, got {self.query_batch}.")
-        if self.label_growth < 1.0 or self.label_max_growth < 1.0:
-            raise UsageError("`label_growth` and `label_max_growth` must be at least 1.")
-        if self.generations * self.crops_per_member > FINAL_COUNTER_BASE:
-            raise UsageError(f"`generations` x `crops` must stay below {FINAL_COUNTER_BASE} (the final selection's crops start there).")
-        return self
-
-    @property
-    def crops_per_member(self) -> int:
-        return self.crops if self.crops is not None else (1 if self.mode == "scores" else 4)
-
-    @property
-    def queries_per_candidate(self) -> int:
-        """Target queries (images) one candidate's optimisation costs."""
-        return self.generations * self.population * self.crops_per_member
-
-    def to_dict(self) -> dict:
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        return {**d, "crops": self.crops_per_member, "queries_per_candidate": self.queries_per_candidate}
 
 
 @dataclass
@@ -209,12 +150,10 @@ def score_fitness(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     The softmax's normaliser cancels in the difference, so it is computed as the same difference
     of logits: log_softmax would first add and then subtract a log-sum-exp, whose rounding (~1e-7
-    of it) can swap two members whose margins differ by less, and the search would fork.
+    of it) can swap two members whose margins differ by less, and the search would fork. The
+    engine's selection ranks by the same margin (`mishield.attack.engine.label_margins`).
     """
-    logits = logits.float()
-    own = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
-    return own - others
+    return label_margins(logits, labels)
 
 
 def label_fitness(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -234,8 +173,8 @@ class EvolutionSearch:
 
     def __init__(self, prior: Prior, query: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], config: AttackConfig,
                  blackbox: BlackBoxConfig, runtime: Runtime):
-        self.prior, self.query, self.config, self.blackbox, self.runtime = prior, query, config, blackbox.validate(), runtime
-        self.fitness_of = FITNESS[blackbox.mode]
+        self.prior, self.query, self.config, self.blackbox, self.runtime = prior, query, config, blackbox.resolve(config), runtime
+        self.fitness_of = FITNESS[self.blackbox.mode]
         self.dim = math.prod(prior.latent_shape)
         self.scale = self._spread()  # (dim,) the prior's per-coordinate spread
         self.evaluate = torch.compile(self._evaluate) if config.compile else self._evaluate
@@ -331,7 +270,7 @@ class BlackBoxAttack(InversionAttack):
         if config.loss != "poincare":
             config = replace(config, loss="poincare", feature_weight=None).validate()
         super().__init__(prior, target, preprocessing, config, runtime)
-        self.blackbox = (blackbox or BlackBoxConfig()).validate()
+        self.blackbox = (blackbox or BlackBoxConfig()).resolve(self.config)
         self.search = EvolutionSearch(self.prior, self._logits, self.config, self.blackbox, runtime)
 
     def _logits(self, images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -372,6 +311,5 @@ class BlackBoxAttack(InversionAttack):
             "candidates": n,
         }
         queries["total"] = queries["initial_selection"] + queries["optimisation"] + queries["final_selection"] + queries["selection_only"]
-        fields = {f: getattr(result, f) for f in ("classes", "images", "final_scores", "initial_scores", "image_steps", "seconds",
-                                                   "timings", "selection_only")}  # fmt: skip
-        return BlackBoxResult(**fields, queries=queries, blackbox=self.blackbox.to_dict())
+        common = {f.name: getattr(result, f.name) for f in fields(InversionResult)}
+        return BlackBoxResult(**common, queries=queries, blackbox=self.blackbox.to_dict())

@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from mishield.attack.priors import Prior
 
 BUDGET_FIELDS = ("lr", "iterations", "betas", "milestones", "gamma")
+# Counter ranges of the attacks' hashed randomness (`mishield.attack.augment`): optimisation crops
+# use [0, FINAL_COUNTER_BASE), final selection FINAL_COUNTER_BASE onward.
+FINAL_COUNTER_BASE = 1 << 20
+BLACKBOX_MODES = ("scores", "labels")
+# The black-box attack's default generations per gradient step of the same audit (I): one knob, -I,
+# sizes every attack, and -I 0 makes every attack selection only. docs/audit.md "The black-box
+# attack" gives the measurement behind the ratio.
+GENERATIONS_PER_STEP = 0.5
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,78 @@ class AttackConfig:
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class BlackBoxConfig:
+    """The evolution strategy's knobs; the pool, C, K, A, batch size and seed come from `AttackConfig`.
+
+    Defaults chosen on the embedded Fashion-MNIST at 32 px (a 64-d DCGAN prior trained on classes
+    5-9, a tiny ResNet target on 0-4, S 200, C 16, K 8, A 8; mean target confidence of the kept
+    images, selection alone 0.53, PPA's 100 z-space steps 0.64): at the same 640 queries per
+    candidate 80 x 8 reached 0.76 and 40 x 16 0.73; at 320, 40 x 8 0.71 and 20 x 16 0.69, so small
+    populations over more generations pay best per query; 50 x 8 (400) reached 0.73. sigma 0.5 and
+    lr 0.1 beat 0.25 / 0.05 (0.70 at 40 x 8) and 1.0 / 0.2 (0.64 at 20 x 16).
+    """
+
+    mode: str = "scores"  # "scores" (output probabilities) or "labels" (top-1 labels only)
+    generations: int | None = None  # None: GENERATIONS_PER_STEP x the gradient attacks' I (`resolve`); 50 at I = 100
+    population: int = 8  # per candidate and generation; even (antithetic pairs)
+    sigma: float = 0.5  # search radius, in units of the prior's per-coordinate spread
+    lr: float = 0.1  # Adam step, in units of the prior's per-coordinate spread
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's moments average the noisy estimates over generations
+    crops: int | None = None  # per population member and generation; None: 1 for scores, 4 for labels
+    label_growth: float = 1.25  # labels mode: sigma x this when a candidate's whole population stayed in the class
+    label_max_growth: float = 4.0
+    query_batch: int | None = None  # images per target pass; None: 4 x AttackConfig.batch_size (no backward pass to store)
+
+    def validate(self) -> BlackBoxConfig:
+        if self.mode not in BLACKBOX_MODES:
+            raise UsageError(f"`mode` must be one of {', '.join(BLACKBOX_MODES)}, got {self.mode!r}.")
+        if self.generations is not None and self.generations < 0:
+            raise UsageError(f"`generations` must be at least 0, got {self.generations}.")
+        if self.population < 2 or self.population % 2:
+            raise UsageError(f"`population` must be an even number of at least 2 (antithetic pairs), got {self.population}.")
+        for name in ("sigma", "lr"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "sigma" and value == 0):
+                raise UsageError(f"`{name}` must be a finite number {'> 0' if name == 'sigma' else '>= 0'}, got {value}.")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise UsageError(f"`betas` must lie in [0, 1), got {list(self.betas)}.")
+        if self.crops is not None and self.crops < 1:
+            raise UsageError(f"`crops` must be at least 1, got {self.crops}.")
+        if self.query_batch is not None and self.query_batch < 1:
+            raise UsageError(f"`query_batch` must be at least 1, got {self.query_batch}.")
+        if self.label_growth < 1.0 or self.label_max_growth < 1.0:
+            raise UsageError("`label_growth` and `label_max_growth` must be at least 1.")
+        if (self.generations or 0) * self.crops_per_member > FINAL_COUNTER_BASE:
+            raise UsageError(f"`generations` x `crops` must stay below {FINAL_COUNTER_BASE} (the final selection's crops start there).")
+        return self
+
+    @property
+    def crops_per_member(self) -> int:
+        return self.crops if self.crops is not None else (1 if self.mode == "scores" else 4)
+
+    @property
+    def queries_per_candidate(self) -> int:
+        """Target queries (images) one candidate's optimisation costs (needs `generations`: see `resolve`)."""
+        if self.generations is None:
+            raise ValueError("`generations` is not set; resolve the config against the audit's AttackConfig first.")
+        return self.generations * self.population * self.crops_per_member
+
+    def resolve(self, attack: AttackConfig) -> BlackBoxConfig:
+        """This config with `generations` filled from a resolved attack config's I (GENERATIONS_PER_STEP per step)."""
+        if self.generations is not None:
+            return self.validate()
+        if attack.iterations is None:
+            raise ValueError("resolve the AttackConfig against its prior before the black-box config.")
+        return replace(self, generations=math.ceil(GENERATIONS_PER_STEP * attack.iterations)).validate()
+
+    def to_dict(self) -> dict:
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        per = None if self.generations is None else self.queries_per_candidate
+        return {**d, "crops": self.crops_per_member, "queries_per_candidate": per}
+
 
 
 # Named budgets and where each number comes from (docs/audit.md, "Presets"). Fields a preset

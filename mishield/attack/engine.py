@@ -22,7 +22,7 @@ from mishield.attack.augment import (
     identity_thetas,
     uniforms,
 )
-from mishield.attack.config import AttackConfig
+from mishield.attack.config import FINAL_COUNTER_BASE, AttackConfig
 from mishield.attack.inputs import ModelInput
 from mishield.attack.losses import LOSSES, PenultimateTap, class_prototypes
 from mishield.attack.priors import Prior
@@ -35,17 +35,19 @@ ProgressFn = Callable[[str, int, int], None]
 # A surrogate the attack step also optimises against: a model and its own input contract.
 Surrogate = tuple[nn.Module, Preprocessing]
 
-# Counter ranges of the hashed randomness: optimisation steps use [0, I), final selection this onward.
-FINAL_COUNTER_BASE = 1 << 20
-
 
 @dataclass
 class InversionResult:
-    """What one target gave away: the K kept reconstructions of each attacked class."""
+    """What one target gave away: the K kept reconstructions of each attacked class.
+
+    Selection ranks by PPA's softmax confidence and breaks its ties by the logit margin
+    (`rank_descending`): a temperature the owner puts on the logits (x1e3) saturates the softmax
+    to exactly 1.0 for every image in the class, which would leave the choice to pool order.
+    """
 
     classes: list[int]
     images: torch.Tensor  # uint8 (n_classes, K, C, H, W), CPU
-    final_scores: torch.Tensor  # (n_classes, K): mean target confidence over A crops
+    final_scores: torch.Tensor  # (n_classes, K): mean target confidence over A crops (best first)
     initial_scores: torch.Tensor  # (n_classes, C): confidence of the selected pool images
     image_steps: int
     seconds: float
@@ -53,10 +55,35 @@ class InversionResult:
     # The I = 0 baseline: final selection and kept images of the *initial* candidates (same pool,
     # same crops), so the optimiser's contribution is visible. None when switched off.
     selection_only: InversionResult | None = None
+    final_margins: torch.Tensor | None = None  # (n_classes, K): mean logit margin over A crops (the tie-break)
+    final_top1: torch.Tensor | None = None  # (n_classes, K): share of the A crops the scoring model ranks the class first
+    loss_curve: list[float] = field(default_factory=list)  # mean per-image loss of each optimisation step
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def class_margins(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """z_c - max_{j != c} z_j for every row of `logits` (N, K) and every class in `classes`: (N, len(classes)), float32.
+
+    Temperature-free (a positive factor on the logits scales every margin alike) and positive
+    exactly where the model ranks the class first: selection's tie-break and the audit's "reached".
+    """
+    logits = logits.float()
+    if logits.shape[1] < 2:
+        return logits[:, classes]
+    top = logits.topk(2, dim=1)
+    others = torch.where(top.indices[:, :1] == classes[None, :], top.values[:, 1:2], top.values[:, :1])
+    return logits[:, classes] - others
+
+
+def label_margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """z_y - max_{j != y} z_j per row for its own label `labels[i]`: (N,), float32."""
+    logits = logits.float()
+    own = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+    return own - others
 
 
 def chunks(n: int, batch_size: int) -> Iterator[slice]:
@@ -85,6 +112,7 @@ class InversionStep:
         config = config.resolve(prior)
         self.prior, self.target, self.config, self.runtime = prior, target, config, runtime
         self.optimizer: torch.optim.Optimizer | None = None  # the last run's, for inspection
+        self.curve: torch.Tensor | None = None  # the last run's summed loss per step, on the device
         self.models = [target, *(model for model, _ in surrogates)]
         inputs: dict[tuple, ModelInput] = {}  # models with one input contract share one warp per step
         self.model_inputs = [_shared_input(inputs, pre, runtime.device) for pre in [preprocessing, *(pre for _, pre in surrogates)]]
@@ -133,7 +161,10 @@ class InversionStep:
         """Adam on a copy of `latents` for `iterations` steps; `on_step(step)` only counts on the host.
 
         The lr follows the config's MultiStep schedule (host floats, set only at a milestone: no
-        sync), and the prior's latent constraint is applied after every step.
+        sync), and the prior's latent constraint is applied after every step. `self.curve` (on the
+        device) sums each step's loss, for the audit's loss-curve diagnostic. A model whose output
+        does not depend on its input (a bare `.detach()` inside it) leaves no graph: the step then
+        has no gradient and the latents stay where they are, as they would under any zero gradient.
         """
         if self.loss.needs_features and any(p is None for p in self.prototypes):
             raise RuntimeError(f"the {self.loss.name!r} loss needs class prototypes: set `prototypes` (InversionAttack.run does).")
@@ -141,12 +172,16 @@ class InversionStep:
         optimizer = self.optimizer = self.make_optimizer(latents)
         cuts = set(self.config.milestone_steps())
         counters = torch.arange(iterations, device=latents.device)  # one upload, not one per step
+        self.curve = torch.zeros(iterations, device=latents.device)
         for step in range(iterations):
             if step in cuts:
                 for group in optimizer.param_groups:
                     group["lr"] = self.config.lr_at(step)
             optimizer.zero_grad(set_to_none=True)
-            self.forward(latents, labels, keys, counters[step]).backward()
+            loss = self.forward(latents, labels, keys, counters[step])
+            self.curve[step] += loss.detach().float()
+            if loss.requires_grad:
+                loss.backward()
             optimizer.step()
             with torch.no_grad():
                 self.prior.constrain_(latents)
@@ -175,21 +210,24 @@ class InversionAttack:
                 raise BadInputError(f"surrogate {i + 1} has {found} classes but the target has {classes}; distil it from this target.")
             prepared.append((_prepare_model(model, runtime), pre))
         prior.to(runtime.device, runtime.channels_last)
+        self.loss_curve: list[float] = []  # the last run's mean per-image loss per step (gradient attacks)
         self.step = InversionStep(prior, self.target, preprocessing, self.config, runtime, prepared)
 
     @torch.no_grad()
-    def _probabilities(self, images: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
+    def scoring_logits(self, images: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
+        """The logits selection ranks by, the target's on crops of `images`, in float32: a bf16 softmax
+        has ~3 significant digits and would tie candidates."""
         with autocast(self.runtime):
             x = self.step.model_input(images, theta)
             if self.runtime.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits = self.target(x)
-        # Ranking happens in float32: a bf16 softmax has ~3 significant digits and ties candidates.
-        return logits.float().softmax(dim=1)
+        return logits.float()
 
     @torch.no_grad()
     def initial_selection(self, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score S pool images by target confidence (averaged with their mirror image); top C per class.
+        """Score S pool images by target confidence (averaged with their mirror image); top C per class,
+        ties (a saturated softmax) broken by the logit margin.
 
         The pool comes from the run's seed alone, so every rank of a sharded run sees the same pool.
         Returns class-major latents (n_classes * C, ...) and their scores (n_classes, C).
@@ -199,27 +237,40 @@ class InversionAttack:
         pool = self.prior.sample(cfg.samples, rng, device)
         cls = torch.tensor(classes, device=device)
         scores = torch.empty(cfg.samples, len(classes), device=device)
+        margins = torch.empty(cfg.samples, len(classes), device=device)
         for part in chunks(cfg.samples, cfg.batch_size):
             with autocast(self.runtime):
                 images = self.prior.generate(pool[part])
             n = images.shape[0]
-            p = self._probabilities(images, None) + self._probabilities(images, identity_thetas(n, device, flip=True))
-            scores[part] = 0.5 * p[:, cls]
-        top = scores.topk(cfg.candidates, dim=0)  # (C, n_classes)
-        return pool[top.indices.T.reshape(-1)], top.values.T.contiguous()
+            plain, mirrored = self.scoring_logits(images, None), self.scoring_logits(images, identity_thetas(n, device, flip=True))
+            scores[part] = 0.5 * (plain.softmax(dim=1) + mirrored.softmax(dim=1))[:, cls]
+            margins[part] = 0.5 * (class_margins(plain, cls) + class_margins(mirrored, cls))
+        top = rank_descending(scores.T, margins.T)[:, : cfg.candidates]  # (n_classes, C)
+        return pool[top.reshape(-1)], scores.T.gather(1, top).contiguous()
 
     @torch.no_grad()
-    def final_scores(self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Mean target confidence of each result over A random crops and flips (PPA's final selection)."""
+    def final_statistics(self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Over A random crops and flips (PPA's final selection) of each result, the means of: the softmax
+        confidence of its class (`confidence`, PPA's score), its logit margin (`margin`, the tie-break)
+        and whether the scoring model ranks the class first (`top1`, temperature-free)."""
         cfg = self.config
         with autocast(self.runtime):
             images = self.prior.generate(latents)
-        total = torch.zeros(latents.shape[0], device=latents.device)
-        rows = torch.arange(latents.shape[0], device=latents.device)
+        n = latents.shape[0]
+        totals = {name: torch.zeros(n, device=latents.device) for name in ("confidence", "margin", "top1")}
+        rows = torch.arange(n, device=latents.device)
         for a in range(cfg.final_augmentations):
             theta = crop_thetas(uniforms(keys, FINAL_COUNTER_BASE + a, 5), cfg.final_scale, cfg.final_ratio, cfg.final_flip)
-            total += self._probabilities(images, theta)[rows, labels]
-        return total / cfg.final_augmentations
+            logits = self.scoring_logits(images, theta)
+            margin = label_margins(logits, labels)
+            totals["confidence"] += logits.softmax(dim=1)[rows, labels]
+            totals["margin"] += margin
+            totals["top1"] += (margin > 0).float()
+        return {name: total / cfg.final_augmentations for name, total in totals.items()}
+
+    def final_scores(self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Mean target confidence of each result over A random crops and flips (what PPA reports)."""
+        return self.final_statistics(latents, labels, keys)["confidence"]
 
     def run(self, classes: list[int], progress: ProgressFn | None = None, on_candidates: Callable | None = None) -> InversionResult:
         """`on_candidates(images, labels)`, if given, sees every optimised candidate (uint8, CPU) in
@@ -238,22 +289,27 @@ class InversionAttack:
         t2 = _now(device)
         if on_candidates is not None:
             self._show_candidates(latents, labels, on_candidates)
-        images, kept_scores = self.select_final(latents, labels, keys, len(classes))
+        images, kept = self.select_final(latents, labels, keys, len(classes))
         t3 = _now(device)
         baseline = None
         if start is not None:  # same pool, same keys -> same crops: only the optimisation differs
-            base_images, base_scores = self.select_final(start, labels, keys, len(classes))
-            baseline = InversionResult(list(classes), base_images, base_scores, initial.float().cpu(), 0, time.perf_counter() - t3 + (t1 - t0))
+            base_images, base_kept = self.select_final(start, labels, keys, len(classes))
+            baseline = InversionResult(list(classes), base_images, base_kept["confidence"], initial.float().cpu(), 0,
+                                       time.perf_counter() - t3 + (t1 - t0), final_margins=base_kept["margin"],
+                                       final_top1=base_kept["top1"])  # fmt: skip
         t4 = time.perf_counter()
         return InversionResult(
             classes=list(classes),
             images=images,
-            final_scores=kept_scores,
+            final_scores=kept["confidence"],
             initial_scores=initial.float().cpu(),
             image_steps=total,
             seconds=t3 - t0,
             timings={"initial_selection_s": t1 - t0, "optimisation_s": t2 - t1, "final_selection_s": t3 - t2, "selection_only_s": t4 - t3},
             selection_only=baseline,
+            final_margins=kept["margin"],
+            final_top1=kept["top1"],
+            loss_curve=self.loss_curve,
         )
 
     @torch.no_grad()
@@ -285,18 +341,21 @@ class InversionAttack:
         return tables
 
     def _optimise(self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, progress: ProgressFn | None) -> int:
-        """Optimise `latents` in place, batch by batch; returns the image-steps done."""
+        """Optimise `latents` in place, batch by batch; returns the image-steps done and sets `loss_curve`."""
         cfg, n = self.config, latents.shape[0]
         done, total = 0, n * cfg.iterations
+        curve = torch.zeros(cfg.iterations, device=latents.device)
         self.prior.attach(self.target)
         try:
             for part in chunks(n, cfg.batch_size):
                 size = part.stop - part.start
                 on_step = None if progress is None else (lambda step, base=done, size=size: progress("attack", base + (step + 1) * size, total))
                 latents[part] = self.step.run(latents[part], labels[part], keys[part], cfg.iterations, on_step)
+                curve += self.step.curve
                 done += size * cfg.iterations
         finally:
             self.prior.detach()
+        self.loss_curve = (curve / max(n, 1)).tolist()  # one sync, after the loop
         return total
 
     @torch.no_grad()
@@ -307,18 +366,22 @@ class InversionAttack:
             on_candidates(to_uint8(images).cpu(), labels[part].cpu())
 
     @torch.no_grad()
-    def select_final(self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final selection: the K best of each class's candidates by `final_scores`, rendered as uint8 (CPU)."""
+    def select_final(self, latents: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, n_classes: int
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """Final selection: the K best of each class's candidates by mean confidence, ties by mean margin
+        (`final_statistics`), rendered as uint8 (CPU), and the kept candidates' statistics, (n_classes, K) each, on the CPU."""
         cfg = self.config
-        scores = torch.empty(latents.shape[0], device=latents.device)
+        stats = {name: torch.empty(latents.shape[0], device=latents.device) for name in ("confidence", "margin", "top1")}
         for part in chunks(latents.shape[0], cfg.batch_size):
-            scores[part] = self.final_scores(latents[part], labels[part], keys[part])
-        flat, kept_scores = select_top(scores, n_classes, cfg.keep)
+            for name, value in self.final_statistics(latents[part], labels[part], keys[part]).items():
+                stats[name][part] = value
+        flat, _ = select_top(stats["confidence"], n_classes, cfg.keep, tiebreak=stats["margin"])
         images = []
         for part in chunks(flat.numel(), cfg.batch_size):
             with autocast(self.runtime):
                 images.append(to_uint8(self.prior.generate(latents[flat[part]])).cpu())
-        return torch.cat(images).view(n_classes, cfg.keep, *images[0].shape[1:]), kept_scores.float().cpu()
+        kept = {name: value[flat].view(n_classes, cfg.keep).float().cpu() for name, value in stats.items()}
+        return torch.cat(images).view(n_classes, cfg.keep, *images[0].shape[1:]), kept
 
 
 def _prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
@@ -336,16 +399,30 @@ def _shared_input(cache: dict[tuple, ModelInput], pre: Preprocessing, device: to
     return cache[key]
 
 
-def select_top(scores: torch.Tensor, n_classes: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final selection: the `keep` best of each class's candidates in class-major `scores`.
+def rank_descending(scores: torch.Tensor, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the column order by `scores`, best first, equal scores by `tiebreak` (then by column).
+
+    Two stable sorts: by the tie-break first, then by the score, so equal scores keep the
+    tie-break's order and fully equal entries keep their column order on every rank.
+    """
+    if tiebreak is None:
+        return scores.sort(dim=1, descending=True, stable=True).indices
+    first = tiebreak.sort(dim=1, descending=True, stable=True).indices
+    second = scores.gather(1, first).sort(dim=1, descending=True, stable=True).indices
+    return first.gather(1, second)
+
+
+def select_top(scores: torch.Tensor, n_classes: int, keep: int, tiebreak: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Final selection: the `keep` best of each class's candidates in class-major `scores` (ties by `tiebreak`).
 
     Returns flat indices into `scores` (n_classes * keep, class-major, best first) and the kept
-    scores (n_classes, keep). The sort is stable, so ties keep pool order on every rank.
+    scores (n_classes, keep). The sorts are stable, so full ties keep pool order on every rank.
     """
     per_class = scores.view(n_classes, -1)
-    order = per_class.sort(dim=1, descending=True, stable=True)
+    order = rank_descending(per_class, None if tiebreak is None else tiebreak.view(n_classes, -1))[:, :keep]
     offsets = torch.arange(n_classes, device=scores.device)[:, None] * per_class.shape[1]
-    return (order.indices[:, :keep] + offsets).reshape(-1), order.values[:, :keep]
+    return (order + offsets).reshape(-1), per_class.gather(1, order)
 
 
 def _now(device: torch.device) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from mishield.attack.config import AttackConfig, make_config
+from mishield.attack.config import AttackConfig, BlackBoxConfig, make_config
 from mishield.errors import UsageError
 
 # AttackConfig's fields an AuditConfig constructor accepts beside its own.
@@ -27,8 +27,11 @@ class AuditConfig:
     """How to audit: the attack budget, which attacks, how many repeats, the gate and the options.
 
     `attack`: the budget (`AttackConfig`, from a preset). `attacks`: names in
-    `mishield.attack.attacks.ATTACKS` ("ppa", "lomma"; a comma-separated string or a sequence);
-    every model is judged by its worst case. `classes`: the attacked class ids ("0-9,17", a list,
+    `mishield.attack.attacks.ATTACKS` ("ppa", "lomma", "blackbox", "blackbox-labels", "transfer";
+    a comma-separated string or a sequence), None for the default set (ppa and blackbox, with lomma
+    and transfer where every model has surrogates: `default_attacks`); every model is judged by its
+    worst case. `blackbox`: the black-box attack's search (`BlackBoxConfig`; its generations
+    default to half of I). `classes`: the attacked class ids ("0-9,17", a list,
     or None for all). `seeds`: repeats with seeds seed, seed + 1, ..., pooled per class.
     `max_attack_acc`: the privacy gate (None: no gate). `allow_weak_evaluator` (smoke tests only,
     never with a gate) and `allow_weak_budget` turn two refusals into warnings. `val_fraction`:
@@ -41,7 +44,7 @@ class AuditConfig:
     """
 
     attack: AttackConfig = field(default_factory=make_config)
-    attacks: tuple[str, ...] = ("ppa",)
+    attacks: tuple[str, ...] | None = None
     classes: str | tuple[int, ...] | None = None
     seeds: int = 1
     max_attack_acc: float | None = None
@@ -55,11 +58,12 @@ class AuditConfig:
     eval_arch: str | None = None
     provenance: dict | None = None
     feature_metrics: bool = True
+    blackbox: BlackBoxConfig = field(default_factory=BlackBoxConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.attacks, str):
             object.__setattr__(self, "attacks", tuple(a.strip() for a in self.attacks.split(",")))
-        else:
+        elif self.attacks is not None:
             object.__setattr__(self, "attacks", tuple(self.attacks))
         if isinstance(self.classes, list):
             object.__setattr__(self, "classes", tuple(self.classes))
@@ -81,7 +85,9 @@ class AuditConfig:
     def validate(self) -> AuditConfig:
         from mishield.attack.attacks import parse_attacks
 
-        parse_attacks(list(self.attacks))
+        if self.attacks is not None:
+            parse_attacks(list(self.attacks))
+        self.blackbox.validate()
         if self.seeds < 1:
             raise UsageError(f"`seeds` must be at least 1, got {self.seeds}.")
         if self.max_attack_acc is not None and not 0.0 <= self.max_attack_acc <= 1.0:

@@ -17,6 +17,11 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 
+def _mean_curve(curves: Sequence[list[float]]) -> list[float]:
+    """The seeds' loss curves averaged step by step (they share I)."""
+    return [sum(values) / len(values) for values in zip(*curves)] if curves and all(curves) else []
+
+
 def _cat(values: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
     return None if any(v is None for v in values) else torch.cat(list(values), dim=1)
 
@@ -39,16 +44,22 @@ class EvaluatorOutcome:
 
 @dataclass
 class ShardOutcome:
-    """One target under one attack on one rank's classes (`classes[i]` is row i of every tensor)."""
+    """One target under one attack on one rank's classes (`classes[i]` is row i of every tensor).
+
+    `target_conf` and `target_top1` are the scoring model's view of each kept image: the target's
+    for every attack but the transfer attack, whose scoring models are the surrogates."""
 
     classes: list[int]
-    target_conf: torch.Tensor  # the target's confidence in the attacked class on each kept image
+    target_conf: torch.Tensor  # the scoring model's confidence in the attacked class on each kept image
     evaluators: list[EvaluatorOutcome]  # in the order of the audit's evaluation models
     shown: torch.Tensor  # uint8 [classes, shown, C, H, W]: the reconstructions the report shows
     image_steps: int
     seconds: float
     timings: dict[str, float]
     features: list[torch.Tensor] = field(default_factory=list)  # per feature space: [classes, images, D]
+    target_top1: torch.Tensor | None = None  # share of the final crops on which the scoring model ranks the class first
+    loss_curve: list[float] = field(default_factory=list)  # the gradient attack's mean loss per step (this shard)
+    queries: dict[str, int] | None = None  # the black-box attack's target queries by phase
 
     @classmethod
     def pooled(cls, runs: Sequence[ShardOutcome]) -> ShardOutcome:
@@ -60,6 +71,10 @@ class ShardOutcome:
         return replace(
             first,
             target_conf=_cat([r.target_conf for r in runs]),
+            target_top1=_cat([r.target_top1 for r in runs]),
+            loss_curve=_mean_curve([r.loss_curve for r in runs]),
+            queries=None if first.queries is None else {k: v if k == "per_candidate" else sum(r.queries[k] for r in runs)
+                                                        for k, v in first.queries.items()},
             evaluators=[EvaluatorOutcome.pooled([r.evaluators[e] for r in runs]) for e in range(len(first.evaluators))],
             image_steps=sum(r.image_steps for r in runs),
             seconds=sum(r.seconds for r in runs),

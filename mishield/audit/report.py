@@ -61,8 +61,10 @@ COLUMN_HELP = {
     "AttAcc@5 %": "share of kept reconstructions with the attacked class among the evaluator's top 5",
     "KNN dist": "squared distance, in the evaluator's features, from each kept reconstruction to the nearest private "
                 "training image of its class, averaged: lower is closer to the private data",
-    "target conf.": "the target's own mean confidence in the attacked class on the kept reconstructions; below 0.5 the attack "
-                    "did not reach the class and the audit is inconclusive",
+    "target conf.": "the target's own mean confidence in the attacked class on the kept reconstructions (its owner's "
+                    "temperature sets it, so the verdict does not read it)",
+    "target top-1 %": "share of the kept reconstructions' final crops the target ranks the attacked class first; below half "
+                      "the attack did not reach the class and the audit is inconclusive",
     "evaluator acc %": "the evaluation model's accuracy on private validation images at the attack's resolution: how far to "
                        "trust attack accuracy",
     "paired diff % (95 %)": "attack accuracy minus the first model's, with a paired interval; an interval holding 0 cannot "
@@ -347,7 +349,8 @@ def summary_table(report: AuditReport):
     for m in report.models:
         several = len(m.attacks) > 1
         for r in (m.attacks if several else [{"attack": m.attack, "metrics": m.metrics, "delta": m.delta, "verdict": m.verdict}]):
-            table.add_row(m.name, r["attack"] or "ppa", *_cells(r["metrics"], r.get("delta") or {}, r.get("verdict")))
+            masked = " (cannot decide: masking)" if r.get("decides") is False else ""
+            table.add_row(m.name, f"{r['attack'] or 'ppa'}{masked}", *_cells(r["metrics"], r.get("delta") or {}, r.get("verdict")))
         if several:  # the model's worst case over attacks, which the gate reads
             table.add_row(m.name, f"worst: {m.attack}", *_cells(m.metrics, m.delta or {}, m.verdict), style="bold")
     return table

@@ -17,7 +17,9 @@ from typing import Any
 
 SCHEMA = "mishield.audit-report"
 # 2: the feature spaces (`feature_extractors`; per model and class FID, precision, recall, density,
-# coverage, the KNN judge and the false-positive share). Every version-1 field is kept.
+# coverage, the KNN judge and the false-positive share), masking diagnostics, the gradient-free and
+# transfer attacks and the optimisation's gain. Every version-1 field is kept, so `AuditReport.from_dict`
+# reads a version 1 document as it did.
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 # What `ModelAudit.info` holds: where the model came from (copied into the report as it is).
@@ -73,6 +75,7 @@ class ModelAudit:
     verdict: dict | None = None  # worst case over attacks: status, passed, reason, attack
     attack: str | None = None  # the strongest attack, whose row gives the figures above
     attacks: list[dict] = field(default_factory=list)  # one row per attack: attack, metrics, per_class, verdict, grid, ...
+    masking: dict | None = None  # the masking diagnostics (mishield.audit.masking_checks): statistics, signals
 
     @property
     def attack_acc1(self) -> float | None:
@@ -97,6 +100,7 @@ class ModelAudit:
             "verdict": self.verdict,
             "attack": self.attack,
             "attacks": self.attacks,
+            "masking": self.masking,
         }
 
     @classmethod
@@ -106,6 +110,7 @@ class ModelAudit:
             info={k: d[k] for k in MODEL_INFO_KEYS if k in d}, num_classes=d.get("num_classes"),
             preprocessing=d.get("preprocessing"), timing=d.get("timing"), delta=d.get("delta"),
             budget=d.get("budget"), verdict=d.get("verdict"), attack=d.get("attack"), attacks=list(d.get("attacks") or []),
+            masking=d.get("masking"),
         )
 
 

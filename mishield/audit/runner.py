@@ -16,10 +16,14 @@ from pathlib import Path
 import torch
 
 from mishield import __version__
-from mishield.attack.attacks import AttackKind, parse_attacks
+from mishield.attack.attacks import (
+    AttackKind,
+    default_attacks,
+    make_attack,
+    parse_attacks,
+)
 from mishield.attack.config import AttackConfig
 from mishield.attack.engine import (
-    InversionAttack,
     Surrogate,
     out_of_memory_hint,
     to_uint8,
@@ -92,8 +96,11 @@ class AuditRun:
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
-        self.attacks = parse_attacks(list(self.config.attacks))
         self.surrogates = self.surrogates or [[] for _ in self.targets]
+        if self.config.attacks is None:  # the default set, with the surrogate attacks where every model has surrogates
+            self.attacks = default_attacks(all(self.surrogates), "pixels" if self.prior is None else self.prior.kind)
+        else:
+            self.attacks = parse_attacks(list(self.config.attacks))
         if not self.targets:
             raise UsageError("name at least one model to audit.")
         if not self.evaluations:
@@ -127,8 +134,12 @@ class AuditRun:
             natural_accs = [self._natural_acc(t) for t in self.targets]
         if not self.runtime.is_main:
             return None
-        said = [*self._architecture_warnings(), *trust_warnings, *weak, *self._surrogate_warnings(), *self.warnings]
-        return self._report(trust, parts, natural_accs, said)
+        from mishield.audit.masking_checks import diagnose
+
+        masking = diagnose(self, parts)
+        said = [*self._architecture_warnings(), *trust_warnings, *weak, *self._surrogate_warnings(), *self.warnings,
+                *_masking_warnings(self.targets, masking, self.attacks)]  # fmt: skip
+        return self._report(trust, parts, natural_accs, said, masking)
 
     # -- checks before any attack ------------------------------------------------------------
 
@@ -139,8 +150,10 @@ class AuditRun:
         if any(k.surrogates for k in self.attacks):
             missing = [t.name for t, s in zip(targets, self.surrogates) if not s]
             if missing:
-                raise UsageError(f"the lomma attack optimises through surrogates distilled from each model, and {', '.join(missing)} "
-                                 "has none; train them with `mishield surrogate train` and pass them with `surrogates`.")
+                names = " and ".join(k.name for k in self.attacks if k.surrogates)
+                raise UsageError(f"the {names} attack{'s' if ' and ' in names else ''} need{'' if ' and ' in names else 's'} surrogates "
+                                 f"distilled from each model, and {', '.join(missing)} has none; train them with "
+                                 "`mishield surrogate train` and pass them with `surrogates`.")
         if not data.train:
             raise BadInputError("the private data folder holds no training images; `data` must be an ImageFolder of the private classes.")
         for t in targets:
@@ -157,6 +170,10 @@ class AuditRun:
         if missing:
             raise BadInputError(f"the private data has no training images of class {missing[0]} ({data.classes[missing[0]]}); "
                                 "add some or leave it out of `classes`.")
+        if self.config.max_attack_acc is not None:
+            from mishield.audit.trust import check_programs_for_gate
+
+            check_programs_for_gate(targets, self.config.trust_checkpoint)
         if self.runtime.world > len(self.classes):
             raise UsageError(f"torchrun started {self.runtime.world} processes for {len(self.classes)} audited classes; "
                              f"start at most {len(self.classes)}.")
@@ -180,7 +197,8 @@ class AuditRun:
         records, said = [], []
         for evaluation, evaluator in zip(self.evaluations, self.evaluators):
             record, warned = trust.check_evaluator(evaluator, evaluation, self.targets, self.data, self.image_shape,
-                                                   allow_weak=self.config.allow_weak_evaluator)
+                                                   allow_weak=self.config.allow_weak_evaluator,
+                                                   gate=self.config.max_attack_acc is not None)  # fmt: skip
             records.append(record)
             said += warned
         quality = trust.prior_quality(self.prior, self.evaluators[0], self.data, seed=self.config.attack.seed)
@@ -218,14 +236,14 @@ class AuditRun:
             per_attack = []
             for kind in self.attacks:
                 config = _attack_config(self.config.attack, kind)
-                runs = [self._attack_once(target, privates, mine, replace(config, seed=seed), own if kind.surrogates else ())
+                runs = [self._attack_once(target, privates, mine, replace(config, seed=seed), kind, own)
                         for seed in self.seed_list]  # fmt: skip
                 per_attack.append(gather(ShardOutcome.pooled(runs), self.runtime))
             parts.append(per_attack)
         return parts
 
     def _attack_once(self, target: NamedModel, privates: list, classes: list[int], config: AttackConfig,
-                     surrogates: list[Surrogate]) -> ShardOutcome:  # fmt: skip
+                     kind: AttackKind, surrogates: list[Surrogate]) -> ShardOutcome:  # fmt: skip
         prior = self.image_prior(target)
         candidates: list[list[torch.Tensor]] = [[] for _ in self.evaluators]
 
@@ -234,9 +252,8 @@ class AuditRun:
             for seen, evaluator in zip(candidates, self.evaluators):
                 seen.append(topk_hits(evaluator.images(images)[0], labels, 1))
 
-        extra = {"surrogates": list(surrogates)} if surrogates else {}
         try:
-            attack = InversionAttack(prior, target.model, target.preprocessing, config, self.runtime, **extra)
+            attack = make_attack(kind, prior, target.model, target.preprocessing, config, self.runtime, surrogates, self.config.blackbox)
             result = attack.run(classes, self.progress, on_candidates=judge)
         except RuntimeError as err:  # torch.OutOfMemoryError is one
             hint = out_of_memory_hint(err, config.batch_size)
@@ -259,25 +276,35 @@ class AuditRun:
             self.prior_record = {**prior.describe(), "lr": config.resolve(prior).lr, "budget": config.resolve(prior).to_dict()}
         return ShardOutcome(classes=classes, target_conf=result.final_scores, evaluators=outcomes,
                             shown=result.images[:, :SHOW_RECONSTRUCTIONS].clone(), image_steps=result.image_steps,
-                            seconds=result.seconds, timings=result.timings,
+                            seconds=result.seconds, timings=result.timings, target_top1=result.final_top1,
+                            loss_curve=list(result.loss_curve), queries=getattr(result, "queries", None),
                             features=kept_features(self.spaces, result.images, first_features))  # fmt: skip
 
     # -- the report (rank 0) ---------------------------------------------------------------------
 
-    def _report(self, trust: list, parts: list, natural_accs: list, said: list[str]) -> AuditReport:
+    def _budget(self, kind: AttackKind) -> dict:
+        """What one attack ran with: the shared budget with its loss, the seeds, and for the black-box
+        attack its search and its cost in target queries per candidate."""
+        resolved = _attack_config(self.config.attack, kind).resolve(self.image_prior(self.targets[0]))
+        budget = {**self.config.attack.to_dict(), **resolved.to_dict(), "seeds": self.seed_list}
+        if kind.engine == "blackbox":
+            search = replace(self.config.blackbox, mode=kind.mode).resolve(resolved)
+            budget |= {"blackbox": search.to_dict(), "queries_per_candidate": search.queries_per_candidate}
+        return budget
+
+    def _report(self, trust: list, parts: list, natural_accs: list, said: list[str], masking: list[dict]) -> AuditReport:
         """Judge every (model, attack) row and write the report files."""
         config, data, classes = self.config, self.data, self.classes
-        budgets = {kind.name: {**config.attack.to_dict(), **_attack_config(config.attack, kind).resolve(self.image_prior(self.targets[0])).to_dict(),
-                               "seeds": self.seed_list} for kind in self.attacks}  # fmt: skip
-        judging = Judging(config.max_attack_acc, budgets,
-                          [{"name": e.name, "accuracy": (t or {}).get("accuracy")} for e, t in zip(self.evaluations, trust)])
+        judging = Judging(config.max_attack_acc, {kind.name: self._budget(kind) for kind in self.attacks},
+                          [{"name": e.name, "accuracy": (t or {}).get("accuracy")} for e, t in zip(self.evaluations, trust)],
+                          {kind.name: kind.to_dict() for kind in self.attacks})  # fmt: skip
         names = _unique_names(self.targets)
         rows = [[judge_row(kind.name, p, classes, data.classes, t.num_classes, (acc, len(data.val)), judging,
                            grid_name(mi, names[mi], kind.name, len(self.attacks)))
                  for kind, p in zip(self.attacks, parts[mi])]
                 for mi, t, acc in zip(range(len(self.targets)), self.targets, natural_accs)]  # fmt: skip
         judge_parts(rows, parts, classes, self.spaces)  # the KNN judge and distribution figures, in place
-        models = model_audits(self.targets, names, rows)
+        models = model_audits(self.targets, names, rows, masking)
         shown = {r.grid: r.shown for model_rows in rows for r in model_rows}
         real = {c: real_images(data.train, c, tuple(next(iter(shown.values()))[c].shape[1:])) for c in classes}
         eval_records = [{"name": e.name, **e.info, "preprocessing": e.preprocessing.to_dict(), "features": ev.feature_source, "trust": t}
@@ -286,7 +313,8 @@ class AuditRun:
         report = AuditReport(
             models=models, classes=classes, seed=config.attack.seed, prior=self.prior_record,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), mishield_version=__version__,
-            options={**config.attack.to_dict(), "attacks": [k.name for k in self.attacks], "device": str(runtime.device),
+            options={**config.attack.to_dict(), "attacks": [k.name for k in self.attacks], "blackbox": config.blackbox.to_dict(),
+                     "device": str(runtime.device),
                      "bf16": runtime.amp_dtype is not None, "channels_last": runtime.channels_last, "world_size": runtime.world,
                      "max_attack_acc": config.max_attack_acc, "seeds": self.seed_list, **(config.provenance or {})},
             data={"classes": data.classes, "train_images": len(data.train), "val_images": len(data.val),
@@ -312,8 +340,23 @@ class AuditRun:
     def _surrogate_warnings(self) -> list[str]:
         if any(k.surrogates for k in self.attacks):
             return []
-        return [f"surrogates of {t.name} were given but no chosen attack uses them (add lomma to `attacks`)."
+        return [f"surrogates of {t.name} were given but no chosen attack uses them (add lomma or transfer to `attacks`)."
                 for t, s in zip(self.targets, self.surrogates) if s]  # fmt: skip
+
+
+def _masking_warnings(targets: list[NamedModel], masking: list[dict], attacks: list[AttackKind]) -> list[str]:
+    """`masking:` warnings: each model whose diagnostics found a signal, and what may still decide its verdict."""
+    from mishield.audit.masking_checks import cannot_decide
+
+    said = []
+    for target, entry in zip(targets, masking):
+        if not entry["signals"]:
+            continue
+        left = [k.name for k in attacks if cannot_decide(k, entry) is None]
+        then = (f"only {', '.join(left)} can decide its verdict" if left else
+                "no attack that ran can decide its verdict (run blackbox, or transfer with --surrogate)")
+        said.append(f"masking: {target.name}: {' '.join(s['reason'] for s in entry['signals'])} So {then}.")
+    return said
 
 
 def _selection_only(result, evaluator: Evaluator, classes: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -20,9 +20,15 @@ from statistics import NormalDist
 
 import numpy as np
 
-# Default lowest mean target confidence at which a class counts as reached by the attack: above
-# 0.5 the target's softmax puts the class first, whatever the number of classes.
-MIN_TARGET_CONFIDENCE = 0.5
+# A class counts as reached when, over its kept reconstructions, the scoring model (the target; the
+# surrogates for the transfer attack) ranks it first on at least this share of the final crops. A
+# rank, not the softmax: a temperature the owner puts on the logits (x1e3, x1e-3) would make every
+# class reached, or none, at any softmax threshold.
+MIN_REACHED = 0.5
+# A gate over fewer attacked classes is anti-conservative: simulated with `class_bootstrap`, 3
+# classes at a true 55 % against a 50 % threshold passed 7 % of the time, not the nominal 2.5 %
+# (docs/audit.md "How the gate decides"); a pass over fewer classes is inconclusive.
+MIN_GATE_CLASSES = 5
 
 METHOD = "class-bootstrap (expanded percentile) + Wilson floor"
 PAIRED_METHOD = "paired class-bootstrap (expanded percentile)"
@@ -76,6 +82,12 @@ class Verdict:
 # What each verdict's cause means for the next step (the CLI's advice on a failed gate follows it).
 VERDICT_CAUSES = {
     "unreached": "the attack did not reach some classes: raise the budget (--preset, -I, -C) or give a prior closer to the data",
+    "few_classes": f"a gate over fewer than {MIN_GATE_CLASSES} attacked classes cannot pass: audit more classes (--classes)",
+    "no_gain": "no attack beat the selection-only baseline beyond its noise: raise the budget, or audit more classes to narrow the noise",
+    "misled": "the optimisation drove the candidates away from what the evaluation model recognises: the model misleads "
+              "attacks that read it on generated images; run transfer with --surrogate",
+    "masking": "the model's gradients or its answers on generated images look masked: run the blackbox attack, "
+               "or transfer with --surrogate, so that an attack it cannot mislead decides",
     "below_chance": "the evaluation model files reconstructions under other classes: check it (mishield train-eval) and the class order",
     "one_class": "one class gives no interval: audit more classes",
     "uncertain": "the estimate is under the threshold but the interval is too wide: audit more classes (--classes) or repeat (--seeds)",
@@ -299,41 +311,36 @@ def gate_decision(interval: Interval, threshold: float) -> tuple[bool, str]:
     return False, f"{shown} exceeds the threshold {threshold:.1%}."
 
 
-def unreached_classes(target_confidence, min_confidence: float = MIN_TARGET_CONFIDENCE) -> list[int]:
-    """Rows (classes) whose mean target confidence on the kept reconstructions is below `min_confidence`.
+def unreached_classes(reached, min_reached: float = MIN_REACHED) -> list[int]:
+    """Rows (classes) whose mean `reached` share on the kept reconstructions is below `min_reached`.
 
-    `target_confidence` is [classes] or [classes, images]: the target's softmax probability of
-    the attacked class on each kept reconstruction (PPA's final-selection score).
+    `reached` is [classes] or [classes, images]: per kept reconstruction, the share of the final
+    crops on which the scoring model ranks the attacked class first.
     """
-    c = np.asarray(target_confidence, dtype=np.float64)
+    c = np.asarray(reached, dtype=np.float64)
     per_class = c.reshape(c.shape[0], -1).mean(axis=1) if c.ndim else c.reshape(1)
-    return [i for i, v in enumerate(per_class.tolist()) if not v >= min_confidence]  # NaN counts as unreached
+    return [i for i, v in enumerate(per_class.tolist()) if not v >= min_reached]  # NaN counts as unreached
 
 
-def verdict(
-    interval: Interval,
-    threshold: float | None,
-    *,
-    chance: float,
-    target_confidence,
-    min_target_confidence: float = MIN_TARGET_CONFIDENCE,
-) -> Verdict:
+def verdict(interval: Interval, threshold: float | None, *, chance: float, reached, min_reached: float = MIN_REACHED) -> Verdict:
     """The verdict for one model: "leaky", "passes" or "inconclusive"; inconclusive never passes.
 
-    Inconclusive, checked first: (1) some class was not reached, i.e. the target itself is not
-    convinced by its own best reconstructions (mean confidence below `min_target_confidence`),
-    so the attack failed and a low accuracy says nothing about privacy; (2) accuracy is
-    significantly below chance, which means the evaluator systematically files reconstructions
-    under other classes (a failed attack or a broken evaluator), not that the model is private;
-    (3) the interval is degenerate with no between-class information (one class). Otherwise
-    the gate decides on the interval's upper end; without a threshold (no gate) a conclusive
-    audit is "not gated": the interval is the result.
+    Inconclusive, checked first: (1) some class was not reached, i.e. the target itself does not
+    rank the class first on its own best reconstructions (`reached` below `min_reached`), so the
+    attack failed and a low accuracy says nothing about privacy; (2) accuracy is significantly
+    below chance, which means the evaluator systematically files reconstructions under other
+    classes (a failed attack or a broken evaluator), not that the model is private; (3) the
+    interval is degenerate with no between-class information (one class). Otherwise the gate
+    decides on the interval's upper end; a pass over fewer than MIN_GATE_CLASSES classes is
+    inconclusive (the interval is too narrow there; a leaky verdict stands, since a wider interval
+    would reach higher still). Without a threshold (no gate) a conclusive audit is "not gated".
     """
-    missed = unreached_classes(target_confidence, min_target_confidence)
+    missed = unreached_classes(reached, min_reached)
     if missed:
         shown = ", ".join(map(str, missed[:5])) + (" ..." if len(missed) > 5 else "")
         return Verdict("inconclusive", f"the attack did not reach the target's class in {len(missed)} of the audited classes "
-                                       f"(rows {shown}: mean target confidence below {min_target_confidence:g}).", "unreached")  # fmt: skip
+                                       f"(rows {shown}: the target ranks the class first on less than {min_reached:.0%} of "
+                                       "the crops of its best reconstructions).", "unreached")  # fmt: skip
     if below_chance(interval, chance):
         return Verdict("inconclusive", f"attack accuracy ({interval.low:.1%}-{interval.high:.1%}) is significantly below chance "
                                        f"({chance:.1%}): the attack or the evaluation model failed.", "below_chance")  # fmt: skip
@@ -343,6 +350,47 @@ def verdict(
         return Verdict("not gated", "no threshold was given; read the interval against your own bar (the gate would use its upper end).",
                        "not_gated")
     passed, reason = gate_decision(interval, threshold)
+    if passed and interval.classes < MIN_GATE_CLASSES:
+        return Verdict("inconclusive", f"{reason[:-1]}, but a gate over {interval.classes} attacked classes cannot pass: below "
+                                       f"{MIN_GATE_CLASSES} the interval is too narrow to trust; audit more classes.", "few_classes")  # fmt: skip
     if passed:
         return Verdict("passes", reason, "passes")
     return Verdict("leaky", reason, "uncertain" if interval.estimate <= threshold else "leaky")
+
+
+def optimisation_verdict(judged: Verdict, gain: Interval | None, unfiltered_drop: Interval | None, per_class: int = 1) -> Verdict:
+    """`judged` unless the optimisation gave no evidence that the attack worked (docs/audit.md "How the gate decides").
+
+    `gain`: the paired interval of attack accuracy minus the selection-only baseline's (same
+    classes, same judge); `unfiltered_drop`: of unfiltered accuracy (every optimised candidate)
+    minus the selection-only baseline's; `per_class`: kept images per class (K x seeds). A pass
+    becomes inconclusive when the attack did not beat selection alone beyond its noise: the gain's
+    upper end at or below 0 (no better, whatever the noise), or a gain of less than one kept image
+    per class (1 / `per_class`: below what the measurement resolves; an optimiser with nothing to
+    follow stays there), or when the optimised candidates fell significantly below the baseline
+    (the unfiltered drop's upper end under 0: the model's answers on generated images led the
+    optimiser away from the class). Only a pass needs the attack to have worked: "leaky" stands
+    (what selection alone recovers, an attacker recovers too), and "not gated" keeps its status
+    with the finding added to its reason.
+    """
+    if judged.status not in ("passes", "not gated"):
+        return judged
+    found = None
+    if unfiltered_drop is not None and unfiltered_drop.high < 0:
+        found = Verdict("inconclusive", f"the optimised candidates were judged the attacked class {_points(unfiltered_drop)} less often "
+                                        "than the selection-only baseline's: the model's answers on generated images led the attack "
+                                        "away from the class, so its low accuracy says nothing about privacy.", "misled")  # fmt: skip
+    elif gain is not None and (gain.high <= 0 or gain.estimate < 1.0 / max(per_class, 1)):
+        found = Verdict("inconclusive", f"the attack did not beat the selection-only baseline beyond its noise (gain "
+                                        f"{100 * gain.estimate:+.1f} points, {gain.level:.0%} interval {100 * gain.low:+.1f} to "
+                                        f"{100 * gain.high:+.1f}; one kept image per class is {100 / max(per_class, 1):.1f}), so it "
+                                        "says nothing about the model beyond what selection alone finds.", "no_gain")  # fmt: skip
+    if found is None:
+        return judged
+    if judged.status == "not gated":
+        return Verdict("not gated", f"{judged.reason} Note: {found.reason}", judged.cause)
+    return found
+
+
+def _points(interval: Interval) -> str:
+    return f"{-100 * interval.estimate:.1f} points ({interval.level:.0%} interval {-100 * interval.high:.1f} to {-100 * interval.low:.1f})"

@@ -7,9 +7,13 @@ figures the report carries (docs/audit.md "Trust checks" gives the floors and wh
 - the evaluation model must know the private classes under the same names in the same order,
   must not be the target, and must recognise the private *validation* images at the attack's
   resolution (downsized to the prior's output size, then resized as the attack resizes
-  reconstructions) at least `accuracy_floor` of the time;
+  reconstructions) at least `accuracy_floor` of the time, by the lower end of the accuracy's
+  Wilson interval; under a gate it must have been trained on the audited private images (its
+  recorded data fingerprint);
 - a target whose natural accuracy cannot be told apart from chance cannot be gated: a failed
-  attack on a model that learned nothing looks exactly like privacy;
+  attack on a model that learned nothing looks exactly like privacy; a target whose forward is a
+  program (TorchScript, torch.export, a pickled module, a `package.module:factory` architecture)
+  is gated only with `--trust-checkpoint`, and its verdict says the figures cover the program;
 - the private images must not be among the prior's training images (their pixel hashes are in
   the prior file), or the "reconstructions" are recollections of public data.
 """
@@ -119,13 +123,16 @@ def evaluator_accuracy(evaluator, items: Sequence, image_shape: Sequence[int]) -
     return (int((logits.argmax(1) == labels).sum()) / n if n else None), n
 
 
-def check_evaluator(evaluator, evaluation, targets, data, image_shape, *, allow_weak: bool = False) -> tuple[dict, list[str]]:
+def check_evaluator(evaluator, evaluation, targets, data, image_shape, *, allow_weak: bool = False,
+                    gate: bool = False) -> tuple[dict, list[str]]:  # fmt: skip
     """All evaluator checks; returns the report's `eval_model.trust` record and warnings.
 
     Refuses permuted or other classes, the target as its own evaluator, an evaluator that saw every
-    validation image (its accuracy could only be measured on images it learnt) and an accuracy below
-    `accuracy_floor` (unless `allow_weak`, which then only warns: the caller forbids a gate). The
-    accuracy is measured on the validation images the evaluator did not train on (`unseen_validation`).
+    validation image (its accuracy could only be measured on images it learnt), an accuracy whose
+    Wilson interval reaches below `accuracy_floor` (unless `allow_weak`, which then only warns: the
+    caller forbids a gate) and, with `gate`, an evaluator trained on other images than the audited
+    ones. The accuracy is measured on the validation images the evaluator did not train on
+    (`unseen_validation`).
     """
     recorded = evaluation.provenance
     classes_match = check_classes(recorded.get("classes"), data.classes, evaluation.name)
@@ -137,6 +144,7 @@ def check_evaluator(evaluator, evaluation, targets, data, image_shape, *, allow_
     if classes_match is None:
         warnings.append(f"the evaluation model {evaluation.name} records no class names, so its class order is unchecked; "
                         "models from mishield train-eval record them.")
+    low = None if accuracy is None else wilson_interval(round(accuracy * n), n)[0]
     if not data.val:
         warnings.append("the private data has no validation images, so the evaluation model's accuracy is unmeasured; "
                         "add a val/ folder to trust the audit.")
@@ -147,21 +155,25 @@ def check_evaluator(evaluator, evaluation, targets, data, image_shape, *, allow_
         if not allow_weak:
             raise BadInputError(sentence)
         warnings.append(sentence)
-    elif accuracy < floor:
+    elif low < floor:
         sentence = (f"the evaluation model {evaluation.name} recognises {100 * accuracy:.1f} % of the {n} private validation "
-                    f"images at the attack's {image_shape[1]}x{image_shape[2]} px, below the floor of {100 * floor:.1f} % "
-                    f"(chance {100 * chance_level(data.num_classes):.1f} %), so its attack accuracy would say nothing; "
-                    "train it longer or at the prior's resolution (mishield train-eval --prior).")
+                    f"images at the attack's {image_shape[1]}x{image_shape[2]} px (95 % interval from {100 * low:.1f} %), "
+                    f"which may be below the floor of {100 * floor:.1f} % (chance {100 * chance_level(data.num_classes):.1f} %), "
+                    "so its attack accuracy could say nothing; train it longer or at the prior's resolution "
+                    "(mishield train-eval --prior), or add validation images to narrow the interval.")
         if not allow_weak:
             raise BadInputError(sentence)
         warnings.append(sentence)
     fingerprint = (recorded.get("training") or {}).get("data_fingerprint")
     if relation == "other images":
-        warnings.append(
-            f"the evaluation model {evaluation.name} was trained on other images than the private images audited here "
-            f"({fingerprint.get('images')} recorded, {len(data.train)} training images here; data fingerprints differ); "
-            "its accuracy was measured above, but train it on this data (mishield train-eval) for a like-for-like judge.")
-    record = {"accuracy": accuracy, "accuracy_n": n, "floor": floor, "chance": chance_level(data.num_classes),
+        sentence = (f"the evaluation model {evaluation.name} was trained on other images than the private training images "
+                    f"audited here ({fingerprint.get('images')} recorded, {len(data.train)} here; data fingerprints differ)")
+        if gate:
+            raise BadInputError(f"{sentence}, and a gate must not rest on a judge of other data; train it on this data "
+                                "(mishield train-eval) and gate again.")
+        warnings.append(f"{sentence}; its accuracy was measured above, but train it on this data (mishield train-eval) "
+                        "for a like-for-like judge (a gate refuses it).")
+    record = {"accuracy": accuracy, "accuracy_n": n, "accuracy_low": low, "floor": floor, "chance": chance_level(data.num_classes),
               "resolution": list(image_shape[1:]), "classes_match": classes_match,
               "recorded_accuracy": (recorded.get("metrics") or {}).get("natural_acc"),
               "fingerprint": fingerprint, "fingerprint_match": fingerprint_match, "training_data": relation}
@@ -229,6 +241,51 @@ def check_target_for_gate(name: str, natural_acc: float | None, n: int, num_clas
             f"{n} images) does not rise above chance ({100 * chance_level(num_classes):.1f} %), so a failed attack would look like "
             "privacy; check its mean/std, input size and class order."
         )
+
+
+# What a model whose forward is code is, by its loaded kind (mishield.models.LoadedModel.kind).
+PROGRAMS = {"torchscript": "a TorchScript archive", "exported": "a torch.export program", "pickled_module": "a pickled module"}
+
+
+def program_kind(info: dict) -> str | None:
+    """What makes an audited model's forward a program of its owner's choosing, in words, or None.
+
+    TorchScript, torch.export programs and pickled modules carry their forward as code; an
+    architecture built by a `package.module:factory` runs whatever module that is. Such a forward
+    can switch behaviour on generated inputs, which an attacker holding the weights simply removes
+    (issue 20); registry architectures (`timm:`, `torchvision:`) and mishield's own do not."""
+    from mishield.models.filechecks import builds_only_a_network
+
+    if info.get("kind") in PROGRAMS:
+        return PROGRAMS[info["kind"]]
+    arch = info.get("arch")
+    if isinstance(arch, str) and ":" in arch and not builds_only_a_network(arch):
+        return f"built by the factory {arch}"
+    return None
+
+
+def check_programs_for_gate(targets, trust_checkpoint: bool) -> None:
+    """Refuse to gate a program without `--trust-checkpoint`: its figures cover its code, not its weights."""
+    for t in targets:
+        what = program_kind(t.info)
+        if what is not None and not trust_checkpoint:
+            from mishield.errors import UsageError
+
+            raise UsageError(
+                f"{t.name} is {what}, whose forward is code that could answer the attack's generated images differently "
+                "from natural ones; a gate on it covers that code only, so pass --trust-checkpoint to confirm you gate the "
+                "program as it is, or audit its weights with a registry architecture (--arch timm:NAME)."
+            )
+
+
+def program_note(verdict: dict, info: dict) -> dict:
+    """The verdict with `program` set and the reason saying what the figures cover, for a program."""
+    what = program_kind(info)
+    if what is None:
+        return {**verdict, "program": False}
+    return {**verdict, "program": True,
+            "reason": f"{verdict['reason']} The figures cover the program's behaviour only: the model is {what}, whose forward "
+                      "could treat generated images differently; an attacker holding its weights would run them without it."}  # fmt: skip
 
 
 def check_prior_overlap(prior_file: str | Path | None, data) -> dict:

@@ -39,7 +39,8 @@ def audit(
     out: Annotated[Path, typer.Option("--out", help="Report directory (report.json, report.html, grids/).")] = Path("mishield-audit"),
     prior: Annotated[str | None, typer.Option("--prior", help="FILE (mishield prior, StyleGAN2-ADA .pkl, TorchScript), package.module:factory, or none.")] = None,
     eval_model: Annotated[list[str] | None, typer.Option("--eval-model", metavar="FILE", help="Evaluation model trained on the private data (see `mishield train-eval`); repeat it with other architectures and the worst case counts.")] = None,
-    attacks: Annotated[str, typer.Option("--attack", metavar="NAMES", help="ppa, lomma (adaptive: logit loss through surrogates) or ppa,lomma; each model is judged by its worst case.")] = "ppa",
+    attacks: Annotated[str | None, typer.Option("--attack", metavar="NAMES", help="Comma-separated: ppa, lomma (adaptive, through surrogates), blackbox (gradient-free, scores), blackbox-labels, transfer (surrogates alone). Default: ppa,blackbox, plus lomma,transfer when --surrogate covers every model. Each model is judged by its worst case.", show_default=False)] = None,
+    blackbox_generations: Annotated[int | None, typer.Option("--blackbox-generations", min=0, help="Generations of the black-box attack's search (default: half of -I; 8 target queries per candidate each).")] = None,
     surrogate: Annotated[list[Path] | None, typer.Option("--surrogate", metavar="FILE", help="Surrogate model file (mishield surrogate train) for the lomma attack; repeat it, each is matched to the model it was distilled from.")] = None,
     classes: Annotated[str | None, typer.Option("--classes", help="Target classes, e.g. 0-9,17 (default: all).")] = None,
     preset: Annotated[str, typer.Option("--preset", help="default (calibrated), ci, ppa-facescrub, ppa-celeba or koh2024-facescrub; docs/audit.md lists their numbers.")] = "default",
@@ -113,7 +114,7 @@ def _junit_claimed(junit: Path | None, overwrite: bool, inputs: list):
 
 
 # The options of `mishield audit` that make its AuditConfig (the parameter names of `audit` above).
-CONFIG_OPTIONS = ("attacks", "classes", "preset", "samples", "candidates", "iterations", "keep", "final_augmentations",
+CONFIG_OPTIONS = ("attacks", "blackbox_generations", "classes", "preset", "samples", "candidates", "iterations", "keep", "final_augmentations",
                   "batch_size", "seed", "seeds", "val_fraction", "lr", "milestones", "gamma", "center_crop",
                   "selection_baseline", "allow_weak_budget", "device", "compile_", "max_attack_acc", "allow_weak_evaluator",
                   "arch", "eval_arch", "num_classes", "trust_checkpoint", "input_size", "mean", "std", "overwrite")  # fmt: skip
@@ -121,6 +122,7 @@ CONFIG_OPTIONS = ("attacks", "classes", "preset", "samples", "candidates", "iter
 
 def audit_config(options: dict, provenance: dict | None = None):
     """The one mapping from `mishield audit`'s options (CONFIG_OPTIONS, by parameter name) to its AuditConfig."""
+    from mishield.attack.config import BlackBoxConfig
     from mishield.audit.config import AuditConfig
 
     o = options
@@ -134,7 +136,7 @@ def audit_config(options: dict, provenance: dict | None = None):
         max_attack_acc=o["max_attack_acc"], allow_weak_evaluator=o["allow_weak_evaluator"],
         allow_weak_budget=o["allow_weak_budget"], val_fraction=o["val_fraction"], device=o["device"],
         overwrite=o["overwrite"], trust_checkpoint=o["trust_checkpoint"], load_options=load, eval_arch=o["eval_arch"],
-        provenance=provenance,
+        provenance=provenance, blackbox=BlackBoxConfig(generations=o["blackbox_generations"]),
     )  # fmt: skip
 
 

@@ -123,7 +123,7 @@ class SearchConfig:
             "full_epochs": self.full_epochs,
             "max_acc_drop": self.max_acc_drop,
             "remeasure": self.remeasure,
-            "audit": {**audit.attack.to_dict(), "attacks": list(audit.attacks), "seeds": audit.seeds,
+            "audit": {**audit.attack.to_dict(), "attacks": None if audit.attacks is None else list(audit.attacks), "seeds": audit.seeds,
                       "classes": _plain(audit.classes), "allow_weak_evaluator": audit.allow_weak_evaluator},
             "prior_training": None if self.prior_training is None else dataclasses.asdict(self.prior_training),
             "eval_training": None if self.eval_training is None else _plain(dataclasses.asdict(self.eval_training)),

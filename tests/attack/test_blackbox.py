@@ -134,12 +134,11 @@ def test_works_through_zero_gradient_wrappers_where_ppas_step_does_not_move(name
     assert _confidence(after, labels).mean() > _confidence(before, labels).mean() + 0.15
 
 
-def test_a_bare_detach_stops_ppa_outright_and_not_the_search():
+def test_a_bare_detach_leaves_ppa_where_it_started_and_not_the_search():
     wrapped = masked_wrappers(fmnist_target(), PRE, 5)["detach-hard"]
-    ppa = InversionAttack(pca_prior(), copy.deepcopy(wrapped), PRE, _config(iterations=2), CPU)
+    ppa = InversionAttack(pca_prior(), copy.deepcopy(wrapped), PRE, _config(iterations=2, lr=0.2), CPU)
     before, labels, keys = _candidates(ppa)
-    with pytest.raises(RuntimeError, match="does not require grad"):
-        ppa.step.run(before, labels, keys, 2)
+    assert torch.equal(ppa.step.run(before, labels, keys, 2), _constrained(before))  # no graph: no step, no crash
     assert torch.equal(_attack(wrapped).search.run(before, labels, keys), _attack().search.run(before, labels, keys))
 
 
@@ -234,7 +233,13 @@ def test_config_errors_name_the_parameter():
                       ({"lr": float("nan")}, "`lr`"), ({"crops": 0}, "`crops`"), ({"generations": -1}, "`generations`")]:  # fmt: skip
         with pytest.raises(UsageError, match=word):
             BlackBoxConfig(**bad).validate()
-    assert BlackBoxConfig(mode="labels").queries_per_candidate == 50 * 8 * 4
+    # generations default to half the gradient attacks' I: one -I sizes every attack, and -I 0 is selection only
+    assert BlackBoxConfig(mode="labels").resolve(make_config("default", iterations=100)).queries_per_candidate == 50 * 8 * 4
+    assert BlackBoxConfig().resolve(make_config("ci", iterations=3)).generations == 2
+    assert BlackBoxConfig().resolve(make_config("ci", iterations=0)).queries_per_candidate == 0
+    assert BlackBoxConfig(generations=7).resolve(make_config("ci", iterations=100)).generations == 7
+    with pytest.raises(ValueError, match="resolve"):
+        _ = BlackBoxConfig().queries_per_candidate
 
 
 def test_every_queried_latent_and_every_update_respects_the_priors_constraint():

@@ -57,10 +57,36 @@ def test_initial_selection_keeps_the_top_c_pool_images_of_each_class():
         assert torch.allclose(latents[row * 6 : (row + 1) * 6], pool[top.indices])
 
 
+def test_a_saturated_softmax_is_ranked_by_the_logit_margin_not_by_pool_order():
+    """Logits x1e3 make the confidence of every image in the class exactly 1.0; the margin still orders them."""
+    hot = InversionAttack(flat_colour_prior(), Scaled(ChannelMeanClassifier(), 1e3), HALF, _attack().config, CPU)
+    latents, scores = hot.initial_selection([1, 3])
+    pool = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = hot.target.model.head(torch.tanh(pool))
+    for row, c in enumerate([1, 3]):
+        assert (scores[row] == 1.0).sum() >= 2  # ties that pool order would have decided
+        others = torch.cat([logits[:, :c], logits[:, c + 1 :]], dim=1).amax(dim=1)
+        top = (logits[:, c] - others).topk(6).indices  # z_c - max_{j != c} z_j
+        assert torch.equal(latents[row * 6 : (row + 1) * 6], pool[top])
+    assert select_top(torch.tensor([1.0, 1.0, 0.5, 1.0]), 1, 2, tiebreak=torch.tensor([3.0, 7.0, 9.0, 5.0]))[0].tolist() == [1, 3]
+
+
+class Scaled(nn.Module):
+    def __init__(self, model: nn.Module, t: float):
+        super().__init__()
+        self.model, self.t = model, t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * self.t
+
+
 def test_optimisation_raises_target_confidence_and_final_selection_sorts_it():
     result = _attack().run([0, 2])
     assert result.images.shape == (2, 3, 3, 8, 8) and result.images.dtype == torch.uint8
     assert (result.final_scores[:, :-1] >= result.final_scores[:, 1:]).all()  # best first
+    assert ((result.final_top1 >= 0) & (result.final_top1 <= 1)).all() and result.final_top1.shape == (2, 3)
+    assert len(result.loss_curve) == 10 and result.loss_curve[-1] < result.loss_curve[0]
     # against the same run at lr 0 (same pool, keys and crops): selection alone cannot pass this
     frozen = _attack(lr=0.0).run([0, 2])
     assert (result.final_scores.mean(1) > frozen.final_scores.mean(1)).all()

@@ -139,7 +139,7 @@ def test_a_weak_gate_is_refused_and_an_allowed_one_is_flagged(tmp_path, monkeypa
     import mishield
 
     noise_splits(tmp_path / "data", train=3, val=2)
-    kw = {"data": tmp_path / "data", "prior": "none", "classes": "0,2", "device": "cpu", "max_attack_acc": 0.5,
+    kw = {"data": tmp_path / "data", "prior": "none", "classes": "0,2", "device": "cpu", "max_attack_acc": 0.5, "trust_checkpoint": True,
           "eval_model": mishield.load_model("attack_support:small_plain_cnn", num_classes=3, input_size=16),
           "attack": {"samples": 6, "candidates": 2, "iterations": 1, "keep": 1, "final_augmentations": 1, "batch_size": 6}}
     target = mishield.load_model("attack_support:tiny_resnet", num_classes=3, input_size=16)

@@ -115,7 +115,7 @@ def test_report_object_round_trips_through_the_json_layout():
                          "data", "prior", "eval_model", "eval_models", "prior_samples", "feature_extractors", "models", "gate",
                          "warnings"]
     assert list(doc["models"][0]) == ["name", "num_classes", "preprocessing", "metrics", "per_class", "grid",
-                                      "timing", "delta", "budget", "verdict", "attack", "attacks"]
+                                      "timing", "delta", "budget", "verdict", "attack", "attacks", "masking"]
     assert doc["models"][1]["metrics"]["knn_dist"] is None
     back = AuditReport.from_dict(doc)
     assert isinstance(back.models[0], ModelAudit) and isinstance(back.gate, PrivacyGate)

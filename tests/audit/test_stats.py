@@ -164,20 +164,20 @@ def test_gate_decides_on_the_upper_end():
 
 
 def test_a_failed_attack_is_inconclusive_and_never_passes():
-    # the case: 5 classes, attack accuracy 2 %, target confidence as low as 0.17
+    # the case: 5 classes, attack accuracy 2 %, the target ranking class 2 first on 17 % of its crops
     hits = np.zeros((5, 20), dtype=bool)
     hits[0, :2] = True
     iv = class_bootstrap(hits)
     conf = np.full((5, 20), 0.6)
     conf[2] = 0.17
-    v = verdict(iv, 1.0, chance=chance_level(5), target_confidence=conf)
+    v = verdict(iv, 1.0, chance=chance_level(5), reached=conf)
     assert v.status == "inconclusive" and not v.passed and "did not reach" in v.reason
     assert unreached_classes(conf) == [2] and unreached_classes([0.9, float("nan")]) == [1]
     # confident target but accuracy far below chance: the evaluator files them elsewhere
-    v = verdict(iv, 1.0, chance=0.2, target_confidence=np.full(5, 0.9))
+    v = verdict(iv, 1.0, chance=0.2, reached=np.full(5, 0.9))
     assert v.status == "inconclusive" and "below chance" in v.reason and not v.to_dict()["passed"]
     # one class: no interval worth the name
-    v = verdict(class_bootstrap(np.ones((1, 20))), 1.0, chance=0.2, target_confidence=[0.9])
+    v = verdict(class_bootstrap(np.ones((1, 20))), 1.0, chance=0.2, reached=[0.9])
     assert v.status == "inconclusive"
 
 
@@ -185,11 +185,11 @@ def test_verdict_leaky_and_passes():
     conf = np.full(10, 0.95)
     hot = np.zeros((10, 20), dtype=bool)
     hot[:8] = True
-    assert verdict(class_bootstrap(hot), 0.5, chance=0.1, target_confidence=conf).status == "leaky"
+    assert verdict(class_bootstrap(hot), 0.5, chance=0.1, reached=conf).status == "leaky"
     rng = np.random.default_rng(2)
     cool = rng.random((10, 20)) < 0.12
     iv = class_bootstrap(cool)
-    v = verdict(iv, 0.3, chance=0.1, target_confidence=conf)
+    v = verdict(iv, 0.3, chance=0.1, reached=conf)
     assert v.status == "passes" and v.passed and iv.high <= 0.3
 
 

@@ -94,7 +94,7 @@ def test_a_good_evaluator_passes_and_its_accuracy_at_the_attack_resolution_is_re
     trust = report["eval_model"]["trust"]
     assert trust["classes_match"] is True and trust["resolution"] == [32, 32] and trust["accuracy_n"] == 150
     assert trust["floor"] == pytest.approx(0.6) and trust["chance"] == pytest.approx(0.2)
-    assert trust["floor"] <= trust["accuracy"] <= 1.0
+    assert trust["floor"] <= trust["accuracy_low"] <= trust["accuracy"] <= 1.0  # the floor reads the interval's lower end
     assert trust["fingerprint"]["sha256"] == world["summary"]["data_fingerprint"]["sha256"]
     assert trust["fingerprint_match"] is True and not any("other images" in w for w in report["warnings"])
 
@@ -113,6 +113,47 @@ def test_an_evaluator_trained_on_other_images_is_flagged(world, tmp_path, capsys
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["eval_model"]["trust"]["fingerprint_match"] is False
     assert any("trained on other images" in w for w in report["warnings"])
+    # a gate must not rest on a judge of other data: refused before the attack (exit 3)
+    code, _, err = run_cli(["audit", *TARGET, "--data", other, "--out", tmp_path / "gated", "--eval-model", world["eval"],
+                            "--eval-arch", EVAL_ARCH, "--prior", "none", *TINY_ATTACK, "--max-attack-acc", "0.5",
+                            "--allow-weak-budget", "--trust-checkpoint"], capsys)  # fmt: skip
+    assert code == 3 and "trained on other images" in err and "gate" in err, err
+    assert not (tmp_path / "gated" / "report.json").exists()
+
+
+def test_the_accuracy_floor_reads_the_lower_end_of_the_evaluators_interval(world):
+    """An evaluator whose point estimate clears the floor but whose Wilson interval does not is refused."""
+    from mishield.audit.stats import wilson_interval
+    from mishield.audit.trust import accuracy_floor, check_evaluator
+
+    class Fixed:  # what check_evaluator reads of an evaluator: its judgement of the validation images
+        batch_size = 64
+
+        def __init__(self, right: int):
+            self.right = right
+
+        def images(self, images):
+            n = images.shape[0]
+            logits = torch.zeros(n, 5)
+            logits[torch.arange(n), torch.arange(n) % 5] = 1.0  # labels cycle through the classes as the items below
+            return logits, None
+
+    class Evaluation:
+        name, provenance, info, model = "e", {}, {}, torch.nn.Linear(1, 1)
+
+    class Data:
+        classes, num_classes, train = [f"c{i}" for i in range(5)], 5, []
+
+        def __init__(self, val):
+            self.val = val
+
+    floor = accuracy_floor(5)
+    # 25 images, 17 right (68 %, above the 60 % floor): the interval's lower end is 48 %, below it
+    assert 17 / 25 > floor and wilson_interval(17, 25)[0] < floor
+    paths = sorted((world["private"] / "val").rglob("*.png"))[:25]
+    items = [(p, i % 5 if i < 17 else (i + 1) % 5) for i, p in enumerate(paths)]
+    with pytest.raises(BadInputError, match="interval from 4"):
+        check_evaluator(Fixed(17), Evaluation(), [], Data(items), (1, 32, 32))
 
 
 def test_permuted_class_names_are_refused(world, tmp_path, capsys):
@@ -191,8 +232,12 @@ def test_an_evaluator_below_the_floor_is_refused_unless_a_smoke_test_says_so(wor
 
 def test_a_chance_level_target_is_refused_for_gating(world, tmp_path, capsys):
     # An untrained target: natural accuracy near 20 %, its Wilson interval over 150 images covers chance.
-    code, _, err = run_cli(_audit_cli(world, tmp_path / "out", world["eval"], "--max-attack-acc", "0.5", "--allow-weak-budget"), capsys)
+    code, _, err = run_cli(_audit_cli(world, tmp_path / "out", world["eval"], "--max-attack-acc", "0.5", "--allow-weak-budget",
+                                      "--trust-checkpoint"), capsys)  # fmt: skip
     assert code == 3 and "cannot be gated" in err and "chance (20.0 %)" in err, err
+    # the factory-built target is a program: a gate on it needs --trust-checkpoint (exit 2 before any attack)
+    code, _, err = run_cli(_audit_cli(world, tmp_path / "out2", world["eval"], "--max-attack-acc", "0.5", "--allow-weak-budget"), capsys)
+    assert code == 2 and "--trust-checkpoint" in err and "program" in err, err
 
 
 def test_private_images_among_the_priors_training_images_are_refused(world, tmp_path, capsys):

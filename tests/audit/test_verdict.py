@@ -49,7 +49,7 @@ def _audit(tiny: dict, out: Path, *extra) -> list:
         "audit", "attack_support:tiny_resnet", "attack_support:tiny_resnet", "--num-classes", "3", "--input-size", "16",
         "--data", tiny["data"], "--out", out, "--device", "cpu", "--eval-model", tiny["eval"],
         "--eval-arch", "attack_support:small_plain_cnn", "--prior", "attack_support:tiny_generator",
-        "-S", "12", "-C", "3", "-I", "2", "-K", "2", "-A", "2", "--json", *extra,
+        "-S", "12", "-C", "3", "-I", "2", "-K", "2", "-A", "2", "--trust-checkpoint", "--json", *extra,
     ]  # fmt: skip
 
 
@@ -61,15 +61,16 @@ def without_trust_checks(monkeypatch):
 
 
 def test_a_failed_attack_is_inconclusive_and_fails_the_gate(tiny, tmp_path, capsys, without_trust_checks):
-    # Untrained 3-class targets: their softmax stays near 1/3, so no class is reached (confidence
-    # < 0.5) and the audit says nothing about privacy; even a 100 % threshold must not pass it.
+    # Untrained 3-class targets: their top-1 barely depends on the input, so the other classes are
+    # never ranked first (not reached) and the audit says nothing about privacy; even a 100 %
+    # threshold must not pass it.
     code, out, err = _run(_audit(tiny, tmp_path / "a", "--max-attack-acc", "1.0", "--allow-weak-budget"), capsys)
     assert code == 4, err
     assert "inconclusive" in err and "did not reach" in err
     doc = json.loads(out)
     assert doc["gate"]["passed"] is False and doc["gate"]["inconclusive"] == doc["gate"]["failing"]
     assert all(m["verdict"]["status"] == "inconclusive" and m["verdict"]["passed"] is False for m in doc["models"])
-    assert all(not row["reached"] for m in doc["models"] for row in m["per_class"])
+    assert all(sum(not row["reached"] for row in m["per_class"]) >= 2 for m in doc["models"])
 
 
 def test_junit_reports_the_failed_gate_for_ci(tiny, tmp_path, capsys, without_trust_checks):
@@ -89,7 +90,7 @@ def test_junit_reports_the_failed_gate_for_ci(tiny, tmp_path, capsys, without_tr
 
 
 def test_report_json_carries_every_number_per_model(tiny, tmp_path, capsys):
-    code, out, err = _run(_audit(tiny, tmp_path / "b", "--seeds", "2", "--allow-weak-evaluator"), capsys)
+    code, out, err = _run(_audit(tiny, tmp_path / "b", "--seeds", "2", "--allow-weak-evaluator", "--attack", "ppa"), capsys)
     assert code == 0, err
     doc = json.loads(out)
     assert doc["options"]["seeds"] == [0, 1]
@@ -123,27 +124,31 @@ def test_report_json_carries_every_number_per_model(tiny, tmp_path, capsys):
 
 def test_the_gate_reads_the_upper_end_of_the_interval(tiny, tmp_path, capsys, monkeypatch, without_trust_checks):
     # Make the untrained targets count as "reached" so that the gate, not the inconclusive rule, decides.
-    monkeypatch.setattr(judging_module, "stats_verdict", functools.partial(stats.verdict, min_target_confidence=0.0))
-    code, out, err = _run(_audit(tiny, tmp_path / "c"), capsys)
+    monkeypatch.setattr(judging_module, "stats_verdict", functools.partial(stats.verdict, min_reached=0.0))
+    code, out, err = _run(_audit(tiny, tmp_path / "c", "--attack", "ppa"), capsys)
     assert code == 0, err
     s = json.loads(out)["models"][0]["metrics"]
     est, high = s["attack_acc1"], s["attack_acc1_interval"]["high"]
     assert est < high  # 3 classes x 2 images: the interval is wide
     threshold = round((est + high) / 2, 4)  # above the point estimate, below the upper end
-    code, out, err = _run(_audit(tiny, tmp_path / "d", "--max-attack-acc", threshold, "--allow-weak-budget"), capsys)
+    code, out, err = _run(_audit(tiny, tmp_path / "d", "--max-attack-acc", threshold, "--allow-weak-budget", "--attack", "ppa"), capsys)
     assert code == 4, err
     assert "upper end" in err and "inconclusive" not in err
     doc = json.loads(out)
     assert doc["models"][0]["verdict"]["status"] == "leaky" and doc["gate"]["failing"][0] == doc["models"][0]["name"]
 
 
-def _parts(*hits: np.ndarray, conf: float = 0.9) -> list[dict]:
-    """One rank's part of one (model, attack) run, judged by one evaluator per `hits` array."""
+def _parts(*hits: np.ndarray, conf: float = 0.9, so: np.ndarray | None = None, unfiltered: np.ndarray | None = None) -> list[dict]:
+    """One rank's part of one (model, attack) run, judged by one evaluator per `hits` array (with the
+    selection-only baseline's hits `so` and the unfiltered candidates' `unfiltered`, if given)."""
     n, k = hits[0].shape
     evals = [EvaluatorOutcome(top1=torch.tensor(h, dtype=torch.bool), top5=torch.ones(n, k, dtype=torch.bool), knn=torch.ones(n, k),
-                              unfiltered=torch.tensor(h, dtype=torch.bool)) for h in hits]  # fmt: skip
+                              unfiltered=torch.tensor(h if unfiltered is None else unfiltered, dtype=torch.bool),
+                              so_top1=None if so is None else torch.tensor(so, dtype=torch.bool),
+                              so_top5=None if so is None else torch.ones(n, k, dtype=torch.bool)) for h in hits]  # fmt: skip
     return [ShardOutcome(classes=list(range(n)), evaluators=evals, target_conf=torch.full((n, k), conf),
-                         shown=torch.zeros(n, 1, 1, 4, 4, dtype=torch.uint8), image_steps=1, seconds=1.0, timings={})]
+                         target_top1=torch.full((n, k), float(conf >= 0.5)), shown=torch.zeros(n, 1, 1, 4, 4, dtype=torch.uint8),
+                         image_steps=1, seconds=1.0, timings={})]  # fmt: skip
 
 
 def _target():
@@ -152,14 +157,19 @@ def _target():
     return target
 
 
-def _judge(parts_per_model: list[dict], threshold: float, evaluators: int = 1):
-    """ModelAudits of models whose attacks (name -> parts) are judged by `evaluators` evaluation models."""
-    judging = judging_module.Judging(threshold, {"ppa": {"iterations": 1}, "lomma": {"iterations": 1}},
-                                     [{"name": f"e{i}", "accuracy": None} for i in range(evaluators)])
+def _judge(parts_per_model: list[dict], threshold: float, evaluators: int = 1, masking: list | None = None):
+    """ModelAudits of models whose attacks (name -> parts) are judged by `evaluators` evaluation models
+    (with each model's masking diagnostics, if given); the class count comes from the parts."""
+    from mishield.attack.attacks import ATTACKS
+
+    n = len(next(iter(parts_per_model[0].values()))[0].classes)
+    judging = judging_module.Judging(threshold, {a: {"iterations": 1} for a in ATTACKS},
+                                     [{"name": f"e{i}", "accuracy": None} for i in range(evaluators)],
+                                     {a: k.to_dict() for a, k in ATTACKS.items()})  # fmt: skip
     names = [f"m{i}" for i in range(len(parts_per_model))]
-    rows = [[judging_module.judge_row(a, parts, [0, 1, 2], ["a", "b", "c"], 3, (0.9, 30), judging, f"grids/{mi}_{a}.png")
+    rows = [[judging_module.judge_row(a, parts, list(range(n)), [f"c{c}" for c in range(n)], n, (0.9, 30), judging, f"grids/{mi}_{a}.png")
              for a, parts in attacks.items()] for mi, attacks in enumerate(parts_per_model)]  # fmt: skip
-    return judging_module.model_audits([_target()] * len(names), names, rows)
+    return judging_module.model_audits([_target()] * len(names), names, rows, masking)
 
 
 def test_aggregation_gate_paired_difference_and_inconclusive():
@@ -187,8 +197,9 @@ def test_the_most_leaky_evaluator_and_the_worst_attack_decide():
         (m,) = _judge([{"ppa": _parts(*order)}], 0.5, evaluators=2)
         assert m.attack_acc1 == pytest.approx(5 / 6) and m.metrics["evaluator"] == ("e1" if order[0] is low else "e0")
         assert [e["attack_acc1"] for e in m.metrics["evaluators"]] == pytest.approx([float(o.mean()) for o in order])
-    # Two attacks: the weak one passes a 0.7 threshold, the strong one does not; the model is leaky under the strong one.
-    weak = np.array([[0, 0], [0, 0], [1, 0]])
+    # Two attacks over 5 classes: the weak one passes a 0.7 threshold, the strong one does not; the model is leaky under the strong one.
+    weak = np.array([[0, 0], [0, 0], [1, 0], [0, 0], [0, 0]])
+    high = np.array([[1, 1], [1, 1], [1, 0], [1, 1], [1, 1]])
     (m,) = _judge([{"ppa": _parts(weak), "lomma": _parts(high)}], 0.7)
     assert [r["verdict"]["status"] for r in m.attacks] == ["passes", "leaky"]
     assert m.attack == m.metrics["strongest_attack"] == "lomma" and m.grid == "grids/0_lomma.png"
@@ -212,6 +223,6 @@ def test_paired_differences_per_attack_and_worst_case():
 def test_without_a_threshold_a_conclusive_audit_is_not_gated_and_a_failed_one_still_inconclusive():
     hot = np.array([[1, 1], [1, 0], [0, 1]])
     iv = stats.class_bootstrap(hot)
-    v = stats.verdict(iv, None, chance=1 / 3, target_confidence=np.full(3, 0.9))
+    v = stats.verdict(iv, None, chance=1 / 3, reached=np.full(3, 0.9))
     assert v.status == "not gated" and not v.passed
-    assert stats.verdict(iv, None, chance=1 / 3, target_confidence=[0.9, 0.1, 0.9]).status == "inconclusive"
+    assert stats.verdict(iv, None, chance=1 / 3, reached=[0.9, 0.1, 0.9]).status == "inconclusive"

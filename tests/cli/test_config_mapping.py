@@ -32,7 +32,7 @@ def _call(argv, capsys):
 
 def test_every_audit_flag_reaches_its_config_field(captured, capsys, tmp_path):
     _call(["audit", "a.pt", "b.pt", "--data", tmp_path, "--prior", "p.safetensors", "--eval-model", "e1.pt", "--eval-model", "e2.pt",
-           "--attack", "ppa,lomma", "--surrogate", "s.pt", "--classes", "0-3", "--preset", "ci", "-S", "300", "-C", "12",
+           "--attack", "ppa,lomma", "--blackbox-generations", "9", "--surrogate", "s.pt", "--classes", "0-3", "--preset", "ci", "-S", "300", "-C", "12",
            "-I", "7", "-K", "6", "-A", "5", "--batch-size", "33", "--seed", "4", "--seeds", "3", "--val-fraction", "0.2",
            "--lr", "0.02", "--milestones", "0.5,0.7", "--gamma", "0.3", "--center-crop", "0.9", "--no-selection-baseline",
            "--allow-weak-budget", "--device", "cpu", "--compile", "--max-attack-acc", "0.45", "--arch", "timm:test_resnet",
@@ -46,6 +46,7 @@ def test_every_audit_flag_reaches_its_config_field(captured, capsys, tmp_path):
         ("ci", 300, 12, 7, 6, 5, 33, 4)
     assert (a.lr, a.milestones, a.gamma, a.center_crop, a.selection_baseline, a.compile) == (0.02, (0.5, 0.7), 0.3, 0.9, False, True)
     assert c.attacks == ("ppa", "lomma") and c.classes == "0-3" and c.seeds == 3 and c.val_fraction == 0.2
+    assert c.blackbox.generations == 9
     assert c.allow_weak_budget and not c.allow_weak_evaluator and c.max_attack_acc == 0.45 and c.device == "cpu"
     assert c.trust_checkpoint and c.overwrite and c.eval_arch == "attack_support:small_plain_cnn"
     assert c.load_options == {"arch": "timm:test_resnet", "num_classes": 4, "input_size": 24, "mean": (0.5,), "std": (0.25,)}
@@ -55,7 +56,8 @@ def test_every_audit_flag_reaches_its_config_field(captured, capsys, tmp_path):
 def test_audit_defaults_are_the_default_preset(captured, capsys, tmp_path):
     _call(["audit", "a.pt", "--data", tmp_path, "--prior", "none", "--eval-model", "e.pt"], capsys)
     c = captured["config"]
-    assert c.attack == mishield_default_attack() and c.attacks == ("ppa",) and c.max_attack_acc is None and c.seeds == 1
+    assert c.attack == mishield_default_attack() and c.attacks is None and c.max_attack_acc is None and c.seeds == 1
+    assert c.blackbox.generations is None  # half of the resolved I, decided by the audit with its prior
 
 
 def mishield_default_attack():

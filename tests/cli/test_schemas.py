@@ -159,6 +159,11 @@ def test_audit_at_the_smallest_budget(private, public, tmp_path, capsys):
         assert [e["extractor"] for e in m["metrics"]["feature_extractors"]] == [e["extractor"] for e in doc["feature_extractors"]]
         assert m["metrics"]["knn_judge_extractor"] == doc["feature_extractors"][0]["extractor"]
         assert 0 <= m["metrics"]["knn_judge_acc1"] <= 1 and len(m["per_class"][0]["feature_extractors"]) == 2
+    # version 2: the default attacks (ppa and the gradient-free one, its budget in queries) and the masking diagnostics
+    assert [r["attack"] for r in doc["models"][0]["attacks"]] == ["ppa", "blackbox"]
+    blackbox = doc["models"][0]["attacks"][1]
+    assert blackbox["budget"]["queries_per_candidate"] == 8 and blackbox["timing"]["queries"]["per_candidate"] == 8
+    assert all(isinstance(m["masking"]["signals"], list) and "gradient_stats" in m["masking"] for m in doc["models"])
     # stdout and report.json carry the same document.
     assert json.loads(Path(doc["files"]["json"]).read_text())["models"] == doc["models"]
 
