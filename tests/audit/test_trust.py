@@ -126,8 +126,11 @@ def test_the_accuracy_floor_reads_the_lower_end_of_the_evaluators_interval(world
     from mishield.audit.stats import wilson_interval
     from mishield.audit.trust import accuracy_floor, check_evaluator
 
+    from mishield.audit.evaluator import Evaluator
+
     class Fixed:  # what check_evaluator reads of an evaluator: its judgement of the validation images
-        batch_size = 64
+        batch_size, _read = 64, None
+        read = Evaluator.read  # the real reading of the images, through the fixed `images` below
 
         def __init__(self, right: int):
             self.right = right
@@ -136,7 +139,7 @@ def test_the_accuracy_floor_reads_the_lower_end_of_the_evaluators_interval(world
             n = images.shape[0]
             logits = torch.zeros(n, 5)
             logits[torch.arange(n), torch.arange(n) % 5] = 1.0  # labels cycle through the classes as the items below
-            return logits, None
+            return logits, torch.zeros(n, 1)
 
     class Evaluation:
         name, provenance, info, model = "e", {}, {}, torch.nn.Linear(1, 1)

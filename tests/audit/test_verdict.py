@@ -81,10 +81,14 @@ def test_junit_reports_the_failed_gate_for_ci(tiny, tmp_path, capsys, without_tr
     assert code == 4, err  # written before the gate's exit code
     doc = json.loads(out)
     suite = ET.parse(junit).getroot().find("testsuite")
-    assert (suite.get("tests"), suite.get("failures")) == ("2", "2")
-    failures = [case.find("failure") for case in suite.findall("testcase")]
-    assert [f.get("type") for f in failures] == ["inconclusive", "inconclusive"]
-    assert [f.get("message") for f in failures] == [m["verdict"]["reason"] for m in doc["models"]]
+    rows = [(m["name"], row) for m in doc["models"] for row in m["attacks"]]  # one case per model and attack
+    assert len(rows) == 4 and {row["attack"] for _, row in rows} == {"ppa", "blackbox"}  # the default attacks
+    assert (suite.get("tests"), suite.get("failures")) == ("4", "4")
+    cases = suite.findall("testcase")
+    assert [(c.get("classname"), c.get("name")) for c in cases] == [(name, row["attack"]) for name, row in rows]
+    failures = [case.find("failure") for case in cases]
+    assert [f.get("type") for f in failures] == ["inconclusive"] * 4
+    assert [f.get("message") for f in failures] == [row["verdict"]["reason"] for _, row in rows]
     code, _, err = _run(_audit(tiny, tmp_path / "k", "--junit", tiny["eval"]), capsys)  # an input is never the report
     assert code == 2 and "is the input" in err, err
 
