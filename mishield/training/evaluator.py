@@ -23,7 +23,8 @@ DEFAULT_EVAL_ARCH = "mishield.models.plaincnn:plain_cnn"
 class EvalModelConfig:
     """How to train an evaluation model: `arch` (default mishield's skip-free CNN, which differs
     from the audited ResNets), `input_size` (default: the prior's resolution, see train_eval_model),
-    the recipe (`epochs`, `lr`, `batch_size`, `seed`), `val_fraction` (a seeded hold-out where the
+    the recipe (`epochs`, `lr`, `batch_size`, `seed`, `augmentation`: "photo" or "glyph" for drawn
+    characters, `mishield.data.AUGMENTATIONS`), `val_fraction` (a seeded hold-out where the
     data has no val/), `device`, `workers`, `resume` and `overwrite`."""
 
     arch: str = DEFAULT_EVAL_ARCH
@@ -37,6 +38,7 @@ class EvalModelConfig:
     overwrite: bool = False
     resume: bool = False
     workers: int | None = None
+    augmentation: str = "photo"
 
 
 def train_eval_model(
@@ -85,7 +87,7 @@ def train_eval_model(
     torch.manual_seed(seed)
     model = build_architecture(arch, splits.num_classes)
     preprocessing = default_preprocessing(model, arch).with_input_size(input_size)
-    recipe = TrainingRecipe(schedule="finetune", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    recipe = TrainingRecipe(schedule="finetune", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, augmentation=c.augmentation)
     fit(model, splits, preprocessing, recipe, options=RunOptions(device=c.device, workers=c.workers, state_path=state_path,
                                                                  resume=c.resume), progress=progress, on_epoch=on_epoch)
     model = model.eval().cpu()
@@ -93,7 +95,7 @@ def train_eval_model(
         evaluate_accuracy(model, splits.val, preprocessing, device=c.device, batch_size=batch_size) if splits.val else None
     )
     training = {"data": str(data_dir), "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "role": "evaluation",
-                "data_fingerprint": fingerprint}
+                "data_fingerprint": fingerprint, **({"augmentation": c.augmentation} if c.augmentation != "photo" else {})}
     metrics = {"natural_acc": accuracy, "val_images": len(splits.val)}
     save_model(
         out,
