@@ -214,6 +214,9 @@ def test_time_left_follows_the_measured_pace_of_the_run(tmp_path):
     stages.ran.append({"name": "b", "cached": True, "seconds": 0.0})  # cached stages say nothing about the pace
     stages.done["b"] = {}
     assert stages._left("c") == "roughly 30 s left at this machine's pace so far"
+    rerun = _Stages(tmp_path, ["a", "b", "c"], {"a": 1, "b": 2, "c": 3}, lines.append)
+    rerun.done = {"a": {}, "b": {}, "c": {}}  # an earlier run finished all three; b's settings changed
+    assert rerun._left("b") == "roughly 2 s left on an idle 2-core CPU"  # b itself runs again, c stays cached
 
 
 def test_the_dataset_is_checked_once_in_the_library_and_named_as_the_flag(tmp_path, capsys):
