@@ -337,7 +337,7 @@ def surrogates_for(st: Setting, public: Path, files: dict[str, Path], log) -> li
         if not path.exists():
             t0 = time.perf_counter()
             config = SurrogateConfig(arch=st.surrogate["arch"], epochs=st.surrogate["epochs"], device="cpu", overwrite=True,
-                                     workers=0, seed=0)
+                                     workers=0, seed=0, resume=_state(path).exists())
             result = train_surrogate(model, public, path, config=config)
             log(f"{model.parent.name}: surrogate of {name} (agreement {result.agreement:.2f}) in {time.perf_counter() - t0:.0f} s")
         paths.append(path)
