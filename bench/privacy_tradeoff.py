@@ -34,9 +34,10 @@ through one surrogate distilled from that model on the public data (`mishield.tr
 The rows (DEFENCES; "from scratch" means E epochs like the undefended model; "+ RoLSS" means
 RoLSS surgery on that model, then `Setting.finetune_epochs` of fine-tuning at the training lr with
 the recipe's decay and the same defence kept on, what `mishield harden --method rolss --lr 3e-3`
-does to a trained file; at a tenth of it the RoLSS copy's softmax stayed flat (measured: the true
-class's mean probability on real validation images 0.18-0.30 after 3-5 epochs, against 0.63 at
-the full lr), which the audit reads as classes the attack did not reach):
+does to a trained file; on the demo's 24-character set a RoLSS copy fine-tuned at a tenth of it
+kept a flat softmax (the true class's mean probability on real validation images 0.18 after 3
+epochs, 0.30 at a third of the lr after 5, 0.63 at the full lr), which the audit reads as classes
+the attack did not reach):
 
 * none: the undefended target, from scratch;
 * RoLSS / SSF (k = 0.2): surgery on `none`, then fine-tuning (Koh et al., ECCV 2024);

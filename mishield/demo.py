@@ -88,7 +88,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
             "hardened": [("rolss", "RoLSS", "rolss.pt", {"method": "rolss", "epochs": 5, "lr_factor": 1.0})],
             "evaluators": [(PLAIN_CNN, 12), (EFFICIENTNET, 15)],
             "prior": {"epochs": 20, "latent_dim": 64, "width": 16, "batch_size": 32, "lr": 2e-4},
-            "attack": {"samples": 200, "candidates": 16, "iterations": 80, "keep": 8, "final_augmentations": 8,
+            "attack": {"samples": 200, "candidates": 16, "iterations": 80, "keep": 12, "final_augmentations": 8,
                        "batch_size": 256, **GLYPH_SELECTION},
             "seconds": {"data": 2, "target": 52, "rolss": 15, "eval": 99, "eval2": 35, "prior": 51, "audit": 240, "export": 4},
         },
@@ -507,29 +507,33 @@ def write_figure(report: dict, audit_dir: Path, dest: Path) -> Path:
     """One picture for the README: the original's and the first hardened model's reconstruction
     grids side by side (each row a class: reconstructions, gap, real private images), captioned
     with the measured numbers. With many classes, FIGURE_CLASSES rows spread evenly over the
-    attacked classes (never chosen by how they look)."""
+    classes the grid holds (the first MAX_GRID_ROWS attacked ones), never chosen by how they look."""
     from PIL import Image, ImageDraw
 
     from mishield.fileio import atomic_output
 
     rows = demo_table(report)
-    panels = []
+    captions, grids = [], []
     for m, row in list(zip(report["models"], rows))[:2]:
         with Image.open(audit_dir / m["grid"]) as img:
             grid = _some_rows(img.convert("RGB"), min(len(m["per_class"]), MAX_GRID_ROWS))
         scale = max(1, 256 // grid.height)
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+        grids.append(grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST))
         lo, hi = row["attack_acc1_ci95"]
         caption = [f"{row['model']}", f"natural acc {_pct(row['natural_acc'])}",
                    f"attack acc@1 {_pct(row['attack_acc1'])} [{_pct(lo)}, {_pct(hi)}]"]
         if row["paired_diff"] is not None:
             dlo, dhi = row["paired_diff_ci95"]
             caption.append(f"vs original {100 * row['paired_diff']:+.1f} pts [{100 * dlo:+.1f}, {100 * dhi:+.1f}]")
-        panel = Image.new("RGB", (max(grid.width, 300), grid.height + 16 * len(caption) + 8), "white")
+        captions.append(caption)
+    top = 16 * max(len(c) for c in captions) + 8  # the same for every panel, so the class rows line up
+    panels = []
+    for caption, grid in zip(captions, grids):
+        panel = Image.new("RGB", (max(grid.width, 300), grid.height + top), "white")
         draw = ImageDraw.Draw(panel)
         for j, line in enumerate(caption):
             draw.text((4, 4 + 16 * j), line, fill="black")
-        panel.paste(grid, (0, 16 * len(caption) + 8))
+        panel.paste(grid, (0, top))
         panels.append(panel)
     width = sum(p.width for p in panels) + 16 * (len(panels) - 1)
     canvas = Image.new("RGB", (width, max(p.height for p in panels)), "white")

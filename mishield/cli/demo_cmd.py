@@ -13,7 +13,7 @@ from mishield.cli.options import JsonOpt
 
 def demo(
     dataset: Annotated[str, typer.Option("--dataset", help="omniglot (129 private handwritten characters: intervals narrow enough to compare models) or fashion-mnist (5 private classes).")] = "omniglot",
-    quick: Annotated[bool, typer.Option("--quick", help="Tiny but real run (under a minute on an idle 2-core CPU) instead of the full demo (under 10 minutes).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny but real run (about a minute of CPU time) instead of the full demo (Omniglot: about 8 minutes).")] = False,
     out: Annotated[Path, typer.Option("--out", help="Folder for every artefact; an interrupted demo continues from what it holds.")] = Path("mishield-demo"),
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
