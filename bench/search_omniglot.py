@@ -15,7 +15,7 @@ and CPU seconds, the torch threads and the load average before and after (the ma
 the CPU time of the process is what an idle machine would need, roughly).
 
 The library call is what `mishield harden original.pt --data private/ --search --prior prior.safetensors
---eval-model eval.pt --eval-model eval2.pt --search-grid quick --max-acc-drop 0.05 --out hardened.pt`
+--eval-model eval.pt --eval-model eval2.pt --grid quick --max-acc-drop 0.05 --out hardened.pt`
 does, with the training augmentation and the character final selection that the command line does
 not set.
 """
