@@ -145,6 +145,8 @@ class HardenConfig:
     (p, min_area, max_area), or p alone, or the string "P[,MIN,MAX]"; MIDRE's is (1.0, 0.1, 0.8)),
     `freeze_stages` (the stem and the first N stages frozen in every stage that trains on the
     private data, TL-DMI), `public_epochs` (TL-DMI's public pre-training, with `harden(public=...)`).
+    `augmentation` names the training augmentation (`mishield.data.AUGMENTATIONS`: "photo", the
+    default, or "glyph" for drawn characters such as Omniglot's).
     `force` fine-tunes even an original that scores at chance on the validation images (by default a
     refusal, exit 3: its mean/std, input size or class order is likely wrong) or, with `reset_head`,
     data of one class. `overwrite` replaces an existing output. `HardenConfig.from_recipe("recipes/paper-tts.yaml")`
@@ -178,6 +180,7 @@ class HardenConfig:
     freeze_stages: int = 0
     public_epochs: int | None = None
     force: bool = False
+    augmentation: str = "photo"
 
     def __post_init__(self) -> None:
         from mishield.defences import parse_erase
@@ -232,6 +235,10 @@ class HardenConfig:
             raise UsageError("`bido_lx` and `bido_ly` must be 0 or more.")
         if self.schedule == "finetune" and self.stage1_epochs is not None:
             raise UsageError("`stage1_epochs` applies to `schedule` tts only.")
+        from mishield.training.recipe import AUGMENTATION_NAMES
+
+        if self.augmentation not in AUGMENTATION_NAMES:
+            raise UsageError(f"`augmentation` must be one of {', '.join(AUGMENTATION_NAMES)}, got {self.augmentation!r}.")
         return self
 
     def training_options_given(self) -> list[str]:
@@ -243,6 +250,7 @@ class HardenConfig:
             ("neg_ls", self.neg_ls), ("neg_ls_start", self.neg_ls_start), ("neg_ls_ramp", self.neg_ls_ramp),
             ("erase", self.erase), ("freeze_stages", self.freeze_stages or None), ("public_epochs", self.public_epochs),
             ("force", self.force or None),
+            ("augmentation", None if self.augmentation == "photo" else self.augmentation),
         ) if value is not None]
 
 
@@ -409,6 +417,7 @@ def _recipe(loaded: LoadedModel, t: HardenConfig, fresh_head: bool = False) -> T
         label_smoothing=smoothing,
         erase=t.erase,
         freeze_stages=t.freeze_stages,
+        augmentation=t.augmentation,
     )
 
 
@@ -450,7 +459,8 @@ def _pretrain_public(loaded: LoadedModel, t: HardenConfig, recipe: TrainingRecip
 
     public = load_image_folders(data.public, seed=t.seed)  # its val/ folder, when it has one, measures the public accuracy
     epochs = DEFAULT_PUBLIC_EPOCHS if t.public_epochs is None else t.public_epochs
-    public_recipe = TrainingRecipe(schedule="finetune", epochs=epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed)
+    public_recipe = TrainingRecipe(schedule="finetune", epochs=epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed,
+                                   augmentation=recipe.augmentation)
     state = None if options.state_path is None else options.state_path.with_name(options.state_path.name + ".public")
     pre = pretrain_on_public(loaded.model, public, loaded.preprocessing, public_recipe, private_classes=private_classes,
                              options=dc.replace(options, state_path=state, log_path=None),

@@ -26,9 +26,10 @@ DEFAULT_EVAL_NOISE = 0.25
 class EvalModelConfig:
     """How to train an evaluation model: `arch` (default mishield's skip-free CNN, which differs
     from the audited ResNets), `input_size` (default: the prior's resolution, see train_eval_model),
-    the recipe (`epochs`, `lr`, `batch_size`, `seed`), `noise` (std of the Gaussian pixel noise
-    added to training images, 0 for none; `mishield.data.GaussianNoise`), `val_fraction` (a seeded
-    hold-out where the data has no val/), `device`, `workers`, `resume` and `overwrite`."""
+    the recipe (`epochs`, `lr`, `batch_size`, `seed`, `augmentation`: "photo" or "glyph" for drawn
+    characters, `mishield.data.AUGMENTATIONS`), `noise` (std of the Gaussian pixel noise added to
+    training images, 0 for none; `mishield.data.GaussianNoise`), `val_fraction` (a seeded hold-out
+    where the data has no val/), `device`, `workers`, `resume` and `overwrite`."""
 
     arch: str = DEFAULT_EVAL_ARCH
     input_size: int | None = None
@@ -42,6 +43,7 @@ class EvalModelConfig:
     resume: bool = False
     workers: int | None = None
     noise: float = DEFAULT_EVAL_NOISE
+    augmentation: str = "photo"
 
 
 def train_eval_model(
@@ -127,7 +129,8 @@ def _train(data_dir, splits, split: dict, c: EvalModelConfig, out: Path, prior, 
     torch.manual_seed(seed)
     model = build_architecture(arch, splits.num_classes)
     preprocessing = default_preprocessing(model, arch).with_input_size(input_size)
-    recipe = TrainingRecipe(schedule="finetune", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, noise=c.noise)
+    recipe = TrainingRecipe(schedule="finetune", epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, noise=c.noise,
+                            augmentation=c.augmentation)
     state_path = state_path_for(out)
     fit(model, splits, preprocessing, recipe, options=RunOptions(device=c.device, workers=c.workers, state_path=state_path,
                                                                  resume=c.resume), progress=progress, on_epoch=on_epoch)
@@ -136,7 +139,8 @@ def _train(data_dir, splits, split: dict, c: EvalModelConfig, out: Path, prior, 
         evaluate_accuracy(model, splits.val, preprocessing, device=c.device, batch_size=batch_size) if splits.val else None
     )
     training = {"data": str(data_dir), "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "role": "evaluation",
-                "data_fingerprint": fingerprint, "split": split, "noise": c.noise}
+                "data_fingerprint": fingerprint, "split": split, "noise": c.noise,
+                **({"augmentation": c.augmentation} if c.augmentation != "photo" else {})}
     metrics = {"natural_acc": accuracy, "val_images": len(splits.val)}
     save_model(
         out,

@@ -123,7 +123,7 @@ def train_tl_dmi(
     options = options or RunOptions()
     t0 = time.perf_counter()
     public_recipe = TrainingRecipe(schedule="finetune", epochs=public_epochs, lr=recipe.lr, batch_size=recipe.batch_size,
-                                   seed=recipe.seed)
+                                   seed=recipe.seed, augmentation=recipe.augmentation)
     pre = pretrain_on_public(model, public, preprocessing, public_recipe, private_classes=private.num_classes,
                              options=dataclasses.replace(options, state_path=_public_state(options.state_path), log_path=None),
                              progress=progress, on_epoch=on_epoch)
