@@ -24,12 +24,15 @@ architectures on the private data (mishield's skip-free CNN and timm's `test_eff
 Per training seed s = 0, 1, ..., `--seeds` - 1 (the unit of replication): every model is trained
 again with seed s (initialisation, data order, augmentation), then all of them are audited in ONE
 `mishield.audit` call with the undefended model first (the same latent pool and crops for all, so
-within a seed every paired difference is exact), attack seed s, attacks `ppa` and `lomma`
-(passed explicitly, so a later change of the audit's default does not change this study), both
-evaluators, with the budget and final selection of `Setting.attack` (for Omniglot: 43 of the 129
-private classes, every third, so all three alphabets; 12 models under two attacks per seed make
-the audit the dearest stage, and its cost grows with the classes). `lomma` attacks each model
-through one surrogate distilled from that model on the public data (`mishield.train_surrogate`).
+within a seed every paired difference is exact), attack seed s, attacks `ppa`, `lomma`, `blackbox`
+and `transfer` (passed explicitly, so a later change of the audit's default does not change this
+study; the gradient-free `blackbox` and the surrogate-only `transfer` were added before the first
+audit ran, so that a defence that only masks gradients cannot look strong, docs/audit.md
+"Masking"), both evaluators, with the budget and final selection of `Setting.attack` (for
+Omniglot: 43 of the 129 private classes, every third, so all three alphabets; 12 models under four
+attacks per seed make the audit the dearest stage, and its cost grows with the classes). `lomma`
+and `transfer` attack each model through one surrogate distilled from that model on the public
+data (`mishield.train_surrogate`).
 
 The rows (DEFENCES; "from scratch" means E epochs like the undefended model; "+ RoLSS" means
 RoLSS surgery on that model, then `Setting.finetune_epochs` of fine-tuning at the training lr with
@@ -75,7 +78,7 @@ Analysis (fixed before the first run; the tables `--report` prints follow it):
 5. Cost: the per-seed natural-accuracy difference N_s(D) - N_s(none), its mean and t-interval over
    seeds, and Δ = (mean attack-accuracy drop) / (mean natural-accuracy drop), Koh et al.'s column,
    when the mean natural-accuracy drop is positive (n/a otherwise).
-6. Descriptive only (not tested): each attack's own paired difference (ppa, lomma), how many seeds
+6. Descriptive only (not tested): each attack's own paired difference (ppa, lomma, blackbox, transfer), how many seeds
    have d_s < 0, each model's attack accuracy with its class-bootstrap interval, the KNN distance.
 7. Every row that ran is reported, whatever it shows; a run with fewer seeds than asked for is
    labelled partial with the number of seeds in it.
@@ -117,7 +120,7 @@ DEFENCES: dict[str, dict] = {
     "freeze": {"kind": "tl_dmi", "freeze_stages": 2},
     "freeze+RoLSS": {"kind": "harden", "base": "freeze", "method": "rolss", "freeze_stages": 2},
 }
-ATTACKS = "ppa,lomma"  # explicit: the study does not follow later changes of the audit's default
+ATTACKS = "ppa,lomma,blackbox,transfer"  # explicit: the study does not follow later changes of the audit's default
 
 
 @dataclass(frozen=True)
