@@ -449,13 +449,15 @@ def markdown(doc: dict) -> str:
     def pts(t):
         return f"{100 * t[0]:+.1f} [{100 * t[1]:+.1f}, {100 * t[2]:+.1f}]" if not math.isnan(t[1]) else f"{100 * t[0]:+.1f}"
 
+    attacks = doc["attacks"].split(",")
     n = max((r["seeds"] for r in doc["summary"]), default=0)
     status = "" if n >= doc["seeds_asked"] else f" (PARTIAL: {n} of {doc['seeds_asked']} seeds)"
     lines = [(f"Seed-level summary{status}: mean over seeds [95 % t-interval over seeds]; attack accuracy is the worst case "
-             f"of {ATTACKS} under two evaluators."), "",
+             f"of {doc['attacks']} under two evaluators."), "",
              ("| defence | seeds | natural acc % | attack acc@1 % | paired diff vs none, pts | seeds lower | "
-             "Bonferroni interval, pts | natural acc diff, pts | Δ | reading | ppa diff, pts | lomma diff, pts |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Bonferroni interval, pts | natural acc diff, pts | Δ | reading | "
+             + " | ".join(f"{a} diff, pts" for a in attacks) + " |"),
+             "|---" * (10 + len(attacks)) + "|"]
     for r in doc["summary"]:
         nat, att = r["natural_acc"], r["attack_acc1"]
         cells = [r["defence"], str(r["seeds"]), f"{pct(nat[0])} [{pct(nat[1])}, {pct(nat[2])}]",
@@ -464,9 +466,9 @@ def markdown(doc: dict) -> str:
             pa = r["per_attack"]
             cells += [pts(r["paired_diff"]), f"{r['seeds_lower']}/{r['seeds']}", pts(r["paired_diff_bonferroni"]),
                       pts(r["natural_diff"]), "n/a" if r["delta"] is None else f"{r['delta'] + 0.0:.2f}", r["effect"],
-                      pts(pa.get("ppa", (float("nan"),) * 3)), pts(pa.get("lomma", (float("nan"),) * 3))]
+                      *(pts(pa.get(a, (float("nan"),) * 3)) for a in attacks)]
         else:
-            cells += ["baseline", "", "", "", "", "", "", ""]
+            cells += ["baseline", "", "", "", "", "", *([""] * len(attacks))]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = [s["none"]["seed"] for s in doc["per_seed"]]
     lines += ["", ("Per seed: natural acc % / attack acc@1 % [the audit's 95 % class-bootstrap interval]; paired difference "
