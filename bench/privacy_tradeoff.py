@@ -426,7 +426,7 @@ def summarise(per_seed: list[dict[str, dict]]) -> list[dict]:
                     "seeds_lower": sum(x < 0 for x in d), "delta": (-diff[0] / acc_drop) if acc_drop > 0 else None,
                     "effect": _effect(diff, bonf),
                     "per_attack": {a: t_interval([r["attacks"][a]["paired_diff"] for r in rows if a in r["attacks"]])
-                                   for a in ATTACKS.split(",")}}
+                                   for a in ATTACKS.split(",") if any(a in r["attacks"] for r in rows)}}
         out.append(row)
     return out
 

@@ -51,5 +51,5 @@ def test_a_partial_run_says_so_in_its_table():
         for r in rows.values():
             r |= {"seed": s, "attack_acc1_ci95": [0.4, 0.6], "paired_diff": None if r is rows["none"] else 0.0,
                   "paired_diff_ci95": None if r is rows["none"] else [-0.05, 0.05]}
-    doc = {"seeds_asked": 5, "per_seed": per_seed, "summary": STUDY["summarise"](per_seed)}
+    doc = {"seeds_asked": 5, "attacks": STUDY["ATTACKS"], "per_seed": per_seed, "summary": STUDY["summarise"](per_seed)}
     assert "PARTIAL: 2 of 5 seeds" in STUDY["markdown"](doc)

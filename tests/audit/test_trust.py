@@ -123,10 +123,9 @@ def test_an_evaluator_trained_on_other_images_is_flagged(world, tmp_path, capsys
 
 def test_the_accuracy_floor_reads_the_lower_end_of_the_evaluators_interval(world):
     """An evaluator whose point estimate clears the floor but whose Wilson interval does not is refused."""
+    from mishield.audit.evaluator import Evaluator
     from mishield.audit.stats import wilson_interval
     from mishield.audit.trust import accuracy_floor, check_evaluator
-
-    from mishield.audit.evaluator import Evaluator
 
     class Fixed:  # what check_evaluator reads of an evaluator: its judgement of the validation images
         batch_size, _read = 64, None

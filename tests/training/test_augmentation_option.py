@@ -38,9 +38,9 @@ def used(monkeypatch) -> list[str]:
     seen: list[str] = []
     build = loop.train_transform
 
-    def spy(pre, erase=None, augmentation="photo"):
+    def spy(pre, augmentation="photo", **other):
         seen.append(augmentation)
-        return build(pre, erase=erase, augmentation=augmentation)
+        return build(pre, augmentation=augmentation, **other)
 
     monkeypatch.setattr(loop, "train_transform", spy)
     return seen
