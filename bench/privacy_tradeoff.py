@@ -389,8 +389,13 @@ def seed_rows(report: dict, seed: int) -> dict[str, dict]:
         for a in m.get("attacks") or []:
             b = next(x for x in base.get("attacks") or [] if x["attack"] == a["attack"])
             attacks[a["attack"]] = {"attack_acc1": a["metrics"]["attack_acc1"],
-                                    "paired_diff": float((_per_class(a) - _per_class(b)).mean())}
-        rows[name] = {**row, "model": name, "seed": seed, "strongest_attack": m.get("attack"), "attacks": attacks}
+                                    "paired_diff": float((_per_class(a) - _per_class(b)).mean()),
+                                    "decides": a.get("decides", True)}
+        masking = m.get("masking") or {}
+        rows[name] = {**row, "model": name, "seed": seed, "strongest_attack": m.get("attack"), "attacks": attacks,
+                      "knn_judge_acc1": m["metrics"].get("knn_judge_acc1"),
+                      "false_positive_share": m["metrics"].get("false_positive_share"),
+                      "masking_signals": [s["kind"] for s in masking.get("signals") or []]}
     return rows
 
 
@@ -484,7 +489,46 @@ def markdown(doc: dict) -> str:
                 cell += f"; {100 * r['paired_diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + attack_and_judge_tables(doc)) + "\n"
+
+
+def attack_and_judge_tables(doc: dict) -> list[str]:
+    """Descriptive (step 6): every defence under every attack, and what the other judges and the
+    masking diagnostics said, as means over the seeds (min-max in brackets)."""
+    def spread(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "n/a"
+        mean = 100 * sum(values) / len(values)
+        return f"{mean:.1f} [{100 * min(values):.1f}-{100 * max(values):.1f}]" if len(values) > 1 else f"{mean:.1f}"
+
+    attacks = doc["attacks"].split(",")
+    lines = ["", ("Every defence under every attack: attack accuracy @1 % of each attack (its more leaky evaluator), "
+                  "mean over seeds [min-max]; the worst case above is the highest row that may decide."), "",
+             "| defence | " + " | ".join(attacks) + " | strongest (seeds) |", "|---" * (len(attacks) + 2) + "|"]
+    for name in DEFENCES:
+        rows = [s[name] for s in doc["per_seed"] if name in s]
+        strongest = {}
+        for r in rows:
+            strongest[r["strongest_attack"]] = strongest.get(r["strongest_attack"], 0) + 1
+        cells = [spread([r["attacks"].get(a, {}).get("attack_acc1") for r in rows]) for a in attacks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + ", ".join(f"{k} {v}" for k, v in sorted(strongest.items())) + " |")
+    lines += ["", ("Judges and masking: the worst case's attack accuracy @1 by its evaluator and by the KNN judge in the "
+                   "public feature space (the prior's discriminator), the share of the evaluator's hits the judge rejects, "
+                   "mean over seeds [min-max]; masking signals and verdicts counted over seeds."), "",
+              "| defence | evaluator % | KNN judge % | false-positive share % | masking signals | verdicts |",
+              "|---|---|---|---|---|---|"]
+    for name in DEFENCES:
+        rows = [s[name] for s in doc["per_seed"] if name in s]
+        signals = [k for r in rows for k in r.get("masking_signals") or []]
+        verdicts = {}
+        for r in rows:
+            verdicts[r.get("verdict")] = verdicts.get(r.get("verdict"), 0) + 1
+        lines.append(f"| {name} | {spread([r['attack_acc1'] for r in rows])} | {spread([r.get('knn_judge_acc1') for r in rows])} | "
+                     f"{spread([r.get('false_positive_share') for r in rows])} | "
+                     f"{', '.join(f'{k} x{signals.count(k)}' for k in sorted(set(signals))) or 'none'} | "
+                     f"{', '.join(f'{k} {v}' for k, v in sorted(verdicts.items(), key=str))} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ def _seed(seed: int, shifts: dict[str, float]) -> dict:
     rows = {}
     for name in STUDY["DEFENCES"]:
         acc = 0.5 + shifts.get(name, 0.0) + 0.01 * ((seed * 7 + len(name)) % 3 - 1)  # a little noise per seed
-        rows[name] = {"attack_acc1": acc, "natural_acc": 0.9 - (0.02 if name == "RoLSS" else 0.0),
-                      "attacks": {"ppa": {"paired_diff": 0.0}, "lomma": {"paired_diff": 0.0}}}
+        rows[name] = {"attack_acc1": acc, "natural_acc": 0.9 - (0.02 if name == "RoLSS" else 0.0), "strongest_attack": "ppa",
+                      "attacks": {"ppa": {"paired_diff": 0.0, "attack_acc1": acc}, "lomma": {"paired_diff": 0.0, "attack_acc1": acc - 0.1}}}
     return rows
 
 
@@ -52,4 +52,9 @@ def test_a_partial_run_says_so_in_its_table():
             r |= {"seed": s, "attack_acc1_ci95": [0.4, 0.6], "paired_diff": None if r is rows["none"] else 0.0,
                   "paired_diff_ci95": None if r is rows["none"] else [-0.05, 0.05]}
     doc = {"seeds_asked": 5, "attacks": STUDY["ATTACKS"], "per_seed": per_seed, "summary": STUDY["summarise"](per_seed)}
-    assert "PARTIAL: 2 of 5 seeds" in STUDY["markdown"](doc)
+    text = STUDY["markdown"](doc)
+    assert "PARTIAL: 2 of 5 seeds" in text
+    # the descriptive tables: each attack's own figure per defence, and attacks that did not run say so
+    row = next(line for line in text.splitlines() if line.startswith("| RoLSS | ") and "ppa 2" in line)
+    assert row.count("n/a") == len(STUDY["ATTACKS"].split(",")) - 2  # blackbox and transfer did not run here
+    assert "| none | 50.5 [50.0-51.0] | 40.5 [40.0-41.0] | n/a | n/a | ppa 2 |" in text  # mean [min-max] over the 2 seeds
