@@ -395,8 +395,16 @@ def seed_rows(report: dict, seed: int) -> dict[str, dict]:
         rows[name] = {**row, "model": name, "seed": seed, "strongest_attack": m.get("attack"), "attacks": attacks,
                       "knn_judge_acc1": m["metrics"].get("knn_judge_acc1"),
                       "false_positive_share": m["metrics"].get("false_positive_share"),
-                      "masking_signals": [s["kind"] for s in masking.get("signals") or []]}
+                      "masking_signals": [s["kind"] for s in masking.get("signals") or []],
+                      "agreement_gap": _gap(masking.get("surrogate_agreement"))}
     return rows
+
+
+def _gap(agreement: dict | None) -> float | None:
+    """Surrogate agreement on natural minus generated images (docs/audit.md "Masking")."""
+    if not agreement or agreement.get("natural") is None or agreement.get("generated") is None:
+        return None
+    return agreement["natural"] - agreement["generated"]
 
 
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -516,10 +524,13 @@ def attack_and_judge_tables(doc: dict) -> list[str]:
     lines += ["", ("Judges and masking: the worst case's attack accuracy @1 by its evaluator and by the KNN judge in the "
                    "public feature space (the prior's discriminator), the share of the evaluator's hits the judge rejects, "
                    "mean over seeds [min-max]; masking signals and verdicts counted over seeds."), "",
-              "| defence | evaluator % | KNN judge % | false-positive share % | masking signals | verdicts |",
-              "|---|---|---|---|---|---|"]
+              "| defence | evaluator % | KNN judge % | false-positive share % | masking signals | verdicts | "
+              "surrogate agreement gap, pts | gap minus none's, pts |",
+              "|---|---|---|---|---|---|---|---|"]
     for name in DEFENCES:
         rows = [s[name] for s in doc["per_seed"] if name in s]
+        excess = [r["agreement_gap"] - s["none"]["agreement_gap"] for s in doc["per_seed"] if name in s
+                  for r in [s[name]] if r.get("agreement_gap") is not None and s["none"].get("agreement_gap") is not None]
         signals = [k for r in rows for k in r.get("masking_signals") or []]
         verdicts = {}
         for r in rows:
@@ -527,7 +538,8 @@ def attack_and_judge_tables(doc: dict) -> list[str]:
         lines.append(f"| {name} | {spread([r['attack_acc1'] for r in rows])} | {spread([r.get('knn_judge_acc1') for r in rows])} | "
                      f"{spread([r.get('false_positive_share') for r in rows])} | "
                      f"{', '.join(f'{k} x{signals.count(k)}' for k in sorted(set(signals))) or 'none'} | "
-                     f"{', '.join(f'{k} {v}' for k, v in sorted(verdicts.items(), key=str))} |")
+                     f"{', '.join(f'{k} {v}' for k, v in sorted(verdicts.items(), key=str))} | "
+                     f"{spread([r.get('agreement_gap') for r in rows])} | {'' if name == 'none' else spread(excess)} |")
     return lines
 
 

@@ -66,16 +66,20 @@ class MaskingLimits:
 
     gradients: MaskingThresholds = field(default_factory=MaskingThresholds)  # zero fraction, norm and asymmetry factors
     agreement_gap: float = 0.2  # surrogate agreement on generated images this far below natural images'
+    agreement_excess: float = 0.1  # ... and, after the first model, a gap this much wider than the first model's
     normal_factor: float = 10.0  # real-image gradient norm within this factor of the reference's: "normal on natural images"
     flat_share: float = 0.1  # a loss-curve drop below this share of the reference's drop ...
     flat_drop: float = 0.005  # ... and below this relative drop is flat (the second alone without a reference)
+    flat_gain: float = 0.1  # ... unless the attack's kept images beat the selection-only baseline by this much
     curve_steps: int = 10  # fewer optimisation steps give no curve to read
 
     def to_dict(self) -> dict:
         return {"zero_excess": self.gradients.zero_excess, "norm_factor": self.gradients.norm_factor,
                 "asymmetry_factor": self.gradients.asymmetry_factor, "agreement_gap": self.agreement_gap,
+                "agreement_excess": self.agreement_excess,
                 "normal_factor": self.normal_factor,
-                "flat_share": self.flat_share, "flat_drop": self.flat_drop, "curve_steps": self.curve_steps}  # fmt: skip
+                "flat_share": self.flat_share, "flat_drop": self.flat_drop, "flat_gain": self.flat_gain,
+                "curve_steps": self.curve_steps}  # fmt: skip
 
 
 LIMITS = MaskingLimits()
@@ -187,13 +191,34 @@ def signals(model: dict, reference: dict | None, limits: MaskingLimits = LIMITS)
         found.append({"kind": "gradients", "reason": f"two passes over the same images gave logits differing by "
                       f"{model['determinism']['relative_difference']:.2g} of their scale: the model is stochastic, "
                       "so a gradient or score the attacker reads is noise (report it; an attacker averages it away)."})
-    agreement = model.get("surrogate_agreement") or {}
-    natural, generated = agreement.get("natural"), agreement.get("generated")
-    if natural is not None and generated is not None and generated < natural - limits.agreement_gap:
-        found.append({"kind": "generated", "reason": f"the model agrees with its own surrogates on {agreement['natural']:.0%} of natural "
-                          f"images but on {agreement['generated']:.0%} of generated ones: it answers generated inputs differently."})
-    found += _curve_signal(model.get("loss_drop"), (reference or {}).get("loss_drop"), model.get("loss_attack"), limits)
+    found += _agreement_signal(model.get("surrogate_agreement"), (reference or {}).get("surrogate_agreement"), limits)
+    found += _curve_signal(model.get("loss_drop"), (reference or {}).get("loss_drop"), model.get("loss_attack"), limits,
+                           model.get("gain_over_selection"))
     return found
+
+
+def _agreement_gap(agreement: dict | None) -> float | None:
+    """Surrogate agreement on natural images minus that on generated ones (None when either is missing)."""
+    natural, generated = (agreement or {}).get("natural"), (agreement or {}).get("generated")
+    return None if natural is None or generated is None else natural - generated
+
+
+def _agreement_signal(agreement: dict | None, reference: dict | None, limits: MaskingLimits) -> list[dict]:
+    """A model that agrees with its own surrogates far less on generated images than on natural ones.
+
+    Honest models drop too where the surrogates are weak and the classes many (generated images are
+    ambiguous; measured on 129 Omniglot characters with 5-epoch ResNet-18 surrogates: 51-62 % on
+    natural, 18-35 % on generated images, for the undefended target as for every defence). So a gap
+    counts above `agreement_gap` and, when the first audited model's gap is known, only where it is
+    also `agreement_excess` wider than that one (a detector's generated-image answers agree with
+    nothing: its gap is the whole natural agreement).
+    """
+    gap, base = _agreement_gap(agreement), _agreement_gap(reference)
+    if gap is None or gap <= limits.agreement_gap or (base is not None and gap <= base + limits.agreement_excess):
+        return []
+    than = "" if base is None else f" (the first audited model's gap: {base:.0%})"
+    return [{"kind": "generated", "reason": f"the model agrees with its own surrogates on {agreement['natural']:.0%} of natural "
+             f"images but on {agreement['generated']:.0%} of generated ones{than}: it answers generated inputs differently."}]
 
 
 def _normal_on_real(stats: dict, reference: dict, limits: MaskingLimits) -> bool:
@@ -206,8 +231,12 @@ def _normal_on_real(stats: dict, reference: dict, limits: MaskingLimits) -> bool
     return 1 / limits.normal_factor <= real.median_norm / ref.median_norm <= limits.normal_factor
 
 
-def _curve_signal(drop: float | None, reference: float | None, attack: str | None, limits: MaskingLimits) -> list[dict]:
-    if drop is None:
+def _curve_signal(drop: float | None, reference: float | None, attack: str | None, limits: MaskingLimits,
+                  gain: float | None = None) -> list[dict]:
+    # The relative drop depends on the loss's scale: the Poincaré loss of 129 classes fell by 0.08 % on
+    # every Omniglot model of the study while PPA raised attack accuracy from 10-15 % (selection only)
+    # to 45-62 %. Where the optimisation visibly paid off, the curve is not evidence of masking.
+    if drop is None or (gain is not None and gain >= limits.flat_gain):
         return []
     # flat in absolute terms and, given a reference that did move, next to it too: a real defence
     # that only weakens the gradients (RoLSS's own argument) slows the curve, it does not stop it
@@ -238,25 +267,37 @@ def measure(view: nn.Module, images: ImageSets, batch_size: int) -> dict:
     return {"gradient_stats": gradient_statistics(view, images, batch_size), "determinism": determinism(view, images, batch_size)}
 
 
-def loss_curve(parts_per_attack: list[list], attacks: list) -> tuple[str | None, list[float]]:
+def loss_curve(parts_per_attack: list[list], attacks: list) -> tuple[str | None, list[float], float | None]:
     """The curve of the first attack that follows the model's gradients alone (else any that follows them),
-    its ranks' curves averaged by their share of the classes."""
+    its ranks' curves averaged by their share of the classes, and that attack's gain over its selection-only
+    baseline (the first evaluator's top-1 on the kept images minus on the I = 0 ones; None without one)."""
     ranked = sorted((k for k in attacks if k.target_gradients), key=lambda k: k.surrogates)
     for kind in ranked:
         parts = parts_per_attack[attacks.index(kind)]
         weighted = [(len(p.classes), p.loss_curve) for p in parts if p.loss_curve]
         if weighted:
             total = sum(w for w, _ in weighted)
-            return kind.name, [sum(w * c[i] for w, c in weighted) / total for i in range(len(weighted[0][1]))]
-    return None, []
+            curve = [sum(w * c[i] for w, c in weighted) / total for i in range(len(weighted[0][1]))]
+            return kind.name, curve, _gain(parts)
+    return None, [], None
 
 
-def record(measured: dict, reference: dict, agreement: dict | None, attack: str | None, curve: list[float]) -> dict:
+def _gain(parts: list) -> float | None:
+    kept = [p.evaluators[0].top1.float() for p in parts if p.evaluators]
+    base = [p.evaluators[0].so_top1.float() for p in parts if p.evaluators and p.evaluators[0].so_top1 is not None]
+    if not kept or len(base) != len(kept):
+        return None
+    return float(torch.cat([k.flatten() for k in kept]).mean() - torch.cat([b.flatten() for b in base]).mean())
+
+
+def record(measured: dict, reference: dict, agreement: dict | None, attack: str | None, curve: list[float],
+           gain: float | None = None) -> dict:
     """The report's `masking` entry of one model (before `signals` are added); `reference` holds the
     reference's `name`, `gradient_stats` and `loss_drop`."""
     return {"reference": reference["name"], "gradient_stats": measured["gradient_stats"],
             "reference_gradient_stats": reference["gradient_stats"], "determinism": measured["determinism"],
-            "surrogate_agreement": agreement, "loss_attack": attack, "loss_drop": curve_drop(curve),
+            "surrogate_agreement": agreement, "reference_surrogate_agreement": reference.get("surrogate_agreement"),
+            "loss_attack": attack, "loss_drop": curve_drop(curve), "gain_over_selection": gain,
             "reference_loss_drop": reference.get("loss_drop"), "limits": LIMITS.to_dict()}  # fmt: skip
 
 
@@ -275,12 +316,13 @@ def diagnose(run, parts: list[list[list]]) -> list[dict]:
         view = AttackerView(target.model, target.preprocessing, device).to(device)
         measured = measure(view, images, batch)
         agreement = surrogate_agreement(view, [AttackerView(m, pre, device).to(device) for m, pre in own], images, batch)
-        attack, curve = loss_curve(parts[i], run.attacks)
-        entry = record(measured, reference, agreement, attack, curve)
+        attack, curve, gain = loss_curve(parts[i], run.attacks)
+        entry = record(measured, reference, agreement, attack, curve, gain)
         entry["signals"] = signals(entry, reference)
         out.append(entry)
         if i == 0:  # every later model is compared with the first audited one
-            reference = {"name": f"the first audited model {target.name}", "loss_drop": entry["loss_drop"], **measured}
+            reference = {"name": f"the first audited model {target.name}", "loss_drop": entry["loss_drop"],
+                         "surrogate_agreement": agreement, **measured}
     return out
 
 

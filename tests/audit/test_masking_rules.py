@@ -62,6 +62,11 @@ def test_a_stochastic_model_and_a_flat_loss_curve_mask_gradients():
     # next to a reference that barely moved itself, a small drop is not evidence of masking
     assert _kinds(_entry(loss_drop=0.002, loss_attack="ppa"), {"loss_drop": 0.01}) == []
     assert _kinds(_entry(loss_drop=0.002, loss_attack="ppa")) == ["gradients"]  # no reference: the absolute bar
+    # ... unless the attack visibly paid off: measured on Omniglot's 129 classes, the Poincaré loss fell by 0.08 %
+    # while PPA lifted attack accuracy from 14.5 % (selection only) to 53.5 %
+    assert _kinds(_entry(loss_drop=0.0008, loss_attack="ppa", gain_over_selection=0.39)) == []
+    assert _kinds(_entry(loss_drop=0.0008, loss_attack="ppa", gain_over_selection=0.05)) == ["gradients"]  # within noise
+    assert _kinds(_entry(loss_drop=0.0008, loss_attack="ppa", gain_over_selection=0.0)) == ["gradients"]  # a detach wrapper
     assert mc.curve_drop([2.0] * 5) is None and mc.curve_drop([2.0] * 10 + [1.0] * 10) == pytest.approx(0.5)
 
 
@@ -69,6 +74,25 @@ def test_surrogate_disagreement_on_generated_images_only_is_a_detector():
     assert _kinds(_entry(surrogate_agreement={"natural": 0.85, "generated": 0.2})) == ["generated"]
     assert _kinds(_entry(surrogate_agreement={"natural": 0.71, "generated": 0.83})) == []  # measured for a real target and its surrogate
     assert _kinds(_entry(surrogate_agreement=None)) == []
+
+
+def test_the_agreement_gap_is_read_against_the_first_audited_models():
+    # measured on 129 Omniglot characters with 5-epoch ResNet-18 surrogates: the undefended target 55 % / 18 %,
+    # its RoLSS copy 58 % / 26 %. Weak surrogates on ambiguous generated images, not a detector.
+    first = {"surrogate_agreement": {"natural": 0.55, "generated": 0.18}}
+    assert _kinds(_entry(**first)) == ["generated"]  # the first model has nothing to compare with: the absolute bar
+    assert _kinds(_entry(surrogate_agreement={"natural": 0.58, "generated": 0.26}), first) == []
+    # a detector behind the same surrogates answers generated images with nothing they share (1 % here): its gap,
+    # 54 points, is 17 wider than the first model's, over the 10-point excess
+    detector = _entry(surrogate_agreement={"natural": 0.55, "generated": 0.01})
+    assert _kinds(detector, first) == ["generated"]
+    assert "the first audited model's gap: 37%" in mc.signals(detector, {"gradient_stats": REF, **first})[0]["reason"]
+    assert _kinds(_entry(surrogate_agreement={"natural": 0.55, "generated": 0.09}), first) == []  # 46: within 10 of 37
+    # the absolute bar still holds after the first model: a first model that agrees better on generated images
+    # (measured on Fashion-MNIST: 71 % / 83 %) does not lower the bar under 20 points
+    fmnist = {"surrogate_agreement": {"natural": 0.71, "generated": 0.83}}
+    assert _kinds(_entry(surrogate_agreement={"natural": 0.71, "generated": 0.55}), fmnist) == []  # 16 points
+    assert _kinds(_entry(surrogate_agreement={"natural": 0.71, "generated": 0.46}), fmnist) == ["generated"]  # its detector: 25
 
 
 def test_which_attacks_a_signal_keeps_from_deciding():
