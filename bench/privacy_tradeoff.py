@@ -512,7 +512,7 @@ def attack_and_judge_tables(doc: dict) -> list[str]:
 
     attacks = doc["attacks"].split(",")
     lines = ["", ("Every defence under every attack: attack accuracy @1 % of each attack (its more leaky evaluator), "
-                  "mean over seeds [min-max]; the worst case above is the highest row that may decide."), "",
+                  "mean over seeds [min-max]; the worst case above is the highest of them."), "",
              "| defence | " + " | ".join(attacks) + " | strongest (seeds) |", "|---" * (len(attacks) + 2) + "|"]
     for name in DEFENCES:
         rows = [s[name] for s in doc["per_seed"] if name in s]
@@ -522,10 +522,10 @@ def attack_and_judge_tables(doc: dict) -> list[str]:
         cells = [spread([r["attacks"].get(a, {}).get("attack_acc1") for r in rows]) for a in attacks]
         lines.append(f"| {name} | " + " | ".join(cells) + " | " + ", ".join(f"{k} {v}" for k, v in sorted(strongest.items())) + " |")
     lines += ["", ("Judges and masking: the worst case's attack accuracy @1 by its evaluator and by the KNN judge in the "
-                   "public feature space (the prior's discriminator), the share of the evaluator's hits the judge rejects, "
+                   "audit's first feature space (the prior's discriminator where the prior file has one, else the first evaluator's), the share of the evaluator's hits the judge rejects, "
                    "mean over seeds [min-max]; masking signals and verdicts counted over seeds."), "",
-              "| defence | evaluator % | KNN judge % | false-positive share % | masking signals | verdicts | "
-              "surrogate agreement gap, pts | gap minus none's, pts |",
+              ("| defence | evaluator % | KNN judge % | false-positive share % | masking signals | verdicts | "
+               "surrogate agreement gap, pts | gap minus none's, pts |"),
               "|---|---|---|---|---|---|---|---|"]
     for name in DEFENCES:
         rows = [s[name] for s in doc["per_seed"] if name in s]

@@ -346,7 +346,11 @@ def _data_stage(stages: _Stages, ctx: dict) -> dict:
 
 def _model_stages(stages: _Stages, ctx: dict) -> None:
     """The original target, its hardened copies, the evaluation models and the prior."""
-    from mishield.training.evaluator import DEFAULT_EVAL_NOISE, EvalModelConfig, train_eval_model
+    from mishield.training.evaluator import (
+        DEFAULT_EVAL_NOISE,
+        EvalModelConfig,
+        train_eval_model,
+    )
     from mishield.training.prior import PriorTrainingConfig, train_prior
 
     out, size, dev, seed = ctx["out"], ctx["size"], ctx["device"], ctx["seed"]
