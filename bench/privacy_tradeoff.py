@@ -502,17 +502,17 @@ def markdown(doc: dict) -> str:
 
 def attack_and_judge_tables(doc: dict) -> list[str]:
     """Descriptive (step 6): every defence under every attack, and what the other judges and the
-    masking diagnostics said, as means over the seeds (min-max in brackets)."""
+    masking diagnostics said, as means over the seeds (min to max in brackets)."""
     def spread(values):
         values = [v for v in values if v is not None]
         if not values:
             return "n/a"
         mean = 100 * sum(values) / len(values)
-        return f"{mean:.1f} [{100 * min(values):.1f}-{100 * max(values):.1f}]" if len(values) > 1 else f"{mean:.1f}"
+        return f"{mean:.1f} [{100 * min(values):.1f} to {100 * max(values):.1f}]" if len(values) > 1 else f"{mean:.1f}"
 
     attacks = doc["attacks"].split(",")
     lines = ["", ("Every defence under every attack: attack accuracy @1 % of each attack (its more leaky evaluator), "
-                  "mean over seeds [min-max]; the worst case above is the highest of them."), "",
+                  "mean over seeds [min to max]; the worst case above is the highest of them."), "",
              "| defence | " + " | ".join(attacks) + " | strongest (seeds) |", "|---" * (len(attacks) + 2) + "|"]
     for name in DEFENCES:
         rows = [s[name] for s in doc["per_seed"] if name in s]
@@ -523,7 +523,7 @@ def attack_and_judge_tables(doc: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(cells) + " | " + ", ".join(f"{k} {v}" for k, v in sorted(strongest.items())) + " |")
     lines += ["", ("Judges and masking: the worst case's attack accuracy @1 by its evaluator and by the KNN judge in the "
                    "audit's first feature space (the prior's discriminator where the prior file has one, else the first evaluator's), the share of the evaluator's hits the judge rejects, "
-                   "mean over seeds [min-max]; masking signals and verdicts counted over seeds."), "",
+                   "mean over seeds [min to max]; masking signals and verdicts counted over seeds."), "",
               ("| defence | evaluator % | KNN judge % | false-positive share % | masking signals | verdicts | "
                "surrogate agreement gap, pts | gap minus none's, pts |"),
               "|---|---|---|---|---|---|---|---|"]

@@ -58,7 +58,9 @@ def _gate(tmp: Path, data: Path, out: str, max_attack_acc: str, **extra: str) ->
         "MISHIELD_HARDEN_ARGS": "--num-classes 5 --input-size 32 --stage1-epochs 3 --batch-size 32 --lr 0.003 --device cpu",
         "MISHIELD_EXAMPLE_EPOCHS": "2",
         "MISHIELD_EVAL_EPOCHS": "8",
-        "MISHIELD_EVAL_ARGS": "--batch-size 32 --lr 0.003 --device cpu",
+        # no pixel noise: 8 epochs of 100 images per class do not learn through it (66 % with it, whose
+        # interval reaches under the 60 % floor; docs/audit.md "Trust checks")
+        "MISHIELD_EVAL_ARGS": "--batch-size 32 --lr 0.003 --device cpu --noise 0",
         "MISHIELD_PRIOR_EPOCHS": "15",
         "MISHIELD_PRIOR_ARGS": "--resolution 32 --width 16 --latent-dim 32 --batch-size 32 --device cpu",
         # small, but enough for the attack to reach every class and to beat selection alone by more than one
@@ -82,9 +84,11 @@ def test_release_gate_passes_then_blocks_an_impossible_threshold(tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
     data = tmp_path / "demo"
     # five private classes: a gate over fewer cannot pass (docs/audit.md "How the gate decides"); trousers are
-    # public, since nothing else in Fashion-MNIST would let a prior draw them
-    materialize_fashion_mnist(data / "private", [0, 2, 3, 4, 6], train_per_class=100, val_per_class=30)
-    materialize_fashion_mnist(data / "public", [1, 5, 7, 8, 9], train_per_class=300, val_per_class=1)
+    # public, since nothing else in Fashion-MNIST would let a prior draw them, and so are shirts: with the shirt
+    # private, its reconstructions were ranked "shirt" by the target on 12 % of their crops (T-shirt, pullover
+    # and coat are its neighbours), a class not reached, which makes every audit of it inconclusive
+    materialize_fashion_mnist(data / "private", [0, 2, 3, 4, 8], train_per_class=100, val_per_class=30)
+    materialize_fashion_mnist(data / "public", [1, 5, 6, 7, 9], train_per_class=300, val_per_class=1)
 
     # A threshold every model meets: the whole chain runs and the ONNX file is released.
     passed = _gate(tmp_path, data, "pass", "1.0")

@@ -57,4 +57,4 @@ def test_a_partial_run_says_so_in_its_table():
     # the descriptive tables: each attack's own figure per defence, and attacks that did not run say so
     row = next(line for line in text.splitlines() if line.startswith("| RoLSS | ") and "ppa 2" in line)
     assert row.count("n/a") == len(STUDY["ATTACKS"].split(",")) - 2  # blackbox and transfer did not run here
-    assert "| none | 50.5 [50.0-51.0] | 40.5 [40.0-41.0] | n/a | n/a | ppa 2 |" in text  # mean [min-max] over the 2 seeds
+    assert "| none | 50.5 [50.0 to 51.0] | 40.5 [40.0 to 41.0] | n/a | n/a | ppa 2 |" in text  # mean [min-max] over the 2 seeds
