@@ -207,8 +207,8 @@ def _agreement_signal(agreement: dict | None, reference: dict | None, limits: Ma
     """A model that agrees with its own surrogates far less on generated images than on natural ones.
 
     Honest models drop too where the surrogates are weak and the classes many (generated images are
-    ambiguous; measured on 129 Omniglot characters with 5-epoch ResNet-18 surrogates: 51-62 % on
-    natural, 18-35 % on generated images, for the undefended target as for every defence). So a gap
+    ambiguous; measured on 129 Omniglot characters with 5-epoch ResNet-18 surrogates: gaps of 16-40
+    points over five training seeds, for the undefended target as for every defence). So a gap
     counts above `agreement_gap` and, when the first audited model's gap is known, only where it is
     also `agreement_excess` wider than that one (a detector's generated-image answers agree with
     nothing: its gap is the whole natural agreement).
@@ -283,6 +283,7 @@ def loss_curve(parts_per_attack: list[list], attacks: list) -> tuple[str | None,
 
 
 def _gain(parts: list) -> float | None:
+    """The first evaluator's top-1 on the kept images minus on the selection-only ones, over every rank's classes."""
     kept = [p.evaluators[0].top1.float() for p in parts if p.evaluators]
     base = [p.evaluators[0].so_top1.float() for p in parts if p.evaluators and p.evaluators[0].so_top1 is not None]
     if not kept or len(base) != len(kept):
