@@ -185,17 +185,17 @@ def cmd_target(args) -> None:
 def cmd_eval(args) -> None:
     from mishield.training.evaluator import EvalModelConfig, train_eval_model
 
-    name = args.name or f"eval-{args.arch}-{args.aug}-e{args.epochs}-lr{args.lr:g}-b{args.batch_size}"
+    name = args.name or f"eval-{args.arch}-{args.aug}-e{args.epochs}-lr{args.lr:g}-b{args.batch_size}-n{args.noise:g}-s{args.seed}"
     path = _model(args, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = EvalModelConfig(arch=ARCHS[args.arch], input_size=RESOLUTION, epochs=args.epochs, lr=args.lr,
                              batch_size=args.batch_size, device="cpu", seed=args.seed + 1, overwrite=True, workers=0,
-                             augmentation=args.aug)
+                             augmentation=args.aug, noise=args.noise)
     curve: list = []
     with Stage() as st:
         summary = train_eval_model(_private(args), path, config=config, on_epoch=_epochs_callback(curve))
     record(args.out, "eval", {"arch": args.arch, "aug": args.aug, "epochs": args.epochs, "lr": args.lr,
-                              "batch_size": args.batch_size, "name": name},
+                              "batch_size": args.batch_size, "noise": args.noise, "seed": args.seed, "name": name},
            {"val_acc": summary["natural_acc"], "curve": curve, "model": str(path)}, st)
 
 
@@ -494,6 +494,8 @@ def _parser() -> argparse.ArgumentParser:
         t.add_argument("--aug", choices=("photo", "glyph"), default="glyph")
         t.add_argument("--seed", type=int, default=0)
         t.add_argument("--name", default=None)
+        if name == "eval":  # train-eval's Gaussian pixel noise (0: none; mishield.training.evaluator.DEFAULT_EVAL_NOISE)
+            t.add_argument("--noise", type=float, default=0.0)
     pr = sub.add_parser("prior")
     pr.add_argument("--epochs", type=int, default=10)
     pr.add_argument("--width", type=int, default=32)
